@@ -1,1 +1,4 @@
+//! mimo models: MiMo config parsing, checkpoint loading, the tiny checkpoint maker, and the IR builder.
+pub mod config;
 
+pub use config::*;
