@@ -1,1 +1,178 @@
-fn main() {}
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use mimo_compiler::{compile, ir_after, CompileOptions};
+use mimo_ir::DType;
+use mimo_models::checkpoint::Checkpoint;
+use mimo_models::config::Arch;
+use mimo_models::tiny::{make_tiny, TinyOptions};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "mimoc",
+    about = "mimo ahead-of-time compiler for MiMo MoE models",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ArchArg {
+    Moe,
+    Dense,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum ExpertsArg {
+    Mxfp4,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum DenseArg {
+    Bf16,
+    Fp8,
+}
+
+#[derive(clap::Args, Clone)]
+struct PassArgs {
+    /// Packed format of MoE expert weights.
+    #[arg(long, value_enum, default_value = "mxfp4")]
+    experts: ExpertsArg,
+    /// Packed format of attention / dense-MLP weights.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dense: DenseArg,
+    /// Skip the fusion passes.
+    #[arg(long)]
+    no_fuse: bool,
+    /// Most tokens per forward (DFlash verify block / prefill chunk).
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+}
+
+impl PassArgs {
+    fn options(&self) -> CompileOptions {
+        let mut o = CompileOptions::default();
+        o.passes.fuse = !self.no_fuse;
+        o.passes.experts = if self.experts == ExpertsArg::Mxfp4 {
+            DType::MXFP4
+        } else {
+            DType::BF16
+        };
+        o.passes.dense = if self.dense == DenseArg::Fp8 {
+            DType::F8E4M3
+        } else {
+            DType::BF16
+        };
+        o.max_tokens = self.max_tokens;
+        o
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a small random-weight checkpoint in the Hugging Face format.
+    MakeTiny {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "moe")]
+        arch: ArchArg,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Store projections as block-scaled FP8 (as MiMo's FP8 checkpoints do).
+        #[arg(long)]
+        fp8: bool,
+    },
+    /// Compile a checkpoint into a plan directory.
+    Compile {
+        checkpoint: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        #[command(flatten)]
+        passes: PassArgs,
+    },
+    /// Print the IR as text after a pass (`build` = before any pass; default: after all passes).
+    DumpIr {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        after: Option<String>,
+        #[command(flatten)]
+        passes: PassArgs,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("mimoc: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::MakeTiny {
+            dir,
+            arch,
+            seed,
+            fp8,
+        } => {
+            let arch = match arch {
+                ArchArg::Moe => Arch::MimoV2Flash,
+                ArchArg::Dense => Arch::Mimo,
+            };
+            make_tiny(
+                &dir,
+                &TinyOptions {
+                    arch,
+                    seed,
+                    fp8,
+                    fused_experts: false,
+                },
+            )?;
+            println!(
+                "wrote tiny {} checkpoint to {}",
+                arch.model_type(),
+                dir.display()
+            );
+        }
+        Cmd::Compile {
+            checkpoint,
+            out,
+            passes,
+        } => {
+            let mut o = passes.options();
+            o.progress = true;
+            let r = compile(&checkpoint, &out, &o)?;
+            for l in &r.pass_log {
+                println!("pass {l}");
+            }
+            let wbytes: u64 = r.plan.weights.iter().map(|w| w.total_bytes()).sum();
+            println!(
+                "compiled {} -> {}: {} instructions, {} weights ({:.2} MB), arena {} floats",
+                checkpoint.display(),
+                out.display(),
+                r.instr_count,
+                r.plan.weights.len(),
+                wbytes as f64 / 1e6,
+                r.plan.arena_len
+            );
+        }
+        Cmd::DumpIr {
+            checkpoint,
+            after,
+            passes,
+        } => {
+            let ck = Checkpoint::open(&checkpoint)?;
+            let (g, log) = ir_after(&ck, &passes.options(), after.as_deref())?;
+            for l in log {
+                println!("# pass {l}");
+            }
+            print!("{}", g.to_text());
+        }
+    }
+    Ok(())
+}

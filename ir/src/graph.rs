@@ -42,7 +42,10 @@ impl DType {
     }
     /// Is this a storage format for weights (as opposed to an activation type)?
     pub fn is_weight_format(self) -> bool {
-        matches!(self, DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3 | DType::MXFP4)
+        matches!(
+            self,
+            DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3 | DType::MXFP4
+        )
     }
 }
 
@@ -133,6 +136,9 @@ pub enum WeightSource {
     StackExperts(Vec<Vec<String>>),
     /// A fused 3-D checkpoint tensor `[E, rows, cols]` (transformers' `experts.gate_up_proj` / `down_proj`).
     Fused3d(String),
+    /// Experts already in MXFP4 (gpt-oss layout): `*_blocks` `[E, rows, cols/32, 16]` u8 and `*_scales`
+    /// `[E, rows, cols/32]` u8, taken as they are.
+    Mxfp4 { blocks: String, scales: String },
 }
 
 impl WeightSource {
@@ -145,6 +151,7 @@ impl WeightSource {
                 format!("stack[{}]({} ...)", v.len(), first)
             }
             WeightSource::Fused3d(n) => n.clone(),
+            WeightSource::Mxfp4 { blocks, scales } => format!("mxfp4({blocks}, {scales})"),
         }
     }
 }
@@ -198,9 +205,14 @@ pub enum Epilogue {
     Scale(f32),
     /// Rotate heads (reads the positions input).
     Rope(RopeSpec),
-    /// Write rows into the KV cache slot of each token's position (reads the positions input). The matmul's output
-    /// is still produced.
-    KvWrite { layer: usize, kind: KvKind, heads: usize, head_dim: usize },
+    /// Write rows into the KV cache slot of each token's position (reads the positions input). As the last stage,
+    /// the matmul produces only the cache handle (no activation buffer).
+    KvWrite {
+        layer: usize,
+        kind: KvKind,
+        heads: usize,
+        head_dim: usize,
+    },
     /// `silu(gate) * up` over a `[gate | up]` output: halves the width.
     SwiGlu,
     /// Add the residual input.
@@ -211,7 +223,10 @@ impl Epilogue {
     fn text(&self) -> String {
         match self {
             Epilogue::Scale(s) => format!("scale({s})"),
-            Epilogue::Rope(r) => format!("rope(theta={}, rot={}/{})", r.theta, r.rotary_dim, r.head_dim),
+            Epilogue::Rope(r) => format!(
+                "rope(theta={}, rot={}/{})",
+                r.theta, r.rotary_dim, r.head_dim
+            ),
             Epilogue::KvWrite { layer, kind, .. } => format!("kv_write(L{layer}.{kind:?})"),
             Epilogue::SwiGlu => "swiglu".into(),
             Epilogue::ResidualAdd => "residual_add".into(),
@@ -253,7 +268,11 @@ pub enum Op {
     /// A runtime input: `tokens` (i32[T]) or `positions` (i32[T]).
     Input { name: String },
     /// A weight, packed into the plan in the node's dtype.
-    Weight { name: String, source: WeightSource, class: WeightClass },
+    Weight {
+        name: String,
+        source: WeightSource,
+        class: WeightClass,
+    },
     /// `(ids, table)` -> f32[T, H].
     Embedding,
     /// `(x, w)` -> x / rms(x) * w.
@@ -261,17 +280,30 @@ pub enum Op {
     /// `(x, w, [bias], [norm_w], [positions], [residual])` -> x W^T (+ bias), with an optional RMSNorm prologue on x
     /// and epilogue stages. The optional inputs are present iff `has_bias`, `norm_eps.is_some()`, an epilogue needs
     /// positions (Rope / KvWrite), an epilogue has ResidualAdd — in that order.
-    MatMul { has_bias: bool, norm_eps: Option<f32>, epilogue: Vec<Epilogue> },
+    MatMul {
+        has_bias: bool,
+        norm_eps: Option<f32>,
+        epilogue: Vec<Epilogue>,
+    },
     /// `(x, positions)` -> x with each head rotated.
     Rope { spec: RopeSpec },
     /// `(x, positions)` -> cache handle: writes rows `[T, heads*head_dim]` into the layer's cache.
-    KvWrite { layer: usize, kind: KvKind, heads: usize, head_dim: usize },
+    KvWrite {
+        layer: usize,
+        kind: KvKind,
+        heads: usize,
+        head_dim: usize,
+    },
     /// `(q, k_cache, v_cache, [sinks])` -> f32[T, heads*v_head_dim]. Causal over the cache, windowed if set.
     Attention { spec: AttnSpec },
     /// `(x, w, [bias])` -> routing[T, k].
     Router { spec: RouterSpec },
     /// `(x, routing, gate_up[E, 2I, H], down[E, H, I])` -> f32[T, H]: sum_k w_k * down_e(swiglu(gate_up_e x)).
-    MoeExperts { n_experts: usize, top_k: usize, inter: usize },
+    MoeExperts {
+        n_experts: usize,
+        top_k: usize,
+        inter: usize,
+    },
     /// `([gate | up])` -> silu(gate) * up.
     SwiGlu,
     /// `(x)` -> x * factor.
@@ -310,7 +342,11 @@ impl Op {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
             Op::Embedding | Op::RmsNorm { .. } | Op::Add | Op::LmHead => 2,
-            Op::MatMul { has_bias, norm_eps, epilogue } => {
+            Op::MatMul {
+                has_bias,
+                norm_eps,
+                epilogue,
+            } => {
                 2 + usize::from(*has_bias)
                     + usize::from(norm_eps.is_some())
                     + usize::from(epilogue_needs_positions(epilogue))
@@ -326,7 +362,8 @@ impl Op {
 }
 
 pub fn epilogue_needs_positions(epi: &[Epilogue]) -> bool {
-    epi.iter().any(|e| matches!(e, Epilogue::Rope(_) | Epilogue::KvWrite { .. }))
+    epi.iter()
+        .any(|e| matches!(e, Epilogue::Rope(_) | Epilogue::KvWrite { .. }))
 }
 
 /// Indices of the optional inputs of a `MatMul` node.
@@ -388,8 +425,18 @@ impl Graph {
         Self::default()
     }
 
-    pub fn add(&mut self, name: impl Into<String>, op: Op, ty: TensorType, inputs: &[NodeId]) -> NodeId {
-        let id = self.g.add_node(Node { op, ty, name: name.into() });
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        op: Op,
+        ty: TensorType,
+        inputs: &[NodeId],
+    ) -> NodeId {
+        let id = self.g.add_node(Node {
+            op,
+            ty,
+            name: name.into(),
+        });
         for (slot, &src) in inputs.iter().enumerate() {
             self.g.add_edge(src, id, slot as u32);
         }
@@ -406,22 +453,33 @@ impl Graph {
 
     /// Inputs of a node in slot order.
     pub fn inputs(&self, id: NodeId) -> Vec<NodeId> {
-        let mut v: Vec<(u32, NodeId)> =
-            self.g.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
+        let mut v: Vec<(u32, NodeId)> = self
+            .g
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
         v.sort_by_key(|(s, _)| *s);
         v.into_iter().map(|(_, n)| n).collect()
     }
 
     /// Consumers of a node (each once per use).
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = self.g.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        let mut v: Vec<NodeId> = self
+            .g
+            .edges_directed(id, Direction::Outgoing)
+            .map(|e| e.target())
+            .collect();
         v.sort();
         v
     }
 
     /// Replace all inputs of `id` with `inputs` (slot order).
     pub fn set_inputs(&mut self, id: NodeId, inputs: &[NodeId]) {
-        let old: Vec<_> = self.g.edges_directed(id, Direction::Incoming).map(|e| e.id()).collect();
+        let old: Vec<_> = self
+            .g
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| e.id())
+            .collect();
         for e in old {
             self.g.remove_edge(e);
         }
@@ -432,8 +490,11 @@ impl Graph {
 
     /// Redirect every use of `old` to `new`.
     pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
-        let uses: Vec<_> =
-            self.g.edges_directed(old, Direction::Outgoing).map(|e| (e.id(), e.target(), *e.weight())).collect();
+        let uses: Vec<_> = self
+            .g
+            .edges_directed(old, Direction::Outgoing)
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
         for (e, dst, slot) in uses {
             self.g.remove_edge(e);
             self.g.add_edge(new, dst, slot);
@@ -447,14 +508,21 @@ impl Graph {
     /// Remove nodes that no `Output` depends on.
     pub fn dead_code_elim(&mut self) -> usize {
         let mut live = std::collections::HashSet::new();
-        let mut stack: Vec<NodeId> =
-            self.g.node_indices().filter(|&n| matches!(self.g[n].op, Op::Output { .. })).collect();
+        let mut stack: Vec<NodeId> = self
+            .g
+            .node_indices()
+            .filter(|&n| matches!(self.g[n].op, Op::Output { .. }))
+            .collect();
         while let Some(n) = stack.pop() {
             if live.insert(n) {
                 stack.extend(self.inputs(n));
             }
         }
-        let dead: Vec<_> = self.g.node_indices().filter(|n| !live.contains(n)).collect();
+        let dead: Vec<_> = self
+            .g
+            .node_indices()
+            .filter(|n| !live.contains(n))
+            .collect();
         for &n in &dead {
             self.g.remove_node(n);
         }
@@ -463,10 +531,16 @@ impl Graph {
 
     /// Nodes in a deterministic topological order (ties broken by node index, i.e. creation order).
     pub fn topo(&self) -> Vec<NodeId> {
-        let mut indeg: std::collections::HashMap<NodeId, usize> =
-            self.g.node_indices().map(|n| (n, self.g.edges_directed(n, Direction::Incoming).count())).collect();
-        let mut ready: std::collections::BTreeSet<NodeId> =
-            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| n).collect();
+        let mut indeg: std::collections::HashMap<NodeId, usize> = self
+            .g
+            .node_indices()
+            .map(|n| (n, self.g.edges_directed(n, Direction::Incoming).count()))
+            .collect();
+        let mut ready: std::collections::BTreeSet<NodeId> = indeg
+            .iter()
+            .filter(|(_, &d)| d == 0)
+            .map(|(&n, _)| n)
+            .collect();
         let mut out = Vec::with_capacity(indeg.len());
         while let Some(n) = ready.pop_first() {
             out.push(n);
@@ -482,18 +556,27 @@ impl Graph {
     }
 
     pub fn find_output(&self, name: &str) -> Option<NodeId> {
-        self.g.node_indices().find(|&n| matches!(&self.g[n].op, Op::Output { name: o } if o == name))
+        self.g
+            .node_indices()
+            .find(|&n| matches!(&self.g[n].op, Op::Output { name: o } if o == name))
     }
 
     pub fn count_compute(&self) -> usize {
-        self.g.node_indices().filter(|&n| !matches!(self.g[n].op, Op::Weight { .. } | Op::Input { .. })).count()
+        self.g
+            .node_indices()
+            .filter(|&n| !matches!(self.g[n].op, Op::Weight { .. } | Op::Input { .. }))
+            .count()
     }
 
     /// Check arity, types and shapes of every node; the error names the node.
     pub fn verify(&self) -> Result<(), VerifyError> {
         let order = self.topo();
         if order.len() != self.g.node_count() {
-            let n = self.g.node_indices().find(|n| !order.contains(n)).expect("a node outside the order");
+            let n = self
+                .g
+                .node_indices()
+                .find(|n| !order.contains(n))
+                .expect("a node outside the order");
             return Err(self.err(n, "node is part of a cycle".into()));
         }
         for &n in &order {
@@ -504,14 +587,23 @@ impl Graph {
 
     fn err(&self, n: NodeId, msg: String) -> VerifyError {
         let node = &self.g[n];
-        VerifyError { node: n.index(), name: node.name.clone(), op: node.op.mnemonic().into(), msg }
+        VerifyError {
+            node: n.index(),
+            name: node.name.clone(),
+            op: node.op.mnemonic().into(),
+            msg,
+        }
     }
 
     fn verify_node(&self, n: NodeId) -> Result<(), String> {
         let node = &self.g[n];
         let ins = self.inputs(n);
         if ins.len() != node.op.arity() {
-            return Err(format!("expects {} inputs, has {}", node.op.arity(), ins.len()));
+            return Err(format!(
+                "expects {} inputs, has {}",
+                node.op.arity(),
+                ins.len()
+            ));
         }
         let t = |i: usize| &self.g[ins[i]].ty;
         let want_act = |i: usize, what: &str| -> Result<usize, String> {
@@ -531,7 +623,9 @@ impl Graph {
         let want_weight = |i: usize, what: &str, dims: &[usize]| -> Result<(), String> {
             let ty = t(i);
             if !ty.dtype.is_weight_format() || ty.fixed_dims().as_deref() != Some(dims) {
-                return Err(format!("input {i} ({what}) must be a weight {dims:?}, got {ty}"));
+                return Err(format!(
+                    "input {i} ({what}) must be a weight {dims:?}, got {ty}"
+                ));
             }
             Ok(())
         };
@@ -549,7 +643,9 @@ impl Graph {
             },
             Op::Weight { .. } => {
                 if !out.dtype.is_weight_format() || out.fixed_dims().is_none() {
-                    return Err(format!("weight must have a weight dtype and fixed shape, got {out}"));
+                    return Err(format!(
+                        "weight must have a weight dtype and fixed shape, got {out}"
+                    ));
                 }
                 if out.dtype == DType::MXFP4 && out.last() % 32 != 0 {
                     return Err(format!("mxfp4 weight needs K % 32 == 0, got {out}"));
@@ -569,7 +665,11 @@ impl Graph {
                 want_weight(1, "norm weight", &[h])?;
                 want_out(TensorType::act(h))
             }
-            Op::MatMul { has_bias, norm_eps, epilogue } => {
+            Op::MatMul {
+                has_bias,
+                norm_eps,
+                epilogue,
+            } => {
                 let k = want_act(0, "x")?;
                 let wd = t(1).fixed_dims().ok_or("weight must be fixed")?;
                 if wd.len() != 2 || wd[1] != k {
@@ -590,14 +690,20 @@ impl Graph {
                     match e {
                         Epilogue::SwiGlu => {
                             if n_out % 2 != 0 {
-                                return Err(format!("swiglu epilogue needs an even width, got {n_out}"));
+                                return Err(format!(
+                                    "swiglu epilogue needs an even width, got {n_out}"
+                                ));
                             }
                             n_out /= 2
                         }
                         Epilogue::Rope(r) => check_rope(r, n_out)?,
-                        Epilogue::KvWrite { heads, head_dim, .. } => {
+                        Epilogue::KvWrite {
+                            heads, head_dim, ..
+                        } => {
                             if heads * head_dim != n_out {
-                                return Err(format!("kv_write of {heads}x{head_dim} on width {n_out}"));
+                                return Err(format!(
+                                    "kv_write of {heads}x{head_dim} on width {n_out}"
+                                ));
                             }
                         }
                         Epilogue::Scale(_) | Epilogue::ResidualAdd => {}
@@ -609,7 +715,13 @@ impl Graph {
                         return Err(format!("residual width {rw} != output width {n_out}"));
                     }
                 }
-                want_out(TensorType::act(n_out))
+                // A matmul whose last stage writes the KV cache produces only the cache handle.
+                match epilogue.last() {
+                    Some(Epilogue::KvWrite {
+                        heads, head_dim, ..
+                    }) => want_out(TensorType::fixed(DType::Cache, &[*heads, *head_dim])),
+                    _ => want_out(TensorType::act(n_out)),
+                }
             }
             Op::Rope { spec } => {
                 let w = want_act(0, "x")?;
@@ -617,7 +729,9 @@ impl Graph {
                 check_rope(spec, w)?;
                 want_out(TensorType::act(w))
             }
-            Op::KvWrite { heads, head_dim, .. } => {
+            Op::KvWrite {
+                heads, head_dim, ..
+            } => {
                 let w = want_act(0, "x")?;
                 want_ids(1, "positions")?;
                 if heads * head_dim != w {
@@ -628,15 +742,25 @@ impl Graph {
             Op::Attention { spec } => {
                 let w = want_act(0, "q")?;
                 if w != spec.n_heads * spec.head_dim {
-                    return Err(format!("q width {w} != {} heads x {}", spec.n_heads, spec.head_dim));
+                    return Err(format!(
+                        "q width {w} != {} heads x {}",
+                        spec.n_heads, spec.head_dim
+                    ));
                 }
                 if spec.n_kv_heads == 0 || spec.n_heads % spec.n_kv_heads != 0 {
-                    return Err(format!("{} heads not a multiple of {} kv heads", spec.n_heads, spec.n_kv_heads));
+                    return Err(format!(
+                        "{} heads not a multiple of {} kv heads",
+                        spec.n_heads, spec.n_kv_heads
+                    ));
                 }
                 let kc = TensorType::fixed(DType::Cache, &[spec.n_kv_heads, spec.head_dim]);
                 let vc = TensorType::fixed(DType::Cache, &[spec.n_kv_heads, spec.v_head_dim]);
                 if *t(1) != kc || *t(2) != vc {
-                    return Err(format!("caches must be {kc} and {vc}, got {} and {}", t(1), t(2)));
+                    return Err(format!(
+                        "caches must be {kc} and {vc}, got {} and {}",
+                        t(1),
+                        t(2)
+                    ));
                 }
                 if spec.sinks {
                     want_weight(3, "sinks", &[spec.n_heads])?;
@@ -650,14 +774,30 @@ impl Graph {
                     want_weight(2, "score bias", &[spec.n_experts])?;
                 }
                 if spec.top_k == 0 || spec.top_k > spec.n_experts {
-                    return Err(format!("top_k {} out of range 1..={}", spec.top_k, spec.n_experts));
+                    return Err(format!(
+                        "top_k {} out of range 1..={}",
+                        spec.top_k, spec.n_experts
+                    ));
                 }
-                if spec.n_group == 0 || spec.n_experts % spec.n_group != 0 || spec.topk_group > spec.n_group {
-                    return Err(format!("bad grouping n_group={} topk_group={}", spec.n_group, spec.topk_group));
+                if spec.n_group == 0
+                    || spec.n_experts % spec.n_group != 0
+                    || spec.topk_group > spec.n_group
+                {
+                    return Err(format!(
+                        "bad grouping n_group={} topk_group={}",
+                        spec.n_group, spec.topk_group
+                    ));
                 }
-                want_out(TensorType::new(DType::Routing, vec![Dim::T, Dim::N(spec.top_k)]))
+                want_out(TensorType::new(
+                    DType::Routing,
+                    vec![Dim::T, Dim::N(spec.top_k)],
+                ))
             }
-            Op::MoeExperts { n_experts, top_k, inter } => {
+            Op::MoeExperts {
+                n_experts,
+                top_k,
+                inter,
+            } => {
                 let h = want_act(0, "x")?;
                 if *t(1) != TensorType::new(DType::Routing, vec![Dim::T, Dim::N(*top_k)]) {
                     return Err(format!("input 1 must be routing[T,{top_k}], got {}", t(1)));
@@ -703,15 +843,25 @@ impl Graph {
     /// The stable text form: one line per node in topological order, `%id = op{attrs}(inputs) : type  ; name`.
     pub fn to_text(&self) -> String {
         let order = self.topo();
-        let num: std::collections::HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let num: std::collections::HashMap<NodeId, usize> =
+            order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
         let mut s = String::new();
         for (k, v) in &self.meta {
             let _ = writeln!(s, "# {k} = {v}");
         }
-        let _ = writeln!(s, "# nodes = {}, compute nodes = {}", self.g.node_count(), self.count_compute());
+        let _ = writeln!(
+            s,
+            "# nodes = {}, compute nodes = {}",
+            self.g.node_count(),
+            self.count_compute()
+        );
         for &n in &order {
             let node = &self.g[n];
-            let ins: Vec<String> = self.inputs(n).iter().map(|i| format!("%{}", num[i])).collect();
+            let ins: Vec<String> = self
+                .inputs(n)
+                .iter()
+                .map(|i| format!("%{}", num[i]))
+                .collect();
             let attrs = attr_text(&node.op);
             let _ = writeln!(
                 s,
@@ -730,10 +880,16 @@ impl Graph {
 
 fn check_rope(r: &RopeSpec, width: usize) -> Result<(), String> {
     if r.head_dim == 0 || width % r.head_dim != 0 {
-        return Err(format!("rope head_dim {} does not divide width {width}", r.head_dim));
+        return Err(format!(
+            "rope head_dim {} does not divide width {width}",
+            r.head_dim
+        ));
     }
     if r.rotary_dim % 2 != 0 || r.rotary_dim > r.head_dim {
-        return Err(format!("rotary_dim {} must be even and <= head_dim {}", r.rotary_dim, r.head_dim));
+        return Err(format!(
+            "rotary_dim {} must be even and <= head_dim {}",
+            r.rotary_dim, r.head_dim
+        ));
     }
     Ok(())
 }
@@ -741,9 +897,15 @@ fn check_rope(r: &RopeSpec, width: usize) -> Result<(), String> {
 fn attr_text(op: &Op) -> String {
     match op {
         Op::Input { name } => format!("{{{name}}}"),
-        Op::Weight { source, class, .. } => format!("{{{}, src={}}}", class.name(), source.describe()),
+        Op::Weight { source, class, .. } => {
+            format!("{{{}, src={}}}", class.name(), source.describe())
+        }
         Op::RmsNorm { eps } => format!("{{eps={eps}}}"),
-        Op::MatMul { has_bias, norm_eps, epilogue } => {
+        Op::MatMul {
+            has_bias,
+            norm_eps,
+            epilogue,
+        } => {
             let mut parts = vec![];
             if let Some(e) = norm_eps {
                 parts.push(format!("prologue=rmsnorm(eps={e})"));
@@ -754,7 +916,11 @@ fn attr_text(op: &Op) -> String {
             if !epilogue.is_empty() {
                 parts.push(format!(
                     "epilogue=[{}]",
-                    epilogue.iter().map(|e| e.text()).collect::<Vec<_>>().join(", ")
+                    epilogue
+                        .iter()
+                        .map(|e| e.text())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
             if parts.is_empty() {
@@ -763,8 +929,16 @@ fn attr_text(op: &Op) -> String {
                 format!("{{{}}}", parts.join(", "))
             }
         }
-        Op::Rope { spec } => format!("{{theta={}, rot={}/{}}}", spec.theta, spec.rotary_dim, spec.head_dim),
-        Op::KvWrite { layer, kind, heads, head_dim } => format!("{{L{layer}.{kind:?}, {heads}x{head_dim}}}"),
+        Op::Rope { spec } => format!(
+            "{{theta={}, rot={}/{}}}",
+            spec.theta, spec.rotary_dim, spec.head_dim
+        ),
+        Op::KvWrite {
+            layer,
+            kind,
+            heads,
+            head_dim,
+        } => format!("{{L{layer}.{kind:?}, {heads}x{head_dim}}}"),
         Op::Attention { spec } => format!(
             "{{L{}, heads={}/{}, dims={}/{}, window={}, scale={:.6}, sinks={}}}",
             spec.layer,
@@ -772,7 +946,9 @@ fn attr_text(op: &Op) -> String {
             spec.n_kv_heads,
             spec.head_dim,
             spec.v_head_dim,
-            spec.window.map(|w| w.to_string()).unwrap_or_else(|| "global".into()),
+            spec.window
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "global".into()),
             spec.scale,
             spec.sinks
         ),
@@ -786,7 +962,11 @@ fn attr_text(op: &Op) -> String {
             spec.norm_topk_prob,
             spec.scaling
         ),
-        Op::MoeExperts { n_experts, top_k, inter } => format!("{{experts={n_experts}, top_k={top_k}, inter={inter}}}"),
+        Op::MoeExperts {
+            n_experts,
+            top_k,
+            inter,
+        } => format!("{{experts={n_experts}, top_k={top_k}, inter={inter}}}"),
         Op::Scale { factor } => format!("{{{factor}}}"),
         Op::Output { name } => format!("{{{name}}}"),
         Op::Embedding | Op::SwiGlu | Op::Add | Op::LmHead => String::new(),
@@ -799,22 +979,44 @@ mod tests {
 
     fn small() -> (Graph, NodeId, NodeId) {
         let mut g = Graph::new();
-        let ids = g.add("tokens", Op::Input { name: "tokens".into() }, TensorType::new(DType::I32, vec![Dim::T]), &[]);
+        let ids = g.add(
+            "tokens",
+            Op::Input {
+                name: "tokens".into(),
+            },
+            TensorType::new(DType::I32, vec![Dim::T]),
+            &[],
+        );
         let tab = g.add(
             "embed",
-            Op::Weight { name: "embed".into(), source: WeightSource::Tensor("e".into()), class: WeightClass::Embedding },
+            Op::Weight {
+                name: "embed".into(),
+                source: WeightSource::Tensor("e".into()),
+                class: WeightClass::Embedding,
+            },
             TensorType::fixed(DType::BF16, &[10, 8]),
             &[],
         );
         let x = g.add("x", Op::Embedding, TensorType::act(8), &[ids, tab]);
         let nw = g.add(
             "norm",
-            Op::Weight { name: "norm".into(), source: WeightSource::Tensor("n".into()), class: WeightClass::Norm },
+            Op::Weight {
+                name: "norm".into(),
+                source: WeightSource::Tensor("n".into()),
+                class: WeightClass::Norm,
+            },
             TensorType::fixed(DType::BF16, &[8]),
             &[],
         );
         let y = g.add("y", Op::RmsNorm { eps: 1e-5 }, TensorType::act(8), &[x, nw]);
-        g.add("out", Op::Output { name: "logits".into() }, TensorType::act(8), &[y]);
+        g.add(
+            "out",
+            Op::Output {
+                name: "logits".into(),
+            },
+            TensorType::act(8),
+            &[y],
+        );
         (g, x, y)
     }
 
@@ -823,7 +1025,10 @@ mod tests {
         let (g, _, _) = small();
         g.verify().unwrap();
         let t = g.to_text();
-        assert!(t.contains("%4 = rmsnorm{eps=0.00001}(%2, %3) : f32[T,8]  ; y"), "{t}");
+        assert!(
+            t.contains("%4 = rmsnorm{eps=0.00001}(%2, %3) : f32[T,8]  ; y"),
+            "{t}"
+        );
         // Stable: printing twice gives the same text.
         assert_eq!(t, g.to_text());
     }
@@ -834,7 +1039,10 @@ mod tests {
         g.node_mut(y).ty = TensorType::act(9);
         let e = g.verify().unwrap_err();
         assert_eq!(e.name, "y");
-        assert!(e.to_string().contains("output type must be f32[T,8]"), "{e}");
+        assert!(
+            e.to_string().contains("output type must be f32[T,8]"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -855,8 +1063,24 @@ mod tests {
 
     #[test]
     fn matmul_optional_inputs_order() {
-        let idx = matmul_inputs(true, true, &[Epilogue::Rope(RopeSpec { theta: 1.0, head_dim: 4, rotary_dim: 2 })]);
-        assert_eq!(idx, MatMulInputs { bias: Some(2), norm: Some(3), positions: Some(4), residual: None });
+        let idx = matmul_inputs(
+            true,
+            true,
+            &[Epilogue::Rope(RopeSpec {
+                theta: 1.0,
+                head_dim: 4,
+                rotary_dim: 2,
+            })],
+        );
+        assert_eq!(
+            idx,
+            MatMulInputs {
+                bias: Some(2),
+                norm: Some(3),
+                positions: Some(4),
+                residual: None
+            }
+        );
         let idx = matmul_inputs(false, false, &[Epilogue::ResidualAdd]);
         assert_eq!(idx.residual, Some(2));
     }

@@ -80,8 +80,16 @@ pub struct KvDesc {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Instr {
     /// out[t] = table[tokens[t]].
-    Embed { table: WeightId, out: BufId },
-    RmsNorm { x: BufId, w: WeightId, out: BufId, eps: f32 },
+    Embed {
+        table: WeightId,
+        out: BufId,
+    },
+    RmsNorm {
+        x: BufId,
+        w: WeightId,
+        out: BufId,
+        eps: f32,
+    },
     /// out = epilogue(norm?(x) W^T + bias); see [`crate::graph::Op::MatMul`].
     MatMul {
         x: BufId,
@@ -92,16 +100,58 @@ pub enum Instr {
         epilogue: Vec<Epilogue>,
         out: BufId,
     },
-    Rope { x: BufId, out: BufId, spec: RopeSpec },
-    KvWrite { x: BufId, layer: usize, kind: KvKind },
-    Attention { q: BufId, sinks: Option<WeightId>, out: BufId, spec: AttnSpec },
+    Rope {
+        x: BufId,
+        out: BufId,
+        spec: RopeSpec,
+    },
+    KvWrite {
+        x: BufId,
+        layer: usize,
+        kind: KvKind,
+    },
+    Attention {
+        q: BufId,
+        sinks: Option<WeightId>,
+        out: BufId,
+        spec: AttnSpec,
+    },
     /// Routing buffers hold, per token, `top_k` expert indices (as f32) then `top_k` weights.
-    Router { x: BufId, w: WeightId, bias: Option<WeightId>, out: BufId, spec: RouterSpec },
-    Moe { x: BufId, routing: BufId, gate_up: WeightId, down: WeightId, out: BufId, top_k: usize, inter: usize },
-    SwiGlu { x: BufId, out: BufId },
-    Scale { x: BufId, out: BufId, factor: f32 },
-    Add { a: BufId, b: BufId, out: BufId },
-    LmHead { x: BufId, w: WeightId, out: BufId },
+    Router {
+        x: BufId,
+        w: WeightId,
+        bias: Option<WeightId>,
+        out: BufId,
+        spec: RouterSpec,
+    },
+    Moe {
+        x: BufId,
+        routing: BufId,
+        gate_up: WeightId,
+        down: WeightId,
+        out: BufId,
+        top_k: usize,
+        inter: usize,
+    },
+    SwiGlu {
+        x: BufId,
+        out: BufId,
+    },
+    Scale {
+        x: BufId,
+        out: BufId,
+        factor: f32,
+    },
+    Add {
+        a: BufId,
+        b: BufId,
+        out: BufId,
+    },
+    LmHead {
+        x: BufId,
+        w: WeightId,
+        out: BufId,
+    },
 }
 
 impl Instr {
@@ -134,7 +184,10 @@ pub struct Program {
 
 impl Program {
     pub fn output(&self, name: &str) -> Option<BufId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, b)| *b)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| *b)
     }
 }
 
@@ -165,25 +218,43 @@ impl Plan {
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}: not a mimo plan (bad magic); was it written by `mimoc compile`?")]
     BadMagic(String),
     #[error("{path}: plan format version {found}, this runtime reads version {FORMAT_VERSION}; recompile the plan")]
     Version { path: String, found: u32 },
     #[error("{path}: truncated: header says {expected} bytes of plan, file has {found}")]
-    Truncated { path: String, expected: u64, found: u64 },
+    Truncated {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("{path}: checksum mismatch (file was modified or corrupted): expected {expected:016x}, got {found:016x}")]
-    Checksum { path: String, expected: u64, found: u64 },
+    Checksum {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("{path}: cannot decode plan: {msg}")]
     Decode { path: String, msg: String },
     #[error("{path}: size {found} bytes, plan expects {expected}")]
-    WeightsSize { path: String, expected: u64, found: u64 },
+    WeightsSize {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("plan is inconsistent: {0}")]
     Invalid(String),
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PlanError + '_ {
-    move |source| PlanError::Io { path: path.display().to_string(), source }
+    move |source| PlanError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Header of `plan.bin`.
@@ -214,9 +285,18 @@ impl Header {
         let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
         if version != FORMAT_VERSION {
-            return Err(PlanError::Version { path: path.into(), found: version });
+            return Err(PlanError::Version {
+                path: path.into(),
+                found: version,
+            });
         }
-        Ok(Header { version, plan_len: u64at(16), plan_hash: u64at(24), weights_len: u64at(32), weights_hash: u64at(40) })
+        Ok(Header {
+            version,
+            plan_len: u64at(16),
+            plan_hash: u64at(24),
+            weights_len: u64at(32),
+            weights_hash: u64at(40),
+        })
     }
 }
 
@@ -240,19 +320,30 @@ pub fn decode_plan(bytes: &[u8], path: &str) -> Result<(Plan, Header), PlanError
     let h = Header::decode(bytes, path)?;
     let found = (bytes.len() - HEADER_LEN) as u64;
     if found != h.plan_len {
-        return Err(PlanError::Truncated { path: path.into(), expected: h.plan_len, found });
+        return Err(PlanError::Truncated {
+            path: path.into(),
+            expected: h.plan_len,
+            found,
+        });
     }
     let body = &bytes[HEADER_LEN..];
     let hash = xxhash_rust::xxh3::xxh3_64(body);
     if hash != h.plan_hash {
-        return Err(PlanError::Checksum { path: path.into(), expected: h.plan_hash, found: hash });
+        return Err(PlanError::Checksum {
+            path: path.into(),
+            expected: h.plan_hash,
+            found: hash,
+        });
     }
     let plan: Plan = bincode::options()
         .with_fixint_encoding()
         .allow_trailing_bytes()
         .with_limit(1 << 34)
         .deserialize(body)
-        .map_err(|e| PlanError::Decode { path: path.into(), msg: e.to_string() })?;
+        .map_err(|e| PlanError::Decode {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
     plan.validate()?;
     Ok((plan, h))
 }
@@ -270,7 +361,10 @@ pub fn write_plan_file(dir: &Path, plan: &Plan, weights_hash: u64) -> Result<(),
 }
 
 /// Read and check `plan.bin`; check `weights.bin`'s size, and its checksum when `verify_weights`.
-pub fn read_plan_dir(dir: &Path, verify_weights: bool) -> Result<(Plan, memmap2_shim::Weights), PlanError> {
+pub fn read_plan_dir(
+    dir: &Path,
+    verify_weights: bool,
+) -> Result<(Plan, memmap2_shim::Weights), PlanError> {
     let path = dir.join(PLAN_FILE);
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
     let (plan, h) = decode_plan(&bytes, &path.display().to_string())?;
@@ -278,12 +372,20 @@ pub fn read_plan_dir(dir: &Path, verify_weights: bool) -> Result<(Plan, memmap2_
     let weights = memmap2_shim::Weights::open(&wpath).map_err(io_err(&wpath))?;
     let wp = wpath.display().to_string();
     if weights.len() as u64 != h.weights_len {
-        return Err(PlanError::WeightsSize { path: wp, expected: h.weights_len, found: weights.len() as u64 });
+        return Err(PlanError::WeightsSize {
+            path: wp,
+            expected: h.weights_len,
+            found: weights.len() as u64,
+        });
     }
     if verify_weights {
         let hash = xxhash_rust::xxh3::xxh3_64(weights.bytes());
         if hash != h.weights_hash {
-            return Err(PlanError::Checksum { path: wp, expected: h.weights_hash, found: hash });
+            return Err(PlanError::Checksum {
+                path: wp,
+                expected: h.weights_hash,
+                found: hash,
+            });
         }
     }
     Ok((plan, weights))
@@ -331,12 +433,20 @@ impl Plan {
             }
         }
         for w in &self.weights {
-            if w.offset + w.nbytes > self.weights_len || w.scale_offset + w.scale_nbytes > self.weights_len {
+            if w.offset + w.nbytes > self.weights_len
+                || w.scale_offset + w.scale_nbytes > self.weights_len
+            {
                 return bad(format!("weight {} lies outside weights.bin", w.name));
             }
             let expect = expected_bytes(w.dtype, &w.dims);
             if expect != Some((w.nbytes, w.scale_nbytes)) {
-                return bad(format!("weight {}: {} bytes for {} {:?}", w.name, w.nbytes, w.dtype.name(), w.dims));
+                return bad(format!(
+                    "weight {}: {} bytes for {} {:?}",
+                    w.name,
+                    w.nbytes,
+                    w.dtype.name(),
+                    w.dims
+                ));
             }
         }
         let nb = self.buffers.len() as u32;
@@ -345,16 +455,30 @@ impl Plan {
             for (i, ins) in p.instrs.iter().enumerate() {
                 let (bufs, ws) = instr_refs(ins);
                 if bufs.iter().any(|&b| b >= nb) || ws.iter().any(|&w| w >= nw) {
-                    return bad(format!("program {} instruction {i} ({}) refers to a missing buffer or weight", p.name, ins.mnemonic()));
+                    return bad(format!(
+                        "program {} instruction {i} ({}) refers to a missing buffer or weight",
+                        p.name,
+                        ins.mnemonic()
+                    ));
                 }
-                if let Instr::KvWrite { layer, .. } | Instr::Attention { spec: AttnSpec { layer, .. }, .. } = ins {
+                if let Instr::KvWrite { layer, .. }
+                | Instr::Attention {
+                    spec: AttnSpec { layer, .. },
+                    ..
+                } = ins
+                {
                     if !self.kv.iter().any(|k| k.layer == *layer) {
-                        return bad(format!("instruction {i} uses the cache of layer {layer}, which has none"));
+                        return bad(format!(
+                            "instruction {i} uses the cache of layer {layer}, which has none"
+                        ));
                     }
                 }
             }
             if p.outputs.iter().any(|(_, b)| *b >= nb) {
-                return bad(format!("program {} has an output outside the buffers", p.name));
+                return bad(format!(
+                    "program {} has an output outside the buffers",
+                    p.name
+                ));
             }
         }
         Ok(())
@@ -371,9 +495,16 @@ pub fn expected_bytes(dtype: DType, dims: &[usize]) -> Option<(u64, u64)> {
         DType::BF16 | DType::F16 => (2 * n as u64, 0),
         DType::F8E4M3 => {
             // Blocks of 128x128 over the last two dims; leading dims (experts) multiply.
-            let (r, c) = if dims.len() >= 2 { (dims[dims.len() - 2], last) } else { (1, last) };
+            let (r, c) = if dims.len() >= 2 {
+                (dims[dims.len() - 2], last)
+            } else {
+                (1, last)
+            };
             let lead = n / (r * c).max(1);
-            (n as u64, 4 * (lead * r.div_ceil(128) * c.div_ceil(128)) as u64)
+            (
+                n as u64,
+                4 * (lead * r.div_ceil(128) * c.div_ceil(128)) as u64,
+            )
         }
         DType::MXFP4 => {
             if last % 32 != 0 {
@@ -390,7 +521,15 @@ pub fn instr_refs(ins: &Instr) -> (Vec<BufId>, Vec<WeightId>) {
     match ins {
         Instr::Embed { table, out } => (vec![*out], vec![*table]),
         Instr::RmsNorm { x, w, out, .. } => (vec![*x, *out], vec![*w]),
-        Instr::MatMul { x, w, bias, norm, residual, out, .. } => {
+        Instr::MatMul {
+            x,
+            w,
+            bias,
+            norm,
+            residual,
+            out,
+            ..
+        } => {
             let mut b = vec![*x, *out];
             b.extend(residual);
             let mut ws = vec![*w];
@@ -401,12 +540,21 @@ pub fn instr_refs(ins: &Instr) -> (Vec<BufId>, Vec<WeightId>) {
         Instr::Rope { x, out, .. } => (vec![*x, *out], vec![]),
         Instr::KvWrite { x, .. } => (vec![*x], vec![]),
         Instr::Attention { q, sinks, out, .. } => (vec![*q, *out], sinks.iter().copied().collect()),
-        Instr::Router { x, w, bias, out, .. } => {
+        Instr::Router {
+            x, w, bias, out, ..
+        } => {
             let mut ws = vec![*w];
             ws.extend(bias);
             (vec![*x, *out], ws)
         }
-        Instr::Moe { x, routing, gate_up, down, out, .. } => (vec![*x, *routing, *out], vec![*gate_up, *down]),
+        Instr::Moe {
+            x,
+            routing,
+            gate_up,
+            down,
+            out,
+            ..
+        } => (vec![*x, *routing, *out], vec![*gate_up, *down]),
         Instr::SwiGlu { x, out } | Instr::Scale { x, out, .. } => (vec![*x, *out], vec![]),
         Instr::Add { a, b, out } => (vec![*a, *b, *out], vec![]),
         Instr::LmHead { x, w, out } => (vec![*x, *out], vec![*w]),
@@ -430,7 +578,11 @@ mod tests {
             },
             max_tokens: 2,
             arena_len: 8,
-            buffers: vec![BufferDesc { name: "x".into(), width: 2, offset: 0 }],
+            buffers: vec![BufferDesc {
+                name: "x".into(),
+                width: 2,
+                offset: 0,
+            }],
             weights: vec![WeightDesc {
                 name: "e".into(),
                 dtype: DType::F32,
@@ -477,7 +629,10 @@ mod tests {
         assert!(e.to_string().contains("bad magic"), "{e}");
         let mut v = bytes.clone();
         v[8] = 9;
-        assert!(matches!(decode_plan(&v, "p").unwrap_err(), PlanError::Version { found: 9, .. }));
+        assert!(matches!(
+            decode_plan(&v, "p").unwrap_err(),
+            PlanError::Version { found: 9, .. }
+        ));
     }
 
     #[test]
@@ -492,8 +647,14 @@ mod tests {
     #[test]
     fn byte_counts() {
         assert_eq!(expected_bytes(DType::MXFP4, &[4, 64]), Some((128, 8)));
-        assert_eq!(expected_bytes(DType::F8E4M3, &[200, 130]), Some((26000, 4 * 2 * 2)));
-        assert_eq!(expected_bytes(DType::F8E4M3, &[3, 128, 256]), Some((3 * 128 * 256, 4 * 3 * 2)));
+        assert_eq!(
+            expected_bytes(DType::F8E4M3, &[200, 130]),
+            Some((26000, 4 * 2 * 2))
+        );
+        assert_eq!(
+            expected_bytes(DType::F8E4M3, &[3, 128, 256]),
+            Some((3 * 128 * 256, 4 * 3 * 2))
+        );
         assert_eq!(expected_bytes(DType::MXFP4, &[4, 33]), None);
     }
 }

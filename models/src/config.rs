@@ -97,12 +97,14 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json_str(&text).with_context(|| format!("in {}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<ModelConfig> {
-        let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("config.json is not valid JSON: {e}"))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| anyhow!("config.json is not valid JSON: {e}"))?;
         if !v.is_object() {
             bail!("config.json must be a JSON object");
         }
@@ -132,7 +134,9 @@ fn str_field(v: &Value, k: &str) -> Result<String> {
 fn usize_field(v: &Value, k: &str) -> Result<usize> {
     match field(v, k) {
         Some(x) => {
-            let n = x.as_u64().ok_or_else(|| anyhow!("config field `{k}`: expected a non-negative integer, got {x}"))?;
+            let n = x.as_u64().ok_or_else(|| {
+                anyhow!("config field `{k}`: expected a non-negative integer, got {x}")
+            })?;
             if n == 0 {
                 bail!("config field `{k}` must be positive, got 0");
             }
@@ -153,7 +157,9 @@ fn usize_or(v: &Value, k: &str, d: usize) -> Result<usize> {
 fn f64_or(v: &Value, k: &str, d: f64) -> Result<f64> {
     match field(v, k) {
         Some(x) => {
-            let f = x.as_f64().ok_or_else(|| anyhow!("config field `{k}`: expected a number, got {x}"))?;
+            let f = x
+                .as_f64()
+                .ok_or_else(|| anyhow!("config field `{k}`: expected a number, got {x}"))?;
             if !f.is_finite() {
                 bail!("config field `{k}` must be finite");
             }
@@ -177,7 +183,9 @@ fn token_ids(v: &Value, k: &str) -> Result<Vec<u32>> {
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| {
-                x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| anyhow!("config field `{k}`: bad id {x}"))
+                x.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| anyhow!("config field `{k}`: bad id {x}"))
             })
             .collect(),
         Some(x) => Ok(vec![x
@@ -188,7 +196,9 @@ fn token_ids(v: &Value, k: &str) -> Result<Vec<u32>> {
 }
 
 fn check_act(v: &Value) -> Result<()> {
-    let act = field(v, "hidden_act").and_then(|x| x.as_str()).unwrap_or("silu");
+    let act = field(v, "hidden_act")
+        .and_then(|x| x.as_str())
+        .unwrap_or("silu");
     if act != "silu" {
         bail!("config field `hidden_act`: unsupported activation {act:?} (only \"silu\")");
     }
@@ -196,7 +206,10 @@ fn check_act(v: &Value) -> Result<()> {
 }
 
 fn dtype_of(v: &Value) -> Result<String> {
-    let d = field(v, "torch_dtype").or_else(|| field(v, "dtype")).and_then(|x| x.as_str()).unwrap_or("bfloat16");
+    let d = field(v, "torch_dtype")
+        .or_else(|| field(v, "dtype"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("bfloat16");
     match d {
         "bfloat16" | "float16" | "float32" => Ok(d.to_string()),
         other => bail!("config field `torch_dtype`: unsupported dtype {other:?}"),
@@ -204,7 +217,9 @@ fn dtype_of(v: &Value) -> Result<String> {
 }
 
 fn fp8_of(v: &Value) -> Result<Option<Fp8Quant>> {
-    let Some(q) = field(v, "quantization_config") else { return Ok(None) };
+    let Some(q) = field(v, "quantization_config") else {
+        return Ok(None);
+    };
     let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
     if method != "fp8" {
         bail!("config field `quantization_config.quant_method`: unsupported {method:?} (only \"fp8\")");
@@ -235,15 +250,23 @@ fn rope_of(rp: &Value, which: &str, head_dim: usize) -> Result<RopeSpec> {
     let Some(p) = rp.get(which).filter(|x| !x.is_null()) else {
         bail!("config field `rope_parameters.{which}` is missing");
     };
-    let ty = p.get("rope_type").and_then(|x| x.as_str()).unwrap_or("default");
+    let ty = p
+        .get("rope_type")
+        .and_then(|x| x.as_str())
+        .unwrap_or("default");
     if ty != "default" {
         bail!("config field `rope_parameters.{which}.rope_type`: unsupported {ty:?} (only \"default\")");
     }
     let theta = p
         .get("rope_theta")
         .and_then(|x| x.as_f64())
-        .ok_or_else(|| anyhow!("config field `rope_parameters.{which}.rope_theta` is missing or not a number"))?;
-    let factor = p.get("partial_rotary_factor").and_then(|x| x.as_f64()).unwrap_or(0.334);
+        .ok_or_else(|| {
+            anyhow!("config field `rope_parameters.{which}.rope_theta` is missing or not a number")
+        })?;
+    let factor = p
+        .get("partial_rotary_factor")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.334);
     if !(factor > 0.0 && factor <= 1.0) {
         bail!("config field `rope_parameters.{which}.partial_rotary_factor` must be in (0, 1], got {factor}");
     }
@@ -251,7 +274,11 @@ fn rope_of(rp: &Value, which: &str, head_dim: usize) -> Result<RopeSpec> {
     if rotary_dim % 2 != 0 || rotary_dim == 0 {
         bail!("config field `rope_parameters.{which}.partial_rotary_factor`: rotary dim {rotary_dim} must be even");
     }
-    Ok(RopeSpec { theta: theta as f32, head_dim, rotary_dim })
+    Ok(RopeSpec {
+        theta: theta as f32,
+        head_dim,
+        rotary_dim,
+    })
 }
 
 fn parse_moe(v: &Value) -> Result<ModelConfig> {
@@ -286,7 +313,11 @@ fn parse_moe(v: &Value) -> Result<ModelConfig> {
         Some(_) => Some(f64_or(v, "attention_value_scale", 0.707)? as f32),
     };
     // transformers' default when the field is absent is 0.707; null means "no scaling".
-    let v_scale = if v.get("attention_value_scale").is_none() { Some(0.707) } else { v_scale };
+    let v_scale = if v.get("attention_value_scale").is_none() {
+        Some(0.707)
+    } else {
+        v_scale
+    };
     if n_heads % n_kv != 0 || n_heads % (2 * n_kv) != 0 {
         bail!(
             "config field `num_key_value_heads`: {n_kv} (and {} for sliding layers) must divide num_attention_heads {n_heads}",
@@ -295,29 +326,50 @@ fn parse_moe(v: &Value) -> Result<ModelConfig> {
     }
     let layer_types: Vec<String> = match field(v, "layer_types") {
         None => (0..n_layers)
-            .map(|i| if i == 0 || (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }.to_string())
+            .map(|i| {
+                if i == 0 || (i + 1) % 6 == 0 {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+                .to_string()
+            })
             .collect(),
         Some(Value::Array(a)) => a
             .iter()
-            .map(|x| x.as_str().map(String::from).ok_or_else(|| anyhow!("config field `layer_types`: bad entry {x}")))
+            .map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("config field `layer_types`: bad entry {x}"))
+            })
             .collect::<Result<_>>()?,
         Some(x) => bail!("config field `layer_types`: expected a list, got {x}"),
     };
     if layer_types.len() != n_layers {
-        bail!("config field `layer_types` has {} entries, num_hidden_layers is {n_layers}", layer_types.len());
+        bail!(
+            "config field `layer_types` has {} entries, num_hidden_layers is {n_layers}",
+            layer_types.len()
+        );
     }
     let mlp_types: Vec<String> = match field(v, "mlp_layer_types") {
-        None => (0..n_layers).map(|i| if i == 0 { "dense" } else { "sparse" }.to_string()).collect(),
+        None => (0..n_layers)
+            .map(|i| if i == 0 { "dense" } else { "sparse" }.to_string())
+            .collect(),
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| {
-                x.as_str().map(String::from).ok_or_else(|| anyhow!("config field `mlp_layer_types`: bad entry {x}"))
+                x.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("config field `mlp_layer_types`: bad entry {x}"))
             })
             .collect::<Result<_>>()?,
         Some(x) => bail!("config field `mlp_layer_types`: expected a list, got {x}"),
     };
     if mlp_types.len() != n_layers {
-        bail!("config field `mlp_layer_types` has {} entries, num_hidden_layers is {n_layers}", mlp_types.len());
+        bail!(
+            "config field `mlp_layer_types` has {} entries, num_hidden_layers is {n_layers}",
+            mlp_types.len()
+        );
     }
     let default_rope = serde_json::json!({
         "full_attention": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.334},
@@ -404,7 +456,11 @@ fn parse_dense(v: &Value) -> Result<ModelConfig> {
             v_head_dim: head_dim,
             window: None,
             sinks: false,
-            rope: RopeSpec { theta, head_dim, rotary_dim: head_dim },
+            rope: RopeSpec {
+                theta,
+                head_dim,
+                rotary_dim: head_dim,
+            },
             qkv_bias: true,
             v_scale: None,
             scale: (head_dim as f32).powf(-0.5),
@@ -423,7 +479,9 @@ fn parse_dense(v: &Value) -> Result<ModelConfig> {
         layers: vec![layer; n_layers],
         mtp_layers: match field(v, "num_nextn_predict_layers") {
             None => 0,
-            Some(x) => x.as_u64().ok_or_else(|| anyhow!("config field `num_nextn_predict_layers`: bad value {x}"))?
+            Some(x) => x
+                .as_u64()
+                .ok_or_else(|| anyhow!("config field `num_nextn_predict_layers`: bad value {x}"))?
                 as usize,
         },
         fp8: fp8_of(v)?,
@@ -439,7 +497,9 @@ mod tests {
     fn default_moe_matches_reference_facts() {
         let c = ModelConfig::from_json_str(r#"{"model_type":"mimo_v2_flash"}"#).unwrap();
         assert_eq!(c.n_layers(), 48);
-        let full: Vec<usize> = (0..48).filter(|&i| c.layers[i].attn.window.is_none()).collect();
+        let full: Vec<usize> = (0..48)
+            .filter(|&i| c.layers[i].attn.window.is_none())
+            .collect();
         assert_eq!(full, vec![0, 5, 11, 17, 23, 29, 35, 41, 47]);
         assert_eq!(c.layers[1].attn.n_kv_heads, 8);
         assert_eq!(c.layers[0].attn.n_kv_heads, 4);
@@ -455,16 +515,34 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (r#"{"model_type":"llama"}"#, "model_type"),
-            (r#"{"model_type":"mimo_v2_flash","hidden_act":"gelu"}"#, "hidden_act"),
-            (r#"{"model_type":"mimo_v2_flash","num_hidden_layers":2,"layer_types":["full_attention"]}"#, "layer_types"),
+            (
+                r#"{"model_type":"mimo_v2_flash","hidden_act":"gelu"}"#,
+                "hidden_act",
+            ),
+            (
+                r#"{"model_type":"mimo_v2_flash","num_hidden_layers":2,"layer_types":["full_attention"]}"#,
+                "layer_types",
+            ),
             (
                 r#"{"model_type":"mimo_v2_flash","num_hidden_layers":1,"layer_types":["chunked"],"mlp_layer_types":["dense"]}"#,
                 "layer_types[0]",
             ),
-            (r#"{"model_type":"mimo_v2_flash","hidden_size":"big"}"#, "hidden_size"),
-            (r#"{"model_type":"mimo_v2_flash","num_experts_per_tok":300}"#, "num_experts_per_tok"),
-            (r#"{"model_type":"mimo","hidden_size":64}"#, "num_hidden_layers"),
-            (r#"{"model_type":"mimo_v2_flash","quantization_config":{"quant_method":"awq"}}"#, "quant_method"),
+            (
+                r#"{"model_type":"mimo_v2_flash","hidden_size":"big"}"#,
+                "hidden_size",
+            ),
+            (
+                r#"{"model_type":"mimo_v2_flash","num_experts_per_tok":300}"#,
+                "num_experts_per_tok",
+            ),
+            (
+                r#"{"model_type":"mimo","hidden_size":64}"#,
+                "num_hidden_layers",
+            ),
+            (
+                r#"{"model_type":"mimo_v2_flash","quantization_config":{"quant_method":"awq"}}"#,
+                "quant_method",
+            ),
             (r#"[1,2]"#, "JSON object"),
             (r#"{"model_type":"#, "not valid JSON"),
         ];

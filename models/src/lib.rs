@@ -2,3 +2,6 @@
 pub mod config;
 
 pub use config::*;
+pub mod build;
+pub mod checkpoint;
+pub mod tiny;

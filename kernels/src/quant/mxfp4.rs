@@ -172,7 +172,7 @@ pub struct Mxfp4Matrix {
 /// Errors: `data.len() != rows * cols`, `cols % 32 != 0`, or any NaN/±Inf
 /// (reported with its flat index).
 pub fn quantize_mxfp4(data: &[f32], rows: usize, cols: usize) -> Result<Mxfp4Matrix, QuantError> {
-    if cols % MXFP4_BLOCK != 0 {
+    if !cols.is_multiple_of(MXFP4_BLOCK) {
         return Err(QuantError::BadBlockLength {
             len: cols,
             block: MXFP4_BLOCK,
@@ -217,7 +217,7 @@ impl Mxfp4Matrix {
         blocks: Vec<u8>,
         scales: Vec<u8>,
     ) -> Result<Self, QuantError> {
-        if cols % MXFP4_BLOCK != 0 {
+        if !cols.is_multiple_of(MXFP4_BLOCK) {
             return Err(QuantError::BadBlockLength {
                 len: cols,
                 block: MXFP4_BLOCK,
@@ -352,7 +352,7 @@ mod tests {
 
     fn code_at(m: &Mxfp4Matrix, i: usize) -> u8 {
         let b = m.blocks[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             b & 0xF
         } else {
             b >> 4
