@@ -647,7 +647,7 @@ impl Graph {
                         "weight must have a weight dtype and fixed shape, got {out}"
                     ));
                 }
-                if out.dtype == DType::MXFP4 && out.last() % 32 != 0 {
+                if out.dtype == DType::MXFP4 && !out.last().is_multiple_of(32) {
                     return Err(format!("mxfp4 weight needs K % 32 == 0, got {out}"));
                 }
                 Ok(())
@@ -879,13 +879,13 @@ impl Graph {
 }
 
 fn check_rope(r: &RopeSpec, width: usize) -> Result<(), String> {
-    if r.head_dim == 0 || width % r.head_dim != 0 {
+    if r.head_dim == 0 || !width.is_multiple_of(r.head_dim) {
         return Err(format!(
             "rope head_dim {} does not divide width {width}",
             r.head_dim
         ));
     }
-    if r.rotary_dim % 2 != 0 || r.rotary_dim > r.head_dim {
+    if !r.rotary_dim.is_multiple_of(2) || r.rotary_dim > r.head_dim {
         return Err(format!(
             "rotary_dim {} must be even and <= head_dim {}",
             r.rotary_dim, r.head_dim

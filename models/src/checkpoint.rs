@@ -414,8 +414,17 @@ fn map_shard(path: &Path, idx: usize) -> Result<(Shard, HashMap<String, Entry>)>
     let mmap = unsafe { Mmap::map(&file) }
         .with_context(|| format!("memory-mapping {}", path.display()))?;
     let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        let detail = match declared_size(&mmap) {
+            Some(want) if want != mmap.len() => {
+                format!(
+                    "its header describes {want} bytes but the file has {}",
+                    mmap.len()
+                )
+            }
+            _ => e.to_string(),
+        };
         anyhow!(
-            "shard {} is not a valid safetensors file (truncated or corrupt): {e}",
+            "shard {} is not a valid safetensors file (truncated or corrupt): {detail}",
             path.display()
         )
     })?;
@@ -441,6 +450,20 @@ fn map_shard(path: &Path, idx: usize) -> Result<(Shard, HashMap<String, Entry>)>
         },
         out,
     ))
+}
+
+/// The file size a safetensors header promises (8 + header + data), if the header is readable JSON.
+fn declared_size(bytes: &[u8]) -> Option<usize> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data = header
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    (8 + n).checked_add(usize::try_from(data).ok()?)
 }
 
 /// Shape of the `_scale_inv` companion of an FP8 weight of shape `shape`.
@@ -831,7 +854,10 @@ mod tests {
         std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
         let e = err(&dir);
         let fname = shard.file_name().unwrap().to_str().unwrap();
-        assert!(e.contains(fname) && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains(fname) && e.contains("truncated") && e.contains("header describes"),
+            "{e}"
+        );
 
         std::fs::write(
             &shard,

@@ -271,7 +271,7 @@ fn rope_of(rp: &Value, which: &str, head_dim: usize) -> Result<RopeSpec> {
         bail!("config field `rope_parameters.{which}.partial_rotary_factor` must be in (0, 1], got {factor}");
     }
     let rotary_dim = (head_dim as f64 * factor) as usize;
-    if rotary_dim % 2 != 0 || rotary_dim == 0 {
+    if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
         bail!("config field `rope_parameters.{which}.partial_rotary_factor`: rotary dim {rotary_dim} must be even");
     }
     Ok(RopeSpec {

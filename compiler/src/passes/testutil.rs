@@ -1,0 +1,140 @@
+//! Helpers for building small graphs in the passes' unit tests.
+
+use mimo_ir::*;
+
+/// A graph under construction with `tokens` and `positions` inputs and an embedded `x` of width `h`.
+pub struct Tb {
+    pub g: Graph,
+    pub tokens: NodeId,
+    pub pos: NodeId,
+    pub x: NodeId,
+    pub h: usize,
+}
+
+impl Tb {
+    pub fn new(h: usize) -> Tb {
+        let mut g = Graph::new();
+        let i32t = TensorType::new(DType::I32, vec![Dim::T]);
+        let tokens = g.add(
+            "tokens",
+            Op::Input {
+                name: "tokens".into(),
+            },
+            i32t.clone(),
+            &[],
+        );
+        let pos = g.add(
+            "positions",
+            Op::Input {
+                name: "positions".into(),
+            },
+            i32t,
+            &[],
+        );
+        let mut tb = Tb {
+            g,
+            tokens,
+            pos,
+            x: tokens,
+            h,
+        };
+        let emb = tb.weight("embed", WeightClass::Embedding, DType::BF16, &[16, h]);
+        tb.x =
+            tb.g.add("embed", Op::Embedding, TensorType::act(h), &[tokens, emb]);
+        tb
+    }
+
+    pub fn weight(
+        &mut self,
+        name: &str,
+        class: WeightClass,
+        dtype: DType,
+        dims: &[usize],
+    ) -> NodeId {
+        self.g.add(
+            name,
+            Op::Weight {
+                name: name.into(),
+                source: WeightSource::Tensor(name.into()),
+                class,
+            },
+            TensorType::fixed(dtype, dims),
+            &[],
+        )
+    }
+
+    pub fn norm(&mut self, name: &str, x: NodeId) -> NodeId {
+        let w = self.weight(
+            &format!("{name}.w"),
+            WeightClass::Norm,
+            DType::F32,
+            &[self.h],
+        );
+        self.g.add(
+            name,
+            Op::RmsNorm { eps: 1e-5 },
+            TensorType::act(self.h),
+            &[x, w],
+        )
+    }
+
+    /// A plain matmul `x W^T` with W `[n, k]` of class Attention (bf16).
+    pub fn matmul(&mut self, name: &str, x: NodeId, n: usize) -> NodeId {
+        self.matmul_class(name, x, n, WeightClass::Attention)
+    }
+
+    pub fn matmul_class(&mut self, name: &str, x: NodeId, n: usize, class: WeightClass) -> NodeId {
+        let k = self.g.node(x).ty.last();
+        let w = self.weight(&format!("{name}.w"), class, DType::BF16, &[n, k]);
+        self.g.add(
+            name,
+            Op::MatMul {
+                has_bias: false,
+                norm_eps: None,
+                epilogue: vec![],
+            },
+            TensorType::act(n),
+            &[x, w],
+        )
+    }
+
+    pub fn op(&mut self, name: &str, op: Op, ty: TensorType, ins: &[NodeId]) -> NodeId {
+        self.g.add(name, op, ty, ins)
+    }
+
+    pub fn output(&mut self, x: NodeId) -> NodeId {
+        let ty = self.g.node(x).ty.clone();
+        self.g.add(
+            "logits",
+            Op::Output {
+                name: "logits".into(),
+            },
+            ty,
+            &[x],
+        )
+    }
+
+    /// Count nodes whose mnemonic is `m`.
+    pub fn count(&self, m: &str) -> usize {
+        self.g
+            .g
+            .node_indices()
+            .filter(|&n| self.g.node(n).op.mnemonic() == m)
+            .count()
+    }
+}
+
+/// Number of nodes with mnemonic `m` in `g`.
+pub fn count(g: &Graph, m: &str) -> usize {
+    g.g.node_indices()
+        .filter(|&n| g.node(n).op.mnemonic() == m)
+        .count()
+}
+
+/// The text line of the node named `name` (panics if absent).
+pub fn line<'a>(text: &'a str, name: &str) -> &'a str {
+    let suffix = format!("  ; {name}");
+    text.lines()
+        .find(|l| l.ends_with(&suffix))
+        .unwrap_or_else(|| panic!("no node {name} in\n{text}"))
+}
