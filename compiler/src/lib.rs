@@ -1,8 +1,10 @@
 //! mimoc: checkpoint -> IR -> passes -> plan (+ CUDA megakernel source).
 
+pub mod codegen;
 pub mod lower;
 pub mod pack;
 pub mod passes;
+pub mod report;
 
 use anyhow::{bail, Context, Result};
 use mimo_ir::plan::{ModelInfo, Plan};
@@ -62,6 +64,8 @@ pub struct CompileReport {
     pub plan: Plan,
     pub pass_log: Vec<String>,
     pub instr_count: usize,
+    /// Whether nvcc compiled the megakernel (else the runtime compiles its source with NVRTC).
+    pub cubin: bool,
 }
 
 /// Compile the checkpoint at `ckpt_dir` into a plan directory `out`. The plan is built in a sibling temporary
@@ -108,12 +112,14 @@ pub fn compile(ckpt_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Com
     };
     plan.validate()?;
     mimo_ir::plan::write_plan_file(tmp.path(), &plan, weights_hash)?;
+    let cubin = codegen::emit(&plan, tmp.path())?;
     swap_in(tmp, out)?;
     let instr_count = plan.programs.iter().map(|p| p.instrs.len()).sum();
     Ok(CompileReport {
         plan,
         pass_log,
         instr_count,
+        cubin,
     })
 }
 

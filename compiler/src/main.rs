@@ -91,6 +91,12 @@ enum Cmd {
         out: PathBuf,
         #[command(flatten)]
         passes: PassArgs,
+        /// Print the bytes one decode step reads, by weight class, and the bandwidth time floor.
+        #[arg(long)]
+        report: bool,
+        /// Context length (tokens) at which `--report` counts KV-cache reads.
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
     },
     /// Print the IR as text after a pass (`build` = before any pass; default: after all passes).
     DumpIr {
@@ -143,6 +149,8 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             out,
             passes,
+            report,
+            context,
         } => {
             let mut o = passes.options();
             o.progress = true;
@@ -160,6 +168,9 @@ fn run(cli: Cli) -> Result<()> {
                 wbytes as f64 / 1e6,
                 r.plan.arena_len
             );
+            if report {
+                print!("{}", mimo_compiler::report::decode_report(&r.plan, context));
+            }
         }
         Cmd::DumpIr {
             checkpoint,

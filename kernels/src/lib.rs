@@ -1,2 +1,3 @@
 pub mod cpu;
 pub mod quant;
+pub mod device;

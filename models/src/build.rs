@@ -271,7 +271,8 @@ pub fn build_graph(cfg: &ModelConfig, opts: &BuildOptions) -> Graph {
             }
             MlpLayer::Moe(moe) => {
                 let e = moe.n_experts;
-                let rw = b.small(
+                // bf16 as stored in the checkpoint; routing computes in f32 as transformers does.
+                let rw = b.tensor(
                     &format!("{p}.mlp.gate.weight"),
                     WeightClass::Router,
                     &[e, h],

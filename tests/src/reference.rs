@@ -198,9 +198,7 @@ impl Reference {
                 q_bias: bias("q"),
                 k_bias: bias("k"),
                 v_bias: bias("v"),
-                sinks: a
-                    .sinks
-                    .then(|| vec_of(ck, &format!("{p}.self_attn.sinks"))),
+                sinks: a.sinks.then(|| vec_of(ck, &format!("{p}.self_attn.sinks"))),
             };
             let mlp = match &spec.mlp {
                 MlpLayer::Dense { .. } => Mlp::Dense(Expert {

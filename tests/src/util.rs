@@ -88,7 +88,8 @@ pub fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Paths of the `mimoc` and `mimort` binaries, building them if missing. `None` (with a message) if that fails.
+/// Paths of the `mimoc` and `mimort` binaries, (re)built with cargo first. `None` (with a message) if they are
+/// missing and cannot be built.
 pub fn binaries() -> Option<(PathBuf, PathBuf)> {
     let dir = target_dir();
     let suffix = std::env::consts::EXE_SUFFIX;
@@ -99,9 +100,17 @@ pub fn binaries() -> Option<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "mimo-compiler", "-p", "mimo-runtime", "--bins"])
-        .arg("--manifest-path")
-        .arg(&manifest);
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "mimo-compiler",
+        "-p",
+        "mimo-runtime",
+        "--bins",
+    ])
+    .arg("--manifest-path")
+    .arg(&manifest);
     if profile_release {
         cmd.arg("--release");
     }
@@ -160,9 +169,15 @@ pub fn assert_clean_failure(what: &str, o: &Output, needles: &[&str]) {
         Some(101),
         "{what}: exit code 101 means a panic; stderr: {err}"
     );
-    assert!(o.status.code().is_some(), "{what}: killed by a signal; stderr: {err}");
+    assert!(
+        o.status.code().is_some(),
+        "{what}: killed by a signal; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "{what} panicked: {err}");
     for n in needles {
-        assert!(err.contains(n), "{what}: stderr should mention {n:?}: {err}");
+        assert!(
+            err.contains(n),
+            "{what}: stderr should mention {n:?}: {err}"
+        );
     }
 }

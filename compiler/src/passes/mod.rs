@@ -5,6 +5,11 @@ use mimo_ir::{matmul_inputs, DType, Epilogue, Graph, NodeId, Op};
 
 pub mod dce;
 pub mod fuse_norm;
+pub mod fuse_residual;
+pub mod fuse_rope_kv;
+pub mod fuse_swiglu;
+pub mod quantize_dense;
+pub mod quantize_experts;
 
 /// What the passes may depend on.
 #[derive(Clone, Debug)]
@@ -35,7 +40,15 @@ pub trait Pass {
 
 /// The passes, in pipeline order.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(dce::Dce), Box::new(fuse_norm::FuseNorm)]
+    vec![
+        Box::new(dce::Dce),
+        Box::new(fuse_norm::FuseNorm),
+        Box::new(fuse_rope_kv::FuseRopeKv),
+        Box::new(fuse_swiglu::FuseSwiGlu),
+        Box::new(fuse_residual::FuseResidual),
+        Box::new(quantize_experts::QuantizeExperts),
+        Box::new(quantize_dense::QuantizeDense),
+    ]
 }
 
 /// Names of the passes, in order.
@@ -166,3 +179,24 @@ pub(crate) fn nodes_where(g: &Graph, pred: impl Fn(&Op) -> bool) -> Vec<NodeId> 
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_order() {
+        assert_eq!(
+            pass_names(),
+            [
+                "dce",
+                "fuse-norm",
+                "fuse-rope-kv",
+                "fuse-swiglu",
+                "fuse-residual",
+                "quantize-experts",
+                "quantize-dense"
+            ]
+        );
+    }
+}

@@ -5,7 +5,6 @@ use mimo_ir::*;
 /// A graph under construction with `tokens` and `positions` inputs and an embedded `x` of width `h`.
 pub struct Tb {
     pub g: Graph,
-    pub tokens: NodeId,
     pub pos: NodeId,
     pub x: NodeId,
     pub h: usize,
@@ -33,7 +32,6 @@ impl Tb {
         );
         let mut tb = Tb {
             g,
-            tokens,
             pos,
             x: tokens,
             h,
@@ -112,15 +110,6 @@ impl Tb {
             ty,
             &[x],
         )
-    }
-
-    /// Count nodes whose mnemonic is `m`.
-    pub fn count(&self, m: &str) -> usize {
-        self.g
-            .g
-            .node_indices()
-            .filter(|&n| self.g.node(n).op.mnemonic() == m)
-            .count()
     }
 }
 

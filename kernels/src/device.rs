@@ -1,0 +1,535 @@
+//! Encoding a plan program into the megakernel's device instruction descriptors (`DInstr`, 256 bytes each,
+//! mirrored by `struct DInstr` in kernels/cuda/megakernel.cu), with the dependency lists the kernel waits on.
+//!
+//! Dependencies are computed from what each instruction reads and writes (arena ranges, a layer's KV cache, the
+//! MoE scratch, the sampled-token output): instruction i waits for every earlier j that writes what i reads or
+//! touches what i writes, minus those already implied by another dependency.
+
+use mimo_ir::plan::{BufId, Instr, Plan, Program};
+use mimo_ir::{DType, Epilogue, KvKind};
+
+pub const THREADS: usize = 512;
+pub const KC: usize = 1024;
+pub const TILE_MAX: usize = 256;
+pub const MAX_DEPS: usize = 8;
+/// The CUDA source of the megakernel body.
+pub const MEGAKERNEL_CU: &str = include_str!("../cuda/megakernel.cu");
+
+pub mod op {
+    pub const EMBED: i32 = 0;
+    pub const RMSNORM: i32 = 1;
+    pub const MATMUL: i32 = 2;
+    pub const ROPE: i32 = 3;
+    pub const KVWRITE: i32 = 4;
+    pub const ATTN: i32 = 5;
+    pub const ROUTER: i32 = 6;
+    pub const MOE_UP: i32 = 7;
+    pub const MOE_DOWN: i32 = 8;
+    pub const SWIGLU: i32 = 9;
+    pub const SCALE: i32 = 10;
+    pub const ADD: i32 = 11;
+    pub const ARGMAX: i32 = 12;
+}
+
+/// Device instruction descriptor; field order and sizes match the CUDA struct exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DInstr {
+    pub op: i32,
+    pub ntiles: i32,
+    pub tile_rows: i32,
+    pub ndeps: i32,
+    pub deps: [i32; 8],
+    pub w: i64,
+    pub ws: i64,
+    pub w2: i64,
+    pub ws2: i64,
+    pub bias: i64,
+    pub normw: i64,
+    pub sinks: i64,
+    pub aux: i64,
+    pub x: i32,
+    pub xw: i32,
+    pub out: i32,
+    pub outw: i32,
+    pub res: i32,
+    pub resw: i32,
+    pub fmt: i32,
+    pub n: i32,
+    pub k: i32,
+    pub epi: i32,
+    pub nepi: i32,
+    pub rot: i32,
+    pub heads: i32,
+    pub hd: i32,
+    pub rotary: i32,
+    pub layer: i32,
+    pub kv_k: i32,
+    pub kv_v: i32,
+    pub kv_cap: i32,
+    pub kvkind: i32,
+    pub nh: i32,
+    pub nkv: i32,
+    pub qd: i32,
+    pub vd: i32,
+    pub window: i32,
+    pub e: i32,
+    pub topk: i32,
+    pub ngroup: i32,
+    pub topkg: i32,
+    pub normtopk: i32,
+    pub sigmoid: i32,
+    pub inter: i32,
+    pub eps: f32,
+    pub scale: f32,
+    pub theta: f32,
+    pub rscale: f32,
+}
+
+const _: () = assert!(std::mem::size_of::<DInstr>() == 256);
+
+impl DInstr {
+    pub fn as_bytes(v: &[DInstr]) -> &[u8] {
+        // SAFETY: DInstr is repr(C), Copy, has no padding (asserted size = sum of fields) and no invalid bit patterns.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+}
+
+/// Where each layer's K and V live in the device KV buffer (f32 elements), and its ring capacity.
+#[derive(Clone, Debug, Default)]
+pub struct KvLayout {
+    /// Indexed by layer: (k offset, v offset, capacity).
+    pub layers: Vec<Option<(usize, usize, usize)>>,
+    pub total: usize,
+}
+
+impl KvLayout {
+    pub fn new(plan: &Plan, max_ctx: usize) -> KvLayout {
+        let n = plan.kv.iter().map(|k| k.layer + 1).max().unwrap_or(0);
+        let mut layers = vec![None; n];
+        let mut off = 0usize;
+        for d in &plan.kv {
+            let cap = match d.window {
+                Some(w) => (w + plan.max_tokens).min(max_ctx),
+                None => max_ctx,
+            };
+            let k = off;
+            off += cap * d.heads * d.k_dim;
+            let v = off;
+            off += cap * d.heads * d.v_dim;
+            layers[d.layer] = Some((k, v, cap));
+        }
+        KvLayout { layers, total: off }
+    }
+}
+
+fn fmt_of(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::F8E4M3 => 3,
+        DType::MXFP4 => 4,
+        _ => -1,
+    }
+}
+
+/// A resource an instruction touches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Res {
+    Arena(usize, usize),
+    Kv(usize),
+    Scratch,
+    Tokens,
+}
+
+fn overlaps(a: Res, b: Res) -> bool {
+    match (a, b) {
+        (Res::Arena(a0, a1), Res::Arena(b0, b1)) => a0 < b1 && b0 < a1,
+        (Res::Kv(x), Res::Kv(y)) => x == y,
+        (Res::Scratch, Res::Scratch) | (Res::Tokens, Res::Tokens) => true,
+        _ => false,
+    }
+}
+
+/// The encoded program plus what the runtime must allocate.
+pub struct Encoded {
+    pub instrs: Vec<DInstr>,
+    pub kv: KvLayout,
+    /// f32 elements of MoE scratch.
+    pub scratch_len: usize,
+    /// Dynamic shared memory bytes per block.
+    pub smem_bytes: usize,
+    /// Arena offset of the logits buffer.
+    pub logits: (usize, usize),
+}
+
+pub fn smem_bytes(max_tokens: usize) -> usize {
+    4 * (max_tokens * KC + 3 * max_tokens * TILE_MAX + THREADS + max_tokens) + 4 * (512 + 4 * max_tokens + 64)
+}
+
+/// Encode `program` of `plan`. `argmax` appends an in-kernel argmax / Gumbel sampling of the logits.
+pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> Result<Encoded, String> {
+    if plan.max_tokens > 16 {
+        return Err(format!("the megakernel handles up to 16 tokens per forward, plan has {}", plan.max_tokens));
+    }
+    let kv = KvLayout::new(plan, max_ctx);
+    if kv.total > i32::MAX as usize {
+        return Err(format!("KV cache of {} floats is too large for the device encoding; lower --max-ctx", kv.total));
+    }
+    let bufs = &plan.buffers;
+    let mt = plan.max_tokens;
+    let arena = |b: BufId| {
+        let d = &bufs[b as usize];
+        Res::Arena(d.offset, d.offset + d.width * mt)
+    };
+    let wd = |w: u32| &plan.weights[w as usize];
+    let mut out: Vec<(DInstr, Vec<Res>, Vec<Res>)> = vec![];
+    let mut scratch_len = 0usize;
+    let base = |op: i32| DInstr {
+        op,
+        bias: -1,
+        normw: -1,
+        sinks: -1,
+        aux: -1,
+        x: -1,
+        out: -1,
+        res: -1,
+        ..Default::default()
+    };
+    let kvslot = |layer: usize| -> Result<(usize, usize, usize), String> {
+        kv.layers.get(layer).copied().flatten().ok_or_else(|| format!("layer {layer} has no KV cache"))
+    };
+    for ins in &program.instrs {
+        match ins {
+            Instr::Embed { table, out: o } => {
+                let w = wd(*table);
+                let mut d = base(op::EMBED);
+                d.w = w.offset as i64;
+                d.fmt = fmt_of(w.dtype);
+                d.k = w.dims[1] as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.ntiles = -1;
+                out.push((d, vec![], vec![arena(*o)]));
+            }
+            Instr::RmsNorm { x, w, out: o, eps } => {
+                let mut d = base(op::RMSNORM);
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.k = d.xw;
+                d.normw = wd(*w).offset as i64;
+                d.eps = *eps;
+                d.ntiles = -1;
+                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+            }
+            Instr::MatMul { x, w, bias, norm, residual, epilogue, out: o } => {
+                let wt = wd(*w);
+                let mut d = base(op::MATMUL);
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.n = wt.dims[0] as i32;
+                d.k = wt.dims[1] as i32;
+                d.w = wt.offset as i64;
+                d.ws = wt.scale_offset as i64;
+                d.fmt = fmt_of(wt.dtype);
+                if let Some(b) = bias {
+                    d.bias = wd(*b).offset as i64;
+                }
+                if let Some((nw, eps)) = norm {
+                    d.normw = wd(*nw).offset as i64;
+                    d.eps = *eps;
+                }
+                let mut reads = vec![arena(*x)];
+                let mut writes = vec![];
+                if let Some(r) = residual {
+                    d.res = bufs[*r as usize].offset as i32;
+                    d.resw = bufs[*r as usize].width as i32;
+                    reads.push(arena(*r));
+                }
+                let mut tile_rows = 32usize;
+                let mut swiglu = false;
+                let mut ends_kv = false;
+                for (q, e) in epilogue.iter().enumerate() {
+                    let code = match e {
+                        Epilogue::Scale(s) => {
+                            d.scale = *s;
+                            1
+                        }
+                        Epilogue::Rope(r) => {
+                            d.hd = r.head_dim as i32;
+                            d.rotary = r.rotary_dim as i32;
+                            d.theta = r.theta;
+                            tile_rows = r.head_dim;
+                            2
+                        }
+                        Epilogue::KvWrite { layer, kind, heads, head_dim } => {
+                            let (k, v, cap) = kvslot(*layer)?;
+                            d.kv_k = k as i32;
+                            d.kv_v = v as i32;
+                            d.kv_cap = cap as i32;
+                            d.kvkind = if *kind == KvKind::K { 0 } else { 1 };
+                            d.heads = *heads as i32;
+                            d.layer = *layer as i32;
+                            if !epilogue.iter().any(|e| matches!(e, Epilogue::Rope(_))) {
+                                d.hd = *head_dim as i32;
+                            }
+                            writes.push(Res::Kv(*layer));
+                            ends_kv = q + 1 == epilogue.len();
+                            3
+                        }
+                        Epilogue::SwiGlu => {
+                            swiglu = true;
+                            4
+                        }
+                        Epilogue::ResidualAdd => 5,
+                    };
+                    if q >= 6 {
+                        return Err("more than 6 epilogue stages".into());
+                    }
+                    d.epi |= code << (4 * q);
+                }
+                d.nepi = epilogue.len() as i32;
+                if tile_rows > TILE_MAX {
+                    return Err(format!("head_dim {tile_rows} exceeds the megakernel tile limit {TILE_MAX}"));
+                }
+                let outn = if swiglu { wt.dims[0] / 2 } else { wt.dims[0] };
+                d.tile_rows = tile_rows as i32;
+                d.ntiles = outn.div_ceil(tile_rows) as i32;
+                if !ends_kv {
+                    d.out = bufs[*o as usize].offset as i32;
+                    d.outw = bufs[*o as usize].width as i32;
+                    writes.push(arena(*o));
+                }
+                out.push((d, reads, writes));
+            }
+            Instr::Rope { x, out: o, spec } => {
+                let mut d = base(op::ROPE);
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.k = d.xw;
+                d.hd = spec.head_dim as i32;
+                d.rotary = spec.rotary_dim as i32;
+                d.theta = spec.theta;
+                d.ntiles = -1;
+                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+            }
+            Instr::KvWrite { x, layer, kind } => {
+                let (k, v, cap) = kvslot(*layer)?;
+                let mut d = base(op::KVWRITE);
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.k = d.xw;
+                d.kv_k = k as i32;
+                d.kv_v = v as i32;
+                d.kv_cap = cap as i32;
+                d.kvkind = if *kind == KvKind::K { 0 } else { 1 };
+                d.ntiles = -1;
+                out.push((d, vec![arena(*x)], vec![Res::Kv(*layer)]));
+            }
+            Instr::Attention { q, sinks, out: o, spec } => {
+                let (k, v, cap) = kvslot(spec.layer)?;
+                let mut d = base(op::ATTN);
+                d.x = bufs[*q as usize].offset as i32;
+                d.xw = bufs[*q as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.kv_k = k as i32;
+                d.kv_v = v as i32;
+                d.kv_cap = cap as i32;
+                d.nh = spec.n_heads as i32;
+                d.nkv = spec.n_kv_heads as i32;
+                d.qd = spec.head_dim as i32;
+                d.vd = spec.v_head_dim as i32;
+                if spec.v_head_dim > 256 || spec.head_dim > KC {
+                    return Err("attention head dims exceed the megakernel limits (v <= 256, qk <= 1024)".into());
+                }
+                d.window = spec.window.map(|w| w as i32).unwrap_or(0);
+                d.scale = spec.scale;
+                if let Some(s) = sinks {
+                    d.sinks = wd(*s).offset as i64;
+                }
+                d.layer = spec.layer as i32;
+                d.ntiles = -(spec.n_heads as i32);
+                out.push((d, vec![arena(*q), Res::Kv(spec.layer)], vec![arena(*o)]));
+            }
+            Instr::Router { x, w, bias, out: o, spec } => {
+                let wt = wd(*w);
+                let mut d = base(op::ROUTER);
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.w = wt.offset as i64;
+                d.ws = wt.scale_offset as i64;
+                d.fmt = fmt_of(wt.dtype);
+                d.k = wt.dims[1] as i32;
+                d.e = spec.n_experts as i32;
+                if spec.n_experts > 2048 || spec.n_group > 32 {
+                    return Err("router sizes exceed the megakernel limits (<= 2048 experts, <= 32 groups)".into());
+                }
+                d.topk = spec.top_k as i32;
+                d.ngroup = spec.n_group as i32;
+                d.topkg = spec.topk_group as i32;
+                d.normtopk = spec.norm_topk_prob as i32;
+                d.sigmoid = spec.sigmoid as i32;
+                d.rscale = spec.scaling;
+                if let Some(b) = bias {
+                    d.bias = wd(*b).offset as i64;
+                }
+                d.ntiles = -1;
+                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+            }
+            Instr::Moe { x, routing, gate_up, down, out: o, top_k, inter } => {
+                let gu = wd(*gate_up);
+                let dn = wd(*down);
+                let h = gu.dims[2];
+                scratch_len = scratch_len.max(mt * top_k * inter);
+                let mut up = base(op::MOE_UP);
+                up.x = bufs[*x as usize].offset as i32;
+                up.xw = bufs[*x as usize].width as i32;
+                up.aux = bufs[*routing as usize].offset as i64;
+                up.w = gu.offset as i64;
+                up.ws = gu.scale_offset as i64;
+                up.fmt = fmt_of(gu.dtype);
+                up.k = h as i32;
+                up.inter = *inter as i32;
+                up.topk = *top_k as i32;
+                up.tile_rows = 32;
+                let ctiles = inter.div_ceil(32);
+                up.ntiles = -((top_k * ctiles) as i32);
+                out.push((up, vec![arena(*x), arena(*routing)], vec![Res::Scratch]));
+                let mut dd = base(op::MOE_DOWN);
+                dd.aux = bufs[*routing as usize].offset as i64;
+                dd.out = bufs[*o as usize].offset as i32;
+                dd.outw = bufs[*o as usize].width as i32;
+                dd.w = dn.offset as i64;
+                dd.ws = dn.scale_offset as i64;
+                dd.fmt = fmt_of(dn.dtype);
+                dd.n = h as i32;
+                dd.inter = *inter as i32;
+                dd.topk = *top_k as i32;
+                dd.tile_rows = 32;
+                dd.ntiles = h.div_ceil(32) as i32;
+                out.push((dd, vec![Res::Scratch, arena(*routing)], vec![arena(*o)]));
+            }
+            Instr::SwiGlu { x, out: o } | Instr::Scale { x, out: o, .. } => {
+                let mut d = base(if matches!(ins, Instr::SwiGlu { .. }) { op::SWIGLU } else { op::SCALE });
+                if let Instr::Scale { factor, .. } = ins {
+                    d.scale = *factor;
+                }
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.k = d.xw;
+                d.ntiles = -1;
+                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+            }
+            Instr::Add { a, b, out: o } => {
+                let mut d = base(op::ADD);
+                d.x = bufs[*a as usize].offset as i32;
+                d.xw = bufs[*a as usize].width as i32;
+                d.res = bufs[*b as usize].offset as i32;
+                d.resw = bufs[*b as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.k = d.xw;
+                d.ntiles = -1;
+                out.push((d, vec![arena(*a), arena(*b)], vec![arena(*o)]));
+            }
+            Instr::LmHead { x, w, out: o } => {
+                let wt = wd(*w);
+                let mut d = base(op::MATMUL);
+                d.x = bufs[*x as usize].offset as i32;
+                d.xw = bufs[*x as usize].width as i32;
+                d.out = bufs[*o as usize].offset as i32;
+                d.outw = bufs[*o as usize].width as i32;
+                d.n = wt.dims[0] as i32;
+                d.k = wt.dims[1] as i32;
+                d.w = wt.offset as i64;
+                d.ws = wt.scale_offset as i64;
+                d.fmt = fmt_of(wt.dtype);
+                d.tile_rows = 64;
+                d.ntiles = wt.dims[0].div_ceil(64) as i32;
+                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+            }
+        }
+    }
+    let logits_buf = program.output("logits").ok_or("program has no logits output")?;
+    let lb = &bufs[logits_buf as usize];
+    if argmax {
+        let mut d = base(op::ARGMAX);
+        d.x = lb.offset as i32;
+        d.xw = lb.width as i32;
+        d.k = lb.width as i32;
+        d.ntiles = -1;
+        out.push((d, vec![arena(logits_buf)], vec![Res::Tokens]));
+    }
+    // Dependencies, then drop those implied transitively by a later dependency.
+    let n = out.len();
+    let mut deps: Vec<Vec<usize>> = vec![vec![]; n];
+    let mut anc: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); n];
+    for i in 0..n {
+        let mut ds: Vec<usize> = vec![];
+        for j in (0..i).rev() {
+            let (_, rj, wj) = &out[j];
+            let (_, ri, wi) = &out[i];
+            let conflict = wj.iter().any(|&a| ri.iter().chain(wi).any(|&b| overlaps(a, b)))
+                || rj.iter().any(|&a| wi.iter().any(|&b| overlaps(a, b)));
+            if conflict && !ds.iter().any(|&d| anc[d].contains(&j)) {
+                ds.push(j);
+            }
+        }
+        let mut a = std::collections::BTreeSet::new();
+        for &d in &ds {
+            a.insert(d);
+            a.extend(anc[d].iter().copied());
+        }
+        anc[i] = a;
+        // Keep only dependencies not implied by another kept one.
+        let keep: Vec<usize> = ds.iter().copied().filter(|&d| !ds.iter().any(|&e| e != d && anc[e].contains(&d))).collect();
+        if keep.len() > MAX_DEPS {
+            return Err(format!("instruction {i} has {} direct dependencies (max {MAX_DEPS})", keep.len()));
+        }
+        deps[i] = keep;
+    }
+    let mut rot = 0i64;
+    let instrs = out
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut d, _, _))| {
+            d.ndeps = deps[i].len() as i32;
+            for (k, &j) in deps[i].iter().enumerate() {
+                d.deps[k] = j as i32;
+            }
+            d.rot = (rot % 1_000_003) as i32;
+            rot += d.ntiles.unsigned_abs() as i64;
+            d
+        })
+        .collect();
+    Ok(Encoded {
+        instrs,
+        kv,
+        scratch_len: scratch_len.max(1),
+        smem_bytes: smem_bytes(mt),
+        logits: (lb.offset, lb.width),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dinstr_is_256_bytes_and_source_agrees() {
+        assert_eq!(std::mem::size_of::<DInstr>(), 256);
+        assert!(MEGAKERNEL_CU.contains("static_assert(sizeof(DInstr) == 256"));
+        // The CUDA enum values match the Rust op codes.
+        assert!(MEGAKERNEL_CU.contains("OP_MOE_DOWN = 8") && MEGAKERNEL_CU.contains("OP_ARGMAX = 12"));
+    }
+}
