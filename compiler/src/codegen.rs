@@ -21,9 +21,17 @@ pub fn megakernel_source(plan: &Plan) -> String {
         plan.model.vocab,
         plan.programs.iter().map(|p| p.instrs.len()).sum::<usize>()
     ));
-    s.push_str(&format!("#define MK_THREADS {THREADS}\n#define MK_MAX_T {}\n", plan.max_tokens));
-    s.push_str(&format!("#define MK_KC {KC}\n#define MK_TILE_MAX {TILE_MAX}\n"));
-    s.push_str(&format!("#define MK_HIDDEN {}\n#define MK_VOCAB {}\n", plan.model.hidden, plan.model.vocab));
+    s.push_str(&format!(
+        "#define MK_THREADS {THREADS}\n#define MK_MAX_T {}\n",
+        plan.max_tokens
+    ));
+    s.push_str(&format!(
+        "#define MK_KC {KC}\n#define MK_TILE_MAX {TILE_MAX}\n"
+    ));
+    s.push_str(&format!(
+        "#define MK_HIDDEN {}\n#define MK_VOCAB {}\n",
+        plan.model.hidden, plan.model.vocab
+    ));
     s.push_str(MEGAKERNEL_CU);
     s
 }
@@ -49,16 +57,28 @@ pub fn emit(plan: &Plan, dir: &Path) -> Result<bool> {
     let src = megakernel_source(plan);
     let cu = dir.join(CU_FILE);
     std::fs::write(&cu, &src).with_context(|| format!("writing {}", cu.display()))?;
-    let Some(nvcc) = find_nvcc() else { return Ok(false) };
+    let Some(nvcc) = find_nvcc() else {
+        return Ok(false);
+    };
     let out = dir.join(CUBIN_FILE);
     let status = std::process::Command::new(&nvcc)
-        .args(["-gencode=arch=compute_90a,code=sm_90a", "-O3", "-lineinfo", "-cubin", "-o"])
+        .args([
+            "-gencode=arch=compute_90a,code=sm_90a",
+            "-O3",
+            "-lineinfo",
+            "-cubin",
+            "-o",
+        ])
         .arg(&out)
         .arg(&cu)
         .output()
         .with_context(|| format!("running {}", nvcc.display()))?;
     if !status.status.success() {
-        anyhow::bail!("nvcc failed on {}:\n{}", cu.display(), String::from_utf8_lossy(&status.stderr));
+        anyhow::bail!(
+            "nvcc failed on {}:\n{}",
+            cu.display(),
+            String::from_utf8_lossy(&status.stderr)
+        );
     }
     Ok(true)
 }

@@ -5,6 +5,7 @@ pub mod lower;
 pub mod pack;
 pub mod passes;
 pub mod report;
+pub mod synth;
 
 use anyhow::{bail, Context, Result};
 use mimo_ir::plan::{ModelInfo, Plan};

@@ -98,6 +98,25 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         context: usize,
     },
+    /// Compile a benchmark plan from a config alone, with random weights generated in their packed formats.
+    /// Default config: MiMo-V2-Flash with the expert count cut to `--experts` (per-token bytes unchanged).
+    MakeBench {
+        #[arg(short, long)]
+        out: PathBuf,
+        /// A config.json to use instead of the MiMo-V2-Flash defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Number of routed experts (the real model has 256; per-token bytes do not depend on it).
+        #[arg(long = "n-experts", default_value_t = 16)]
+        n_experts: usize,
+        /// Keep only the first N layers (smoke tests).
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        passes: PassArgs,
+    },
     /// Print the IR as text after a pass (`build` = before any pass; default: after all passes).
     DumpIr {
         checkpoint: PathBuf,
@@ -171,6 +190,50 @@ fn run(cli: Cli) -> Result<()> {
             if report {
                 print!("{}", mimo_compiler::report::decode_report(&r.plan, context));
             }
+        }
+        Cmd::MakeBench {
+            out,
+            config,
+            n_experts: experts,
+            layers,
+            seed,
+            passes,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => mimo_models::config::ModelConfig::from_file(p)?,
+                None => mimo_models::config::ModelConfig::from_json_str(
+                    r#"{"model_type":"mimo_v2_flash"}"#,
+                )?,
+            };
+            for l in cfg.layers.iter_mut() {
+                if let mimo_models::config::MlpLayer::Moe(m) = &mut l.mlp {
+                    if experts < m.top_k || experts % m.n_group != 0 {
+                        anyhow::bail!(
+                            "--experts {experts} must be >= top_k {} and divisible by n_group",
+                            m.top_k
+                        );
+                    }
+                    m.n_experts = experts;
+                }
+            }
+            if let Some(n) = layers {
+                if n == 0 || n > cfg.layers.len() {
+                    anyhow::bail!("--layers must be in 1..={}", cfg.layers.len());
+                }
+                cfg.layers.truncate(n);
+            }
+            let mut o = passes.options();
+            o.progress = true;
+            let plan = mimo_compiler::synth::compile_synthetic(&cfg, &out, &o, seed)?;
+            let wbytes: u64 = plan.weights.iter().map(|w| w.total_bytes()).sum();
+            println!(
+                "bench plan -> {}: {} layers, {} experts, {} instructions, {:.2} GB weights",
+                out.display(),
+                cfg.layers.len(),
+                experts,
+                plan.programs[0].instrs.len(),
+                wbytes as f64 / 1e9
+            );
         }
         Cmd::DumpIr {
             checkpoint,

@@ -136,8 +136,29 @@ fn align(x: u64) -> u64 {
 }
 
 /// Pack `nodes` (weight nodes of `g`) into `dir/weights.bin`. Returns descriptors, file length and hash.
+/// Where packed weight bytes come from: a checkpoint, or synthetic random data (benchmark models).
+pub trait WeightProvider: Sync {
+    fn encode(
+        &self,
+        src: &WeightSource,
+        dtype: DType,
+        dims: &[usize],
+    ) -> Result<(Vec<u8>, Vec<u8>)>;
+}
+
+impl WeightProvider for Checkpoint {
+    fn encode(
+        &self,
+        src: &WeightSource,
+        dtype: DType,
+        dims: &[usize],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        encode_weight(self, src, dtype, dims)
+    }
+}
+
 pub fn pack_weights(
-    ck: &Checkpoint,
+    ck: &dyn WeightProvider,
     graphs: &[(&Graph, &[NodeId])],
     dir: &Path,
     progress: bool,
@@ -183,7 +204,8 @@ pub fn pack_weights(
             };
             pb.set_message(name.clone());
             let dims = node.ty.fixed_dims().expect("weights have fixed dims");
-            let (data, scales) = encode_weight(ck, source, node.ty.dtype, &dims)
+            let (data, scales) = ck
+                .encode(source, node.ty.dtype, &dims)
                 .with_context(|| format!("packing weight {name}"))?;
             let want = expected_bytes(node.ty.dtype, &dims);
             if want != Some((data.len() as u64, scales.len() as u64)) {

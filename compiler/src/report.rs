@@ -491,5 +491,17 @@ mod tests {
             "{}",
             decode_report(&plan_from_config(&cfg, &opts).unwrap(), 4096)
         );
+        // FP8 projections halve the attention / dense-MLP rows.
+        let fp8 = PassOptions {
+            dense: DType::F8E4M3,
+            ..Default::default()
+        };
+        let rows8 = decode_bytes_from_config(&cfg, &fp8, 4096).unwrap();
+        let get8 = |n: &str| rows8.iter().find(|(r, _)| r == n).unwrap().1;
+        assert!(get8("attention") < get("attention") * 51 / 100);
+        println!(
+            "{}",
+            decode_report(&plan_from_config(&cfg, &fp8).unwrap(), 4096)
+        );
     }
 }

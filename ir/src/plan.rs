@@ -344,6 +344,12 @@ pub fn decode_plan(bytes: &[u8], path: &str) -> Result<(Plan, Header), PlanError
             path: path.into(),
             msg: e.to_string(),
         })?;
+    if plan.weights_len != h.weights_len {
+        return Err(PlanError::Invalid(format!(
+            "header says weights.bin has {} bytes, the plan says {}",
+            h.weights_len, plan.weights_len
+        )));
+    }
     plan.validate()?;
     Ok((plan, h))
 }
@@ -423,76 +429,637 @@ pub mod memmap2_shim {
     }
 }
 
+/// Largest layer index a KV-cache entry may name: the runtime allocates one slot per layer up to the largest.
+const MAX_LAYERS: usize = 1 << 16;
+
+/// Bytes of an f32 allocation of `n` elements, if it is one a runtime can make (at most `isize::MAX` bytes).
+fn f32_alloc_ok(n: usize) -> bool {
+    n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize)
+}
+
+fn kv_dim(kv: &KvDesc, kind: KvKind) -> usize {
+    match kind {
+        KvKind::K => kv.k_dim,
+        KvKind::V => kv.v_dim,
+    }
+}
+
+/// The activation buffer an instruction writes, if any.
+pub fn instr_output(ins: &Instr) -> Option<BufId> {
+    match ins {
+        Instr::KvWrite { .. } => None,
+        Instr::Embed { out, .. }
+        | Instr::RmsNorm { out, .. }
+        | Instr::MatMul { out, .. }
+        | Instr::Rope { out, .. }
+        | Instr::Attention { out, .. }
+        | Instr::Router { out, .. }
+        | Instr::Moe { out, .. }
+        | Instr::SwiGlu { out, .. }
+        | Instr::Scale { out, .. }
+        | Instr::Add { out, .. }
+        | Instr::LmHead { out, .. } => Some(*out),
+    }
+}
+
 impl Plan {
-    /// Structural checks so that a runtime never indexes out of bounds on a well-formed-but-wrong plan.
+    /// Structural checks so that a runtime never indexes out of bounds (or panics) on a well-formed-but-wrong
+    /// plan: every size computation fits, every buffer and weight lies inside the arena / `weights.bin`, and the
+    /// shapes of each instruction's operands agree with what the CPU interpreter and kernels index.
     pub fn validate(&self) -> Result<(), PlanError> {
-        let bad = |m: String| Err(PlanError::Invalid(m));
+        self.check_globals()?;
         for b in &self.buffers {
-            if b.offset + b.width * self.max_tokens > self.arena_len {
-                return bad(format!("buffer {} exceeds the arena", b.name));
-            }
+            self.check_buffer(b)?;
         }
         for w in &self.weights {
-            if w.offset + w.nbytes > self.weights_len
-                || w.scale_offset + w.scale_nbytes > self.weights_len
-            {
-                return bad(format!("weight {} lies outside weights.bin", w.name));
-            }
-            let expect = expected_bytes(w.dtype, &w.dims);
-            if expect != Some((w.nbytes, w.scale_nbytes)) {
-                return bad(format!(
-                    "weight {}: {} bytes for {} {:?}",
-                    w.name,
-                    w.nbytes,
-                    w.dtype.name(),
-                    w.dims
-                ));
-            }
+            self.check_weight(w)?;
         }
-        let nb = self.buffers.len() as u32;
-        let nw = self.weights.len() as u32;
+        self.check_kv()?;
         for p in &self.programs {
             for (i, ins) in p.instrs.iter().enumerate() {
-                let (bufs, ws) = instr_refs(ins);
-                if bufs.iter().any(|&b| b >= nb) || ws.iter().any(|&w| w >= nw) {
-                    return bad(format!(
-                        "program {} instruction {i} ({}) refers to a missing buffer or weight",
-                        p.name,
-                        ins.mnemonic()
-                    ));
+                InstrCheck {
+                    plan: self,
+                    prog: p,
+                    i,
+                    ins,
                 }
-                if let Instr::KvWrite { layer, .. }
-                | Instr::Attention {
-                    spec: AttnSpec { layer, .. },
-                    ..
-                } = ins
-                {
-                    if !self.kv.iter().any(|k| k.layer == *layer) {
-                        return bad(format!(
-                            "instruction {i} uses the cache of layer {layer}, which has none"
-                        ));
-                    }
+                .check()?;
+            }
+            self.check_outputs(p)?;
+        }
+        Ok(())
+    }
+
+    fn check_globals(&self) -> Result<(), PlanError> {
+        if self.max_tokens == 0 {
+            return Err(invalid(
+                "max_tokens is 0; a forward takes at least one token",
+            ));
+        }
+        if self.model.vocab == 0 {
+            return Err(invalid("model.vocab is 0"));
+        }
+        if !f32_alloc_ok(self.arena_len) {
+            return Err(invalid(format!(
+                "arena of {} floats is too large to allocate",
+                self.arena_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// One past the last float of buffer `b` (`offset + width * max_tokens`), `None` on overflow.
+    fn buffer_end(&self, b: &BufferDesc) -> Option<usize> {
+        b.width.checked_mul(self.max_tokens)?.checked_add(b.offset)
+    }
+
+    fn check_buffer(&self, b: &BufferDesc) -> Result<(), PlanError> {
+        let Some(end) = self.buffer_end(b) else {
+            return Err(invalid(format!(
+                "buffer {}: offset {} + width {} x max_tokens {} overflows",
+                b.name, b.offset, b.width, self.max_tokens
+            )));
+        };
+        if end > self.arena_len {
+            return Err(invalid(format!(
+                "buffer {} (offset {}, width {}, max_tokens {}) exceeds the arena of {} floats",
+                b.name, b.offset, b.width, self.max_tokens, self.arena_len
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_weight(&self, w: &WeightDesc) -> Result<(), PlanError> {
+        if w.dims.is_empty() || w.dims.contains(&0) {
+            return Err(invalid(format!(
+                "weight {}: dims {:?} must be non-empty with no zero dim",
+                w.name, w.dims
+            )));
+        }
+        for (what, off, len) in [
+            ("data", w.offset, w.nbytes),
+            ("scales", w.scale_offset, w.scale_nbytes),
+        ] {
+            match off.checked_add(len) {
+                None => {
+                    return Err(invalid(format!(
+                        "weight {}: {what} offset {off} + {len} bytes overflows",
+                        w.name
+                    )))
+                }
+                Some(end) if end > self.weights_len => {
+                    return Err(invalid(format!(
+                        "weight {}: {what} at {off}..{end} lies outside weights.bin ({} bytes)",
+                        w.name, self.weights_len
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if expected_bytes(w.dtype, &w.dims) != Some((w.nbytes, w.scale_nbytes)) {
+            return Err(invalid(format!(
+                "weight {}: {} + {} bytes for {} {:?}",
+                w.name,
+                w.nbytes,
+                w.scale_nbytes,
+                w.dtype.name(),
+                w.dims
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_kv(&self) -> Result<(), PlanError> {
+        for (j, k) in self.kv.iter().enumerate() {
+            let l = k.layer;
+            if k.heads == 0 || k.k_dim == 0 || k.v_dim == 0 {
+                return Err(invalid(format!(
+                    "KV cache of layer {l}: heads {}, k_dim {}, v_dim {} must all be > 0",
+                    k.heads, k.k_dim, k.v_dim
+                )));
+            }
+            if l >= self.model.n_layers.min(MAX_LAYERS) {
+                return Err(invalid(format!(
+                    "KV cache of layer {l}: the model has {} layers",
+                    self.model.n_layers
+                )));
+            }
+            if self.kv[..j].iter().any(|o| o.layer == l) {
+                return Err(invalid(format!("two KV caches for layer {l}")));
+            }
+            for d in [k.k_dim, k.v_dim] {
+                if !k.heads.checked_mul(d).is_some_and(f32_alloc_ok) {
+                    return Err(invalid(format!(
+                        "KV cache of layer {l}: {} heads x {d} overflows",
+                        k.heads
+                    )));
                 }
             }
-            if p.outputs.iter().any(|(_, b)| *b >= nb) {
-                return bad(format!(
-                    "program {} has an output outside the buffers",
+            if let Some(w) = k.window {
+                if w == 0 || w.checked_add(self.max_tokens).is_none() {
+                    return Err(invalid(format!(
+                        "KV cache of layer {l}: bad sliding window {w}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_outputs(&self, p: &Program) -> Result<(), PlanError> {
+        for (name, b) in &p.outputs {
+            let Some(d) = self.buffers.get(*b as usize) else {
+                return Err(invalid(format!(
+                    "program {} has an output {name} outside the buffers",
                     p.name
-                ));
+                )));
+            };
+            if name == "logits" && d.width != self.model.vocab {
+                return Err(invalid(format!(
+                    "program {}: logits buffer {} has width {}, model.vocab is {}",
+                    p.name, d.name, d.width, self.model.vocab
+                )));
             }
+        }
+        if p.output("logits").is_none() {
+            return Err(invalid(format!("program {} has no logits output", p.name)));
         }
         Ok(())
     }
 }
 
-/// Bytes of data and of scales for a weight of this dtype and shape.
+fn invalid(m: impl Into<String>) -> PlanError {
+    PlanError::Invalid(m.into())
+}
+
+/// Shape checks of one instruction; every error names the program, the instruction index and its mnemonic.
+struct InstrCheck<'a> {
+    plan: &'a Plan,
+    prog: &'a Program,
+    i: usize,
+    ins: &'a Instr,
+}
+
+type Check = Result<(), PlanError>;
+
+impl<'a> InstrCheck<'a> {
+    fn err(&self, what: impl std::fmt::Display) -> PlanError {
+        PlanError::Invalid(format!(
+            "program {} instruction {} ({}): {what}",
+            self.prog.name,
+            self.i,
+            self.ins.mnemonic()
+        ))
+    }
+
+    fn ensure(&self, ok: bool, what: impl FnOnce() -> String) -> Check {
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(what()))
+        }
+    }
+
+    fn buf(&self, id: BufId) -> Result<&'a BufferDesc, PlanError> {
+        self.plan
+            .buffers
+            .get(id as usize)
+            .ok_or_else(|| self.err(format!("refers to a missing buffer {id}")))
+    }
+
+    fn width(&self, id: BufId) -> Result<usize, PlanError> {
+        Ok(self.buf(id)?.width)
+    }
+
+    fn weight(&self, id: WeightId) -> Result<&'a WeightDesc, PlanError> {
+        self.plan
+            .weights
+            .get(id as usize)
+            .ok_or_else(|| self.err(format!("refers to a missing weight {id}")))
+    }
+
+    /// The dims of weight `id`, which must have `N` of them.
+    fn dims<const N: usize>(&self, role: &str, id: WeightId) -> Result<[usize; N], PlanError> {
+        let w = self.weight(id)?;
+        <[usize; N]>::try_from(&w.dims[..]).map_err(|_| {
+            self.err(format!(
+                "{role} weight {} has dims {:?}, expected {N}-D",
+                w.name, w.dims
+            ))
+        })
+    }
+
+    fn expect_dims(&self, role: &str, id: WeightId, want: &[usize], why: &str) -> Check {
+        let w = self.weight(id)?;
+        self.ensure(w.dims == want, || {
+            format!(
+                "{role} weight {} has dims {:?}, expected {want:?} ({why})",
+                w.name, w.dims
+            )
+        })
+    }
+
+    fn expect_width(&self, role: &str, id: BufId, want: usize, why: &str) -> Check {
+        let b = self.buf(id)?;
+        self.ensure(b.width == want, || {
+            format!(
+                "{role} buffer {} has width {}, expected {want} ({why})",
+                b.name, b.width
+            )
+        })
+    }
+
+    fn kv(&self, layer: usize) -> Result<&'a KvDesc, PlanError> {
+        self.plan
+            .kv
+            .iter()
+            .find(|k| k.layer == layer)
+            .ok_or_else(|| {
+                self.err(format!(
+                    "uses the KV cache of layer {layer}, which has none"
+                ))
+            })
+    }
+
+    fn mul(&self, a: usize, b: usize, what: &str) -> Result<usize, PlanError> {
+        a.checked_mul(b)
+            .ok_or_else(|| self.err(format!("{what}: {a} x {b} overflows")))
+    }
+
+    fn check(&self) -> Check {
+        match self.ins {
+            Instr::Embed { table, out } => self.embed(*table, *out),
+            Instr::RmsNorm { x, w, out, .. } => self.rmsnorm(*x, *w, *out),
+            Instr::MatMul {
+                x,
+                w,
+                bias,
+                norm,
+                residual,
+                epilogue,
+                out,
+            } => self.matmul(*x, *w, *bias, norm.map(|n| n.0), *residual, epilogue, *out),
+            Instr::Rope { x, out, spec } => self.rope(*x, *out, spec),
+            Instr::KvWrite { x, layer, kind } => self.kv_write(*x, *layer, *kind),
+            Instr::Attention {
+                q,
+                sinks,
+                out,
+                spec,
+            } => self.attention(*q, *sinks, *out, spec),
+            Instr::Router {
+                x,
+                w,
+                bias,
+                out,
+                spec,
+            } => self.router(*x, *w, *bias, *out, spec),
+            Instr::Moe {
+                x,
+                routing,
+                gate_up,
+                down,
+                out,
+                top_k,
+                inter,
+            } => self.moe(*x, *routing, *gate_up, *down, *out, *top_k, *inter),
+            Instr::SwiGlu { x, out } => self.swiglu(*x, *out),
+            Instr::Scale { x, out, .. } => {
+                let xw = self.width(*x)?;
+                self.expect_width("out", *out, xw, "the x width")
+            }
+            Instr::Add { a, b, out } => {
+                let aw = self.width(*a)?;
+                self.expect_width("b", *b, aw, "the a width")?;
+                self.expect_width("out", *out, aw, "the a width")
+            }
+            Instr::LmHead { x, w, out } => {
+                let [v, k] = self.dims::<2>("lm_head", *w)?;
+                self.expect_width("x", *x, k, "the weight's columns")?;
+                self.expect_width("out", *out, v, "the weight's rows")
+            }
+        }
+    }
+
+    fn embed(&self, table: WeightId, out: BufId) -> Check {
+        let [rows, cols] = self.dims::<2>("table", table)?;
+        let vocab = self.plan.model.vocab;
+        self.ensure(rows >= vocab, || {
+            format!(
+                "embedding table {} has {rows} rows, fewer than model.vocab {vocab}",
+                self.plan.weights[table as usize].name
+            )
+        })?;
+        self.expect_width("out", out, cols, "the table's width")
+    }
+
+    fn rmsnorm(&self, x: BufId, w: WeightId, out: BufId) -> Check {
+        let xw = self.width(x)?;
+        self.expect_dims("norm", w, &[xw], "the x width")?;
+        self.expect_width("out", out, xw, "the x width")
+    }
+
+    fn rope_spec(&self, spec: &RopeSpec, width: usize, at: &str) -> Check {
+        let (hd, rd) = (spec.head_dim, spec.rotary_dim);
+        self.ensure(hd > 0 && width.is_multiple_of(hd), || {
+            format!("{at}: rope head_dim {hd} does not divide the width {width}")
+        })?;
+        self.ensure(rd % 2 == 0 && rd <= hd, || {
+            format!("{at}: rope rotary_dim {rd} must be even and at most head_dim {hd}")
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        x: BufId,
+        w: WeightId,
+        bias: Option<WeightId>,
+        norm: Option<WeightId>,
+        residual: Option<BufId>,
+        epilogue: &[Epilogue],
+        out: BufId,
+    ) -> Check {
+        let [n, k] = self.dims::<2>("matmul", w)?;
+        self.expect_width("x", x, k, "the weight's columns k")?;
+        if let Some(b) = bias {
+            self.expect_dims("bias", b, &[n], "the weight's rows n")?;
+        }
+        if let Some(g) = norm {
+            self.expect_dims("norm", g, &[k], "the x width k")?;
+        }
+        let adds = epilogue.contains(&Epilogue::ResidualAdd);
+        self.ensure(adds == residual.is_some(), || {
+            format!(
+                "has a residual input: {}, but a residual-add epilogue: {adds}",
+                residual.is_some()
+            )
+        })?;
+        // The row width as it flows through the epilogue.
+        let mut width = n;
+        for (s, e) in epilogue.iter().enumerate() {
+            let at = format!("epilogue {s}");
+            match e {
+                Epilogue::Scale(_) => {}
+                Epilogue::Rope(spec) => self.rope_spec(spec, width, &at)?,
+                Epilogue::KvWrite {
+                    layer,
+                    kind,
+                    heads,
+                    head_dim,
+                } => {
+                    let kv = self.kv(*layer)?;
+                    let hw = self.mul(*heads, *head_dim, &at)?;
+                    self.ensure(hw == width, || {
+                        format!("{at}: kv_write of {heads} x {head_dim} on rows of width {width}")
+                    })?;
+                    let d = kv_dim(kv, *kind);
+                    self.ensure(*heads == kv.heads && *head_dim == d, || {
+                        format!(
+                            "{at}: kv_write {kind:?} of {heads} x {head_dim}, but the KV cache of layer {layer} \
+                             holds {} x {d}",
+                            kv.heads
+                        )
+                    })?;
+                }
+                Epilogue::SwiGlu => {
+                    self.ensure(width % 2 == 0, || {
+                        format!("{at}: swiglu on odd width {width}")
+                    })?;
+                    width /= 2;
+                }
+                Epilogue::ResidualAdd => {
+                    let r = residual.expect("checked above");
+                    self.expect_width("residual", r, width, &format!("the width at {at}"))?;
+                }
+            }
+        }
+        self.expect_width("out", out, width, "the weight's rows n after the epilogue")
+    }
+
+    fn rope(&self, x: BufId, out: BufId, spec: &RopeSpec) -> Check {
+        let xw = self.width(x)?;
+        self.expect_width("out", out, xw, "the x width")?;
+        self.rope_spec(spec, xw, "spec")
+    }
+
+    fn kv_write(&self, x: BufId, layer: usize, kind: KvKind) -> Check {
+        let kv = self.kv(layer)?;
+        // Cannot overflow: check_kv checked heads x dim.
+        let want = kv.heads * kv_dim(kv, kind);
+        self.expect_width(
+            "x",
+            x,
+            want,
+            &format!("heads x {kind:?} dim of the layer {layer} KV cache"),
+        )
+    }
+
+    fn attention(&self, q: BufId, sinks: Option<WeightId>, out: BufId, s: &AttnSpec) -> Check {
+        self.ensure(
+            s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads.is_multiple_of(s.n_kv_heads),
+            || {
+                format!(
+                    "n_kv_heads {} must be > 0 and divide n_heads {} (> 0)",
+                    s.n_kv_heads, s.n_heads
+                )
+            },
+        )?;
+        let qw = self.mul(s.n_heads, s.head_dim, "n_heads x head_dim")?;
+        self.expect_width("q", q, qw, "n_heads x head_dim")?;
+        let ow = self.mul(s.n_heads, s.v_head_dim, "n_heads x v_head_dim")?;
+        self.expect_width("out", out, ow, "n_heads x v_head_dim")?;
+        let kv = self.kv(s.layer)?;
+        self.ensure(
+            kv.heads == s.n_kv_heads && kv.k_dim == s.head_dim && kv.v_dim == s.v_head_dim,
+            || {
+                format!(
+                    "reads {} kv heads of k/v dims {}/{}, but the KV cache of layer {} holds {} heads of {}/{}",
+                    s.n_kv_heads, s.head_dim, s.v_head_dim, s.layer, kv.heads, kv.k_dim, kv.v_dim
+                )
+            },
+        )?;
+        self.ensure(kv.window == s.window, || {
+            format!(
+                "window {:?}, but the KV cache of layer {} keeps window {:?}",
+                s.window, s.layer, kv.window
+            )
+        })?;
+        if let Some(w) = sinks {
+            self.expect_dims("sinks", w, &[s.n_heads], "one per head")?;
+        }
+        Ok(())
+    }
+
+    fn router(
+        &self,
+        x: BufId,
+        w: WeightId,
+        bias: Option<WeightId>,
+        out: BufId,
+        s: &RouterSpec,
+    ) -> Check {
+        let e = s.n_experts;
+        let xw = self.width(x)?;
+        self.expect_dims("router", w, &[e, xw], "[n_experts, x width]")?;
+        if let Some(b) = bias {
+            self.expect_dims("bias", b, &[e], "one per expert")?;
+        }
+        self.ensure(s.top_k >= 1 && s.top_k <= e, || {
+            format!("top_k {} is not in 1..={e} (n_experts)", s.top_k)
+        })?;
+        self.expect_width("out", out, 2 * s.top_k, "2 x top_k")?;
+        self.ensure(s.n_group > 0 && e.is_multiple_of(s.n_group), || {
+            format!("n_group {} does not divide n_experts {e}", s.n_group)
+        })?;
+        self.ensure(s.topk_group <= s.n_group, || {
+            format!("topk_group {} > n_group {}", s.topk_group, s.n_group)
+        })?;
+        if s.n_group > 1 {
+            // Only the experts of the `topk_group` chosen groups are candidates.
+            self.ensure(s.topk_group * (e / s.n_group) >= s.top_k, || {
+                format!(
+                    "top_k {} exceeds the {} experts of {} of {} groups",
+                    s.top_k,
+                    s.topk_group * (e / s.n_group),
+                    s.topk_group,
+                    s.n_group
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        x: BufId,
+        routing: BufId,
+        gate_up: WeightId,
+        down: WeightId,
+        out: BufId,
+        top_k: usize,
+        inter: usize,
+    ) -> Check {
+        let h = self.width(x)?;
+        self.expect_width("out", out, h, "the x width")?;
+        let [e, _, _] = self.dims::<3>("gate_up", gate_up)?;
+        let two_inter = self.mul(2, inter, "2 x inter")?;
+        self.expect_dims(
+            "gate_up",
+            gate_up,
+            &[e, two_inter, h],
+            "[E, 2 x inter, x width]",
+        )?;
+        self.expect_dims("down", down, &[e, h, inter], "[E, x width, inter]")?;
+        let rw = self.mul(2, top_k, "2 x top_k")?;
+        self.expect_width("routing", routing, rw, "2 x top_k")?;
+        self.routing_source(routing, top_k, e)
+    }
+
+    /// The routing rows hold expert indices the runtime uses to slice expert weights, so they must come from a
+    /// router of this layer's shape earlier in the program, with nothing overwriting them in between.
+    fn routing_source(&self, routing: BufId, top_k: usize, n_experts: usize) -> Check {
+        let r = self.buf(routing)?;
+        let span = |b: &BufferDesc| (b.offset, self.plan.buffer_end(b).unwrap_or(usize::MAX));
+        let (lo, hi) = span(r);
+        for j in (0..self.i).rev() {
+            let prev = &self.prog.instrs[j];
+            let Some(wid) = instr_output(prev) else {
+                continue;
+            };
+            if wid == routing {
+                return match prev {
+                    Instr::Router { spec, .. }
+                        if spec.top_k == top_k && spec.n_experts == n_experts =>
+                    {
+                        Ok(())
+                    }
+                    Instr::Router { spec, .. } => Err(self.err(format!(
+                        "routing buffer {} comes from a router (instruction {j}) of {} experts top-{}, \
+                         expected {n_experts} experts top-{top_k}",
+                        r.name, spec.n_experts, spec.top_k
+                    ))),
+                    _ => Err(self.err(format!(
+                        "routing buffer {} is written by instruction {j} ({}), not by a router",
+                        r.name,
+                        prev.mnemonic()
+                    ))),
+                };
+            }
+            if let Some(b) = self.plan.buffers.get(wid as usize) {
+                let (blo, bhi) = span(b);
+                if blo < hi && lo < bhi && blo < bhi && lo < hi {
+                    return Err(self.err(format!(
+                        "routing buffer {} is overwritten by instruction {j} ({}) before it is read",
+                        r.name,
+                        prev.mnemonic()
+                    )));
+                }
+            }
+        }
+        Err(self.err(format!(
+            "routing buffer {} is not written by a router earlier in program {}",
+            r.name, self.prog.name
+        )))
+    }
+
+    fn swiglu(&self, x: BufId, out: BufId) -> Check {
+        let xw = self.width(x)?;
+        self.ensure(xw % 2 == 0, || format!("x width {xw} is odd"))?;
+        self.expect_width("out", out, xw / 2, "half the x width")
+    }
+}
+
+/// Bytes of data and of scales for a weight of this dtype and shape; `None` for dtypes that are not weights,
+/// MXFP4 rows that are not whole blocks, or sizes that overflow.
 pub fn expected_bytes(dtype: DType, dims: &[usize]) -> Option<(u64, u64)> {
-    let n: usize = dims.iter().product();
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
     let last = *dims.last()?;
-    let rows = n / last.max(1);
+    let n64 = u64::try_from(n).ok()?;
     Some(match dtype {
-        DType::F32 => (4 * n as u64, 0),
-        DType::BF16 | DType::F16 => (2 * n as u64, 0),
+        DType::F32 => (n64.checked_mul(4)?, 0),
+        DType::BF16 | DType::F16 => (n64.checked_mul(2)?, 0),
         DType::F8E4M3 => {
             // Blocks of 128x128 over the last two dims; leading dims (experts) multiply.
             let (r, c) = if dims.len() >= 2 {
@@ -500,17 +1067,17 @@ pub fn expected_bytes(dtype: DType, dims: &[usize]) -> Option<(u64, u64)> {
             } else {
                 (1, last)
             };
-            let lead = n / (r * c).max(1);
-            (
-                n as u64,
-                4 * (lead * r.div_ceil(128) * c.div_ceil(128)) as u64,
-            )
+            let lead = n / r.checked_mul(c)?.max(1);
+            let blocks = lead
+                .checked_mul(r.div_ceil(128))?
+                .checked_mul(c.div_ceil(128))?;
+            (n64, u64::try_from(blocks).ok()?.checked_mul(4)?)
         }
         DType::MXFP4 => {
             if last % 32 != 0 {
                 return None;
             }
-            (n as u64 / 2, (rows * last / 32) as u64)
+            (n64 / 2, n64 / 32)
         }
         DType::I32 | DType::Routing | DType::Cache => return None,
     })
@@ -565,6 +1132,29 @@ pub fn instr_refs(ins: &Instr) -> (Vec<BufId>, Vec<WeightId>) {
 mod tests {
     use super::*;
 
+    fn f32_weight(name: &str, dims: Vec<usize>, offset: u64) -> WeightDesc {
+        let nbytes = 4 * dims.iter().product::<usize>() as u64;
+        WeightDesc {
+            name: name.into(),
+            dtype: DType::F32,
+            dims,
+            class: WeightClass::Embedding,
+            offset,
+            nbytes,
+            scale_offset: offset + nbytes,
+            scale_nbytes: 0,
+        }
+    }
+
+    fn buffer(name: &str, width: usize, offset: usize) -> BufferDesc {
+        BufferDesc {
+            name: name.into(),
+            width,
+            offset,
+        }
+    }
+
+    /// Embedding (tied with the LM head) of a 4-token vocabulary into width 2; buffer `x`, then `logits`.
     fn tiny_plan() -> Plan {
         Plan {
             model: ModelInfo {
@@ -577,33 +1167,51 @@ mod tests {
                 max_position: 8,
             },
             max_tokens: 2,
-            arena_len: 8,
-            buffers: vec![BufferDesc {
-                name: "x".into(),
-                width: 2,
-                offset: 0,
-            }],
-            weights: vec![WeightDesc {
-                name: "e".into(),
-                dtype: DType::F32,
-                dims: vec![4, 2],
-                class: WeightClass::Embedding,
-                offset: 0,
-                nbytes: 32,
-                scale_offset: 0,
-                scale_nbytes: 0,
-            }],
+            arena_len: 12,
+            buffers: vec![buffer("x", 2, 0), buffer("logits", 4, 4)],
+            weights: vec![f32_weight("e", vec![4, 2], 0)],
             kv: vec![],
             programs: vec![Program {
                 name: "target".into(),
-                instrs: vec![Instr::Embed { table: 0, out: 0 }],
-                outputs: vec![("logits".into(), 0)],
+                instrs: vec![
+                    Instr::Embed { table: 0, out: 0 },
+                    Instr::LmHead { x: 0, w: 0, out: 1 },
+                ],
+                outputs: vec![("logits".into(), 1)],
             }],
             passes: vec![],
             tokenizer_json: "{}".into(),
             chat_template: None,
             weights_len: 256,
         }
+    }
+
+    fn invalid_msg(p: &Plan) -> String {
+        match p.validate() {
+            Err(PlanError::Invalid(m)) => m,
+            other => panic!("expected PlanError::Invalid, got {other:?}"),
+        }
+    }
+
+    /// `tiny_plan` plus a matmul `x -> mm` with weight `w` of `dims` (and the given epilogue / bias).
+    fn with_matmul(dims: Vec<usize>, out_width: usize, epilogue: Vec<Epilogue>) -> Plan {
+        let mut p = tiny_plan();
+        p.weights.push(f32_weight("w", dims, 32));
+        p.buffers.push(buffer("mm", out_width, 12));
+        p.arena_len = 12 + 2 * out_width;
+        p.programs[0].instrs.insert(
+            1,
+            Instr::MatMul {
+                x: 0,
+                w: 1,
+                bias: None,
+                norm: None,
+                residual: None,
+                epilogue,
+                out: 2,
+            },
+        );
+        p
     }
 
     #[test]
@@ -642,6 +1250,185 @@ mod tests {
         let bytes = encode_plan(&p, 0);
         let e = decode_plan(&bytes, "p").unwrap_err();
         assert!(e.to_string().contains("missing buffer"), "{e}");
+    }
+
+    #[test]
+    fn tiny_plans_validate() {
+        tiny_plan().validate().unwrap();
+        with_matmul(vec![6, 2], 6, vec![]).validate().unwrap();
+        with_matmul(vec![6, 2], 3, vec![Epilogue::SwiGlu])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn overflowing_buffer_offset_is_invalid() {
+        let mut p = tiny_plan();
+        p.buffers[0].offset = usize::MAX - 1;
+        let m = invalid_msg(&p);
+        assert!(m.contains("buffer x") && m.contains("overflows"), "{m}");
+        let mut p = tiny_plan();
+        p.buffers[1].width = usize::MAX / 2 + 1;
+        let m = invalid_msg(&p);
+        assert!(
+            m.contains("buffer logits") && m.contains("overflows"),
+            "{m}"
+        );
+        let mut p = tiny_plan();
+        p.buffers[1].offset = 5;
+        let m = invalid_msg(&p);
+        assert!(
+            m.contains("buffer logits") && m.contains("exceeds the arena"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn overflowing_weight_offset_is_invalid() {
+        let mut p = tiny_plan();
+        p.weights[0].offset = u64::MAX - 8;
+        let m = invalid_msg(&p);
+        assert!(m.contains("weight e") && m.contains("overflows"), "{m}");
+        let mut p = tiny_plan();
+        p.weights[0].scale_offset = 250;
+        p.weights[0].scale_nbytes = 0;
+        p.weights[0].offset = 240;
+        let m = invalid_msg(&p);
+        assert!(
+            m.contains("weight e") && m.contains("outside weights.bin"),
+            "{m}"
+        );
+        let mut p = tiny_plan();
+        p.weights[0].dims = vec![usize::MAX, 4];
+        let m = invalid_msg(&p);
+        assert!(m.contains("weight e"), "{m}");
+    }
+
+    #[test]
+    fn misshaped_matmul_weight_is_invalid() {
+        // k = 3 but x has width 2
+        let m = invalid_msg(&with_matmul(vec![6, 3], 6, vec![]));
+        assert!(
+            m.contains("program target instruction 1 (matmul)")
+                && m.contains("buffer x has width 2, expected 3"),
+            "{m}"
+        );
+        // 3-D weight
+        let m = invalid_msg(&with_matmul(vec![1, 6, 2], 6, vec![]));
+        assert!(m.contains("(matmul)") && m.contains("expected 2-D"), "{m}");
+        // out is n, but swiglu halves it
+        let m = invalid_msg(&with_matmul(vec![6, 2], 6, vec![Epilogue::SwiGlu]));
+        assert!(m.contains("out buffer mm has width 6, expected 3"), "{m}");
+        // residual add without a residual input
+        let m = invalid_msg(&with_matmul(vec![6, 2], 6, vec![Epilogue::ResidualAdd]));
+        assert!(m.contains("residual"), "{m}");
+        // a kv-write epilogue into a layer without a cache
+        let kvw = Epilogue::KvWrite {
+            layer: 0,
+            kind: KvKind::K,
+            heads: 3,
+            head_dim: 2,
+        };
+        let m = invalid_msg(&with_matmul(vec![6, 2], 6, vec![kvw]));
+        assert!(m.contains("KV cache of layer 0"), "{m}");
+    }
+
+    #[test]
+    fn vocab_and_logits_must_agree() {
+        let mut p = tiny_plan();
+        p.model.vocab = 5;
+        let m = invalid_msg(&p);
+        assert!(
+            m.contains("instruction 0 (embed)") && m.contains("model.vocab 5"),
+            "{m}"
+        );
+        let mut p = tiny_plan();
+        p.programs[0].outputs[0].1 = 0;
+        let m = invalid_msg(&p);
+        assert!(m.contains("logits buffer x has width 2"), "{m}");
+        let mut p = tiny_plan();
+        p.max_tokens = 0;
+        assert!(invalid_msg(&p).contains("max_tokens"));
+    }
+
+    #[test]
+    fn router_and_moe_shapes() {
+        // x (width 2) -> router (4 experts, top 2) -> r (width 4); moe x, r -> y
+        let mut p = tiny_plan();
+        p.weights.push(f32_weight("router", vec![4, 2], 32)); // 1
+        p.weights.push(f32_weight("gate_up", vec![4, 6, 2], 64)); // 2
+        p.weights.push(f32_weight("down", vec![4, 2, 3], 160)); // 3
+        p.buffers.push(buffer("r", 4, 12)); // 2
+        p.buffers.push(buffer("y", 2, 20)); // 3
+        p.arena_len = 24;
+        let spec = RouterSpec {
+            n_experts: 4,
+            top_k: 2,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: true,
+            scaling: 1.0,
+            sigmoid: true,
+            has_bias: false,
+        };
+        let router = Instr::Router {
+            x: 0,
+            w: 1,
+            bias: None,
+            out: 2,
+            spec,
+        };
+        let moe = Instr::Moe {
+            x: 0,
+            routing: 2,
+            gate_up: 2,
+            down: 3,
+            out: 3,
+            top_k: 2,
+            inter: 3,
+        };
+        p.programs[0].instrs.insert(1, router);
+        p.programs[0].instrs.insert(2, moe.clone());
+        p.validate().unwrap();
+
+        let mut q = p.clone();
+        if let Instr::Router { spec, .. } = &mut q.programs[0].instrs[1] {
+            spec.top_k = 5;
+        }
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("instruction 1 (router)") && m.contains("top_k 5"),
+            "{m}"
+        );
+
+        // routing rows that no router wrote would index experts out of bounds
+        let mut q = p.clone();
+        q.programs[0].instrs.remove(1);
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("(moe)") && m.contains("not written by a router"),
+            "{m}"
+        );
+
+        // ... and so would routing rows a later instruction overwrote
+        let mut q = p.clone();
+        q.programs[0].instrs.insert(
+            2,
+            Instr::Scale {
+                x: 3,
+                out: 3,
+                factor: 1.0,
+            },
+        );
+        q.buffers[3].offset = 14;
+        q.arena_len = 24;
+        let m = invalid_msg(&q);
+        assert!(m.contains("overwritten by instruction 2 (scale)"), "{m}");
+
+        let mut q = p.clone();
+        q.weights[3].dims = vec![4, 3, 2];
+        let m = invalid_msg(&q);
+        assert!(m.contains("down weight down has dims [4, 3, 2]"), "{m}");
     }
 
     #[test]

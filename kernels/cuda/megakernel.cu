@@ -156,7 +156,7 @@ __device__ __forceinline__ void row_chunk_dot(const uint8_t* W, long long w, lon
         if (kk[u] >= kc) continue;
         float wv[8] = {bf16lo(v[u].x), bf16hi(v[u].x), bf16lo(v[u].y), bf16hi(v[u].y),
                        bf16lo(v[u].z), bf16hi(v[u].z), bf16lo(v[u].w), bf16hi(v[u].w)};
-        for (int t = 0; t < T; t++) {
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) {
           const float4* xp = reinterpret_cast<const float4*>(xs + t * MK_KC + kk[u]);
           float4 a = xp[0], b = xp[1];
           acc[t] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y +
@@ -184,7 +184,7 @@ __device__ __forceinline__ void row_chunk_dot(const uint8_t* W, long long w, lon
         float wv[16];
 #pragma unroll
         for (int j = 0; j < 16; j++) wv[j] = e4m3_to_f32((words[j >> 2] >> ((j & 3) * 8)) & 0xffu) * s;
-        for (int t = 0; t < T; t++) {
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) {
           const float4* xp = reinterpret_cast<const float4*>(xs + t * MK_KC + kk[u]);
           float a = 0.f;
 #pragma unroll
@@ -220,7 +220,7 @@ __device__ __forceinline__ void row_chunk_dot(const uint8_t* W, long long w, lon
         float wv[32];
 #pragma unroll
         for (int j = 0; j < 32; j++) wv[j] = c_e2m1[(words[j >> 3] >> ((j & 7) * 4)) & 0xfu];
-        for (int t = 0; t < T; t++) {
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) {
           const float4* xp = reinterpret_cast<const float4*>(xs + t * MK_KC + kk[u]);
           float a = 0.f;
 #pragma unroll
@@ -236,18 +236,18 @@ __device__ __forceinline__ void row_chunk_dot(const uint8_t* W, long long w, lon
     const float* row = reinterpret_cast<const float*>(W + w) + (long long)r * K + k0;
     for (int kk = lane; kk < kc; kk += 32) {
       float wv = __ldg(row + kk);
-      for (int t = 0; t < T; t++) acc[t] += wv * xs[t * MK_KC + kk];
+      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) acc[t] += wv * xs[t * MK_KC + kk];
     }
   } else {  // F16
     const __half* row = reinterpret_cast<const __half*>(W + w) + (long long)r * K + k0;
     for (int kk = lane; kk < kc; kk += 32) {
       float wv = __half2float(row[kk]);
-      for (int t = 0; t < T; t++) acc[t] += wv * xs[t * MK_KC + kk];
+      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) acc[t] += wv * xs[t * MK_KC + kk];
     }
   }
 }
 
-__device__ void row_chunk_dot_any(int fmt, const uint8_t* W, long long w, long long ws, int r, int K, int k0, int kc,
+__device__ __forceinline__ void row_chunk_dot_any(int fmt, const uint8_t* W, long long w, long long ws, int r, int K, int k0, int kc,
                                   const float* xs, int T, float* acc) {
   switch (fmt) {
     case FMT_BF16: row_chunk_dot<FMT_BF16>(W, w, ws, r, K, k0, kc, xs, T, acc); break;
@@ -351,9 +351,9 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
     __syncthreads();
     for (int rr = warp; rr < nrows; rr += MK_WARPS) {
       int r = swiglu ? (rr < cols ? c0 + rr : I.n / 2 + c0 + (rr - cols)) : c0 + rr;
-      for (int t = 0; t < p.T; t++) acc[t] = 0.f;
+      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
       row_chunk_dot_any(I.fmt, p.weights, I.w, I.ws, r, I.k, 0, I.k, s.xs, p.T, acc);
-      for (int t = 0; t < p.T; t++) {
+      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
         float v = warp_sum(acc[t]);
         if (lane == 0) s.stage[t * sstride + rr] = v;
       }
@@ -367,9 +367,9 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
       __syncthreads();
       for (int rr = warp; rr < nrows; rr += MK_WARPS) {
         int r = swiglu ? (rr < cols ? c0 + rr : I.n / 2 + c0 + (rr - cols)) : c0 + rr;
-        for (int t = 0; t < p.T; t++) acc[t] = 0.f;
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
         row_chunk_dot_any(I.fmt, p.weights, I.w, I.ws, r, I.k, k0, kc, s.xs, p.T, acc);
-        for (int t = 0; t < p.T; t++) {
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
           float v = warp_sum(acc[t]);
           if (lane == 0) s.stage[t * sstride + rr] += v;
         }
@@ -542,16 +542,15 @@ __device__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
       }
       __syncwarp();
       if (lane == 0) {
-        int keep[32];
-        for (int g = 0; g < I.ngroup; g++) keep[g] = 0;
+        unsigned int keep = 0;  // bit g set: group g kept (ties: lowest index)
         for (int k = 0; k < I.topkg; k++) {
           int best = -1;
           for (int g = 0; g < I.ngroup; g++)
-            if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-          keep[best] = 1;
+            if (!((keep >> g) & 1u) && (best < 0 || gs[g] > gs[best])) best = g;
+          keep |= 1u << best;
         }
         for (int g = 0; g < I.ngroup; g++)
-          if (!keep[g]) for (int e = g * per; e < (g + 1) * per; e++) ch[e] = -INFINITY;
+          if (!((keep >> g) & 1u)) for (int e = g * per; e < (g + 1) * per; e++) ch[e] = -INFINITY;
       }
       __syncwarp();
     }
@@ -648,9 +647,9 @@ __device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
     __syncthreads();
     for (int rr = warp; rr < 2 * cols; rr += MK_WARPS) {
       int r = rr < cols ? c0 + rr : I.inter + c0 + (rr - cols);
-      for (int t = 0; t < p.T; t++) acc[t] = 0.f;
+      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
       row_chunk_dot_any(I.fmt, p.weights, we, wse, r, I.k, k0, kc, s.xs, p.T, acc);
-      for (int t = 0; t < p.T; t++) {
+      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
         float v = warp_sum(acc[t]);
         if (lane == 0) s.stage[t * sstride + rr] += v;
       }
@@ -703,9 +702,9 @@ __device__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile)
       }
       __syncthreads();
       for (int rr = warp; rr < cols; rr += MK_WARPS) {
-        for (int t = 0; t < p.T; t++) acc[t] = 0.f;
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
         row_chunk_dot_any(I.fmt, p.weights, we, wse, c0 + rr, I.inter, k0, kc, s.xs, p.T, acc);
-        for (int t = 0; t < p.T; t++) {
+        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
           float v = warp_sum(acc[t]);
           if (lane == 0) s.stage[t * sstride + rr] += v;
         }

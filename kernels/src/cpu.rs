@@ -93,7 +93,10 @@ impl<'a> WeightView<'a> {
             WeightView::F8 {
                 data, scales, cols, ..
             } => {
-                assert!(r0.is_multiple_of(128), "fp8 row range must start on a block");
+                assert!(
+                    r0.is_multiple_of(128),
+                    "fp8 row range must start on a block"
+                );
                 let cb = cols.div_ceil(128);
                 let b0 = r0 / 128;
                 let b1 = (r0 + n).div_ceil(128);

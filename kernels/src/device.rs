@@ -165,17 +165,29 @@ pub struct Encoded {
 }
 
 pub fn smem_bytes(max_tokens: usize) -> usize {
-    4 * (max_tokens * KC + 3 * max_tokens * TILE_MAX + THREADS + max_tokens) + 4 * (512 + 4 * max_tokens + 64)
+    4 * (max_tokens * KC + 3 * max_tokens * TILE_MAX + THREADS + max_tokens)
+        + 4 * (512 + 4 * max_tokens + 64)
 }
 
 /// Encode `program` of `plan`. `argmax` appends an in-kernel argmax / Gumbel sampling of the logits.
-pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> Result<Encoded, String> {
+pub fn encode(
+    plan: &Plan,
+    program: &Program,
+    max_ctx: usize,
+    argmax: bool,
+) -> Result<Encoded, String> {
     if plan.max_tokens > 16 {
-        return Err(format!("the megakernel handles up to 16 tokens per forward, plan has {}", plan.max_tokens));
+        return Err(format!(
+            "the megakernel handles up to 16 tokens per forward, plan has {}",
+            plan.max_tokens
+        ));
     }
     let kv = KvLayout::new(plan, max_ctx);
     if kv.total > i32::MAX as usize {
-        return Err(format!("KV cache of {} floats is too large for the device encoding; lower --max-ctx", kv.total));
+        return Err(format!(
+            "KV cache of {} floats is too large for the device encoding; lower --max-ctx",
+            kv.total
+        ));
     }
     let bufs = &plan.buffers;
     let mt = plan.max_tokens;
@@ -198,7 +210,11 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
         ..Default::default()
     };
     let kvslot = |layer: usize| -> Result<(usize, usize, usize), String> {
-        kv.layers.get(layer).copied().flatten().ok_or_else(|| format!("layer {layer} has no KV cache"))
+        kv.layers
+            .get(layer)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("layer {layer} has no KV cache"))
     };
     for ins in &program.instrs {
         match ins {
@@ -225,7 +241,15 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 d.ntiles = -1;
                 out.push((d, vec![arena(*x)], vec![arena(*o)]));
             }
-            Instr::MatMul { x, w, bias, norm, residual, epilogue, out: o } => {
+            Instr::MatMul {
+                x,
+                w,
+                bias,
+                norm,
+                residual,
+                epilogue,
+                out: o,
+            } => {
                 let wt = wd(*w);
                 let mut d = base(op::MATMUL);
                 d.x = bufs[*x as usize].offset as i32;
@@ -265,7 +289,12 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                             tile_rows = r.head_dim;
                             2
                         }
-                        Epilogue::KvWrite { layer, kind, heads, head_dim } => {
+                        Epilogue::KvWrite {
+                            layer,
+                            kind,
+                            heads,
+                            head_dim,
+                        } => {
                             let (k, v, cap) = kvslot(*layer)?;
                             d.kv_k = k as i32;
                             d.kv_v = v as i32;
@@ -293,7 +322,9 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 }
                 d.nepi = epilogue.len() as i32;
                 if tile_rows > TILE_MAX {
-                    return Err(format!("head_dim {tile_rows} exceeds the megakernel tile limit {TILE_MAX}"));
+                    return Err(format!(
+                        "head_dim {tile_rows} exceeds the megakernel tile limit {TILE_MAX}"
+                    ));
                 }
                 let outn = if swiglu { wt.dims[0] / 2 } else { wt.dims[0] };
                 d.tile_rows = tile_rows as i32;
@@ -331,7 +362,12 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 d.ntiles = -1;
                 out.push((d, vec![arena(*x)], vec![Res::Kv(*layer)]));
             }
-            Instr::Attention { q, sinks, out: o, spec } => {
+            Instr::Attention {
+                q,
+                sinks,
+                out: o,
+                spec,
+            } => {
                 let (k, v, cap) = kvslot(spec.layer)?;
                 let mut d = base(op::ATTN);
                 d.x = bufs[*q as usize].offset as i32;
@@ -346,7 +382,10 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 d.qd = spec.head_dim as i32;
                 d.vd = spec.v_head_dim as i32;
                 if spec.v_head_dim > 256 || spec.head_dim > KC {
-                    return Err("attention head dims exceed the megakernel limits (v <= 256, qk <= 1024)".into());
+                    return Err(
+                        "attention head dims exceed the megakernel limits (v <= 256, qk <= 1024)"
+                            .into(),
+                    );
                 }
                 d.window = spec.window.map(|w| w as i32).unwrap_or(0);
                 d.scale = spec.scale;
@@ -357,7 +396,13 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 d.ntiles = -(spec.n_heads as i32);
                 out.push((d, vec![arena(*q), Res::Kv(spec.layer)], vec![arena(*o)]));
             }
-            Instr::Router { x, w, bias, out: o, spec } => {
+            Instr::Router {
+                x,
+                w,
+                bias,
+                out: o,
+                spec,
+            } => {
                 let wt = wd(*w);
                 let mut d = base(op::ROUTER);
                 d.x = bufs[*x as usize].offset as i32;
@@ -370,7 +415,10 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 d.k = wt.dims[1] as i32;
                 d.e = spec.n_experts as i32;
                 if spec.n_experts > 2048 || spec.n_group > 32 {
-                    return Err("router sizes exceed the megakernel limits (<= 2048 experts, <= 32 groups)".into());
+                    return Err(
+                        "router sizes exceed the megakernel limits (<= 2048 experts, <= 32 groups)"
+                            .into(),
+                    );
                 }
                 d.topk = spec.top_k as i32;
                 d.ngroup = spec.n_group as i32;
@@ -384,7 +432,15 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 d.ntiles = -1;
                 out.push((d, vec![arena(*x)], vec![arena(*o)]));
             }
-            Instr::Moe { x, routing, gate_up, down, out: o, top_k, inter } => {
+            Instr::Moe {
+                x,
+                routing,
+                gate_up,
+                down,
+                out: o,
+                top_k,
+                inter,
+            } => {
                 let gu = wd(*gate_up);
                 let dn = wd(*down);
                 let h = gu.dims[2];
@@ -418,7 +474,11 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
                 out.push((dd, vec![Res::Scratch, arena(*routing)], vec![arena(*o)]));
             }
             Instr::SwiGlu { x, out: o } | Instr::Scale { x, out: o, .. } => {
-                let mut d = base(if matches!(ins, Instr::SwiGlu { .. }) { op::SWIGLU } else { op::SCALE });
+                let mut d = base(if matches!(ins, Instr::SwiGlu { .. }) {
+                    op::SWIGLU
+                } else {
+                    op::SCALE
+                });
                 if let Instr::Scale { factor, .. } = ins {
                     d.scale = *factor;
                 }
@@ -460,7 +520,9 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
             }
         }
     }
-    let logits_buf = program.output("logits").ok_or("program has no logits output")?;
+    let logits_buf = program
+        .output("logits")
+        .ok_or("program has no logits output")?;
     let lb = &bufs[logits_buf as usize];
     if argmax {
         let mut d = base(op::ARGMAX);
@@ -479,7 +541,9 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
         for j in (0..i).rev() {
             let (_, rj, wj) = &out[j];
             let (_, ri, wi) = &out[i];
-            let conflict = wj.iter().any(|&a| ri.iter().chain(wi).any(|&b| overlaps(a, b)))
+            let conflict = wj
+                .iter()
+                .any(|&a| ri.iter().chain(wi).any(|&b| overlaps(a, b)))
                 || rj.iter().any(|&a| wi.iter().any(|&b| overlaps(a, b)));
             if conflict && !ds.iter().any(|&d| anc[d].contains(&j)) {
                 ds.push(j);
@@ -492,9 +556,16 @@ pub fn encode(plan: &Plan, program: &Program, max_ctx: usize, argmax: bool) -> R
         }
         anc[i] = a;
         // Keep only dependencies not implied by another kept one.
-        let keep: Vec<usize> = ds.iter().copied().filter(|&d| !ds.iter().any(|&e| e != d && anc[e].contains(&d))).collect();
+        let keep: Vec<usize> = ds
+            .iter()
+            .copied()
+            .filter(|&d| !ds.iter().any(|&e| e != d && anc[e].contains(&d)))
+            .collect();
         if keep.len() > MAX_DEPS {
-            return Err(format!("instruction {i} has {} direct dependencies (max {MAX_DEPS})", keep.len()));
+            return Err(format!(
+                "instruction {i} has {} direct dependencies (max {MAX_DEPS})",
+                keep.len()
+            ));
         }
         deps[i] = keep;
     }
@@ -530,6 +601,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<DInstr>(), 256);
         assert!(MEGAKERNEL_CU.contains("static_assert(sizeof(DInstr) == 256"));
         // The CUDA enum values match the Rust op codes.
-        assert!(MEGAKERNEL_CU.contains("OP_MOE_DOWN = 8") && MEGAKERNEL_CU.contains("OP_ARGMAX = 12"));
+        assert!(
+            MEGAKERNEL_CU.contains("OP_MOE_DOWN = 8") && MEGAKERNEL_CU.contains("OP_ARGMAX = 12")
+        );
     }
 }

@@ -1,3 +1,3 @@
 pub mod cpu;
-pub mod quant;
 pub mod device;
+pub mod quant;

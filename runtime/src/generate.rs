@@ -91,3 +91,21 @@ pub fn generate<B: Backend>(
         logits = b.logits(0).to_vec();
     }
 }
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<()> {
+        (**self).forward(tokens, start)
+    }
+    fn logits(&self, t: usize) -> &[f32] {
+        (**self).logits(t)
+    }
+    fn hidden(&self, name: &str, t: usize) -> Option<&[f32]> {
+        (**self).hidden(name, t)
+    }
+    fn max_tokens(&self) -> usize {
+        (**self).max_tokens()
+    }
+    fn max_ctx(&self) -> usize {
+        (**self).max_ctx()
+    }
+}

@@ -1,7 +1,8 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mimo_runtime::cpu::CpuSession;
-use mimo_runtime::generate::generate;
+use mimo_runtime::cuda::CudaSession;
+use mimo_runtime::generate::{generate, Backend};
 use mimo_runtime::model::Model;
 use mimo_runtime::sampling::{Sampler, SamplingParams};
 use std::io::Write;
@@ -54,6 +55,58 @@ enum Cmd {
         #[arg(long)]
         no_verify: bool,
     },
+    /// Print the logits of every position of a token sequence as JSON (engineering / reference checks).
+    Logits {
+        plan: PathBuf,
+        /// Comma-separated token ids, or @file.json holding a JSON list.
+        #[arg(long)]
+        tokens: String,
+        #[arg(long, value_enum)]
+        device: Option<DeviceArg>,
+        /// Tokens per forward (default: the plan's maximum).
+        #[arg(long)]
+        chunk: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Compare the GPU megakernel against the CPU interpreter on the same plan (prefill + decode).
+    VerifyGpu {
+        plan: PathBuf,
+        #[arg(long, default_value_t = 40)]
+        prefill: usize,
+        #[arg(long, default_value_t = 24)]
+        decode: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Fail (exit 1) when an error exceeds this relative bound.
+        #[arg(long, default_value_t = 1e-3)]
+        bound: f32,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Decode-step benchmark on the GPU against the HBM bandwidth floor measured in the same run.
+    Bench {
+        plan: PathBuf,
+        #[arg(long, default_value = "1,4,8,16")]
+        tokens: String,
+        #[arg(long, default_value_t = 512)]
+        context: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn parse_list(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|e| anyhow::anyhow!("bad number {x:?}: {e}"))
+        })
+        .collect()
 }
 
 fn main() {
@@ -86,10 +139,11 @@ fn run(cli: Cli) -> Result<()> {
             if !(top_p > 0.0 && top_p <= 1.0) {
                 bail!("--top-p must be in (0, 1]");
             }
-            let device = device.unwrap_or(DeviceArg::Cpu);
-            if device == DeviceArg::Cuda {
-                bail!("--device cuda: this build's CUDA backend is not available on this machine");
-            }
+            let device = device.unwrap_or(if mimo_runtime::cuda::cuda_available() {
+                DeviceArg::Cuda
+            } else {
+                DeviceArg::Cpu
+            });
             let t0 = Instant::now();
             let model = Model::load(&plan, !no_verify)?;
             let load_s = t0.elapsed().as_secs_f64();
@@ -100,8 +154,11 @@ fn run(cli: Cli) -> Result<()> {
                 .get_ids()
                 .to_vec();
             let eos = model.plan.model.eos.clone();
-            let mut sess =
-                CpuSession::new(model.clone(), max_ctx.min(model.plan.model.max_position));
+            let ctx = max_ctx.min(model.plan.model.max_position);
+            let mut sess: Box<dyn Backend> = match device {
+                DeviceArg::Cpu => Box::new(CpuSession::new(model.clone(), ctx)),
+                DeviceArg::Cuda => Box::new(CudaSession::new(model.clone(), &plan, ctx, 0)?),
+            };
             let mut sampler = Sampler::new(SamplingParams {
                 temperature,
                 top_p,
@@ -130,13 +187,91 @@ fn run(cli: Cli) -> Result<()> {
             if stats {
                 let decode = total - first.unwrap_or(0.0);
                 eprintln!(
-                    "device=cpu load={load_s:.3}s prompt_tokens={} new_tokens={} finish={finish:?} ttft={:.3}s \
+                    "device={device:?} load={load_s:.3}s prompt_tokens={} new_tokens={} finish={finish:?} ttft={:.3}s \
                      decode_tok_per_s={:.1}",
                     ids.len(),
                     out.len(),
                     first.unwrap_or(0.0),
                     (out.len().saturating_sub(1)) as f64 / decode.max(1e-9)
                 );
+            }
+        }
+        Cmd::Logits {
+            plan,
+            tokens,
+            device,
+            chunk,
+            out,
+        } => {
+            let toks: Vec<u32> = if let Some(f) = tokens.strip_prefix('@') {
+                serde_json::from_str(&std::fs::read_to_string(f)?)?
+            } else {
+                parse_list(&tokens)?.into_iter().map(|x| x as u32).collect()
+            };
+            let model = Model::load(&plan, true)?;
+            let chunk = chunk.unwrap_or(model.plan.max_tokens);
+            let ctx = toks.len() + 1;
+            let mut b: Box<dyn Backend> = match device.unwrap_or(DeviceArg::Cpu) {
+                DeviceArg::Cpu => Box::new(CpuSession::new(model.clone(), ctx)),
+                DeviceArg::Cuda => Box::new(CudaSession::new(model.clone(), &plan, ctx, 0)?),
+            };
+            let logits = mimo_runtime::tools::all_logits(&mut b, &toks, chunk)?;
+            let j = serde_json::json!({"tokens": toks, "logits": logits});
+            std::fs::write(&out, serde_json::to_string(&j)?)?;
+            println!(
+                "wrote {} positions of logits to {}",
+                logits.len(),
+                out.display()
+            );
+        }
+        Cmd::VerifyGpu {
+            plan,
+            prefill,
+            decode,
+            seed,
+            bound,
+            json,
+        } => {
+            let r = mimo_runtime::tools::verify_gpu(&plan, prefill, decode, seed)?;
+            let text = serde_json::to_string_pretty(&r)?;
+            println!("{text}");
+            if let Some(j) = json {
+                std::fs::write(j, &text)?;
+            }
+            let ok = r.max_rel_err_prefill <= bound && r.max_rel_err_decode <= bound;
+            if !(ok && r.in_kernel_argmax_ok) {
+                bail!("GPU does not match CPU within {bound}");
+            }
+        }
+        Cmd::Bench {
+            plan,
+            tokens,
+            context,
+            iters,
+            json,
+        } => {
+            let r = mimo_runtime::tools::bench_gpu(&plan, &parse_list(&tokens)?, context, iters)?;
+            println!(
+                "device {} ({} SMs), HBM copy {:.0} GB/s, context {}",
+                r.device, r.sms, r.hbm_copy_gbps, r.context
+            );
+            println!(
+                "{:>6} {:>10} {:>10} {:>12} {:>10} {:>8}",
+                "tokens", "ms/step", "tok/s", "MB/step", "floor ms", "of floor"
+            );
+            for row in &r.rows {
+                println!(
+                    "{:>6} {:>10.3} {:>10.1} {:>12.1} {:>10.3} {:>7.1}%",
+                    row.tokens,
+                    row.ms_median,
+                    row.tok_per_s,
+                    row.bytes / 1e6,
+                    row.floor_ms,
+                    100.0 * row.floor_frac
+                );
+            }
+            if let Some(j) = json {
+                std::fs::write(j, serde_json::to_string_pretty(&r)?)?;
             }
         }
     }

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One device call: check the GPU megakernel against the CPU interpreter and transformers, run the sanitizer, and
+# benchmark decode steps against the HBM floor and the PyTorch peer. Results land under $OUT (JSON + logs).
+#
+# Binaries are built on the CI-like machine and carried (see bench/README.md):
+#   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
+#   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
+# Stages (default all): env verify sanitize hf bench peer
+set -uo pipefail
+OUT=${OUT:-/tmp/mimo-out}
+mkdir -p "$OUT"
+B=${MIMO_BIN:-target/device}
+W=${MIMO_WORK:-/tmp/mimo-work}
+mkdir -p "$W"
+export PATH=/usr/local/cuda/bin:$PATH
+export PYTHONUNBUFFERED=1
+STAGES=${*:-env verify sanitize hf bench peer}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+if has env; then
+  log "env"
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nvcc --version | tail -2
+    python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+  } 2>&1 | tee -a "$OUT/summary.txt"
+fi
+
+if has verify; then
+  log "verify: GPU megakernel vs CPU interpreter on tiny plans"
+  rm -rf "$W/moe" "$W/dense" "$W/moe8"
+  $B/mimoc make-tiny "$W/moe" --arch moe --seed 3 >/dev/null
+  $B/mimoc make-tiny "$W/dense" --arch dense --seed 4 >/dev/null
+  $B/mimoc make-tiny "$W/moe8" --arch moe --seed 5 --fp8 >/dev/null
+  for v in "moe:" "moe:--no-fuse" "moe:--experts bf16" "moe:--dense fp8" "moe:--max-tokens 4" "dense:" "dense:--no-fuse" "moe8:"; do
+    ck=${v%%:*}; flags=${v#*:}; tag=$(echo "$ck $flags" | tr -c 'a-z0-9\n' '_')
+    rm -rf "$W/p_$tag"
+    if $B/mimoc compile "$W/$ck" -o "$W/p_$tag" $flags > "$W/compile_$tag.log" 2>&1; then
+      timeout 120 $B/mimort verify-gpu "$W/p_$tag" --prefill 40 --decode 24 --json "$W/verify_$tag.json" > "$W/verify_$tag.log" 2>&1
+      rc=$?
+      echo "verify $ck $flags: rc=$rc $(tr -d '\n ' < "$W/verify_$tag.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
+      [ $rc -ne 0 ] && tail -5 "$W/verify_$tag.log" | tee -a "$OUT/summary.txt"
+    else
+      echo "compile $ck $flags FAILED"; tail -20 "$W/compile_$tag.log" | tee -a "$OUT/summary.txt"
+    fi
+  done
+  cat "$W"/verify_*.json > "$OUT/verify.json" 2>/dev/null
+fi
+
+if has sanitize; then
+  log "compute-sanitizer on the tiny MoE plan"
+  for tool in memcheck racecheck synccheck; do
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 $B/mimort verify-gpu "$W/p_moe_" --prefill 20 --decode 4 \
+      > "$W/san_$tool.log" 2>&1
+    echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
+  done
+fi
+
+if has hf; then
+  log "transformers mimo_v2_flash reference"
+  rm -rf "$W/hf" "$W/hfp" "$W/hfp4"
+  timeout 300 python3 tools/hf_reference.py make --out "$W/hf" --tokenizer-from "$W/moe" > "$OUT/hf_make.log" 2>&1
+  echo "hf make rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$OUT/hf_make.log" | tee -a "$OUT/summary.txt"
+  $B/mimoc compile "$W/hf" -o "$W/hfp" --experts bf16 > "$W/hfp.log" 2>&1 || tail -5 "$W/hfp.log" | tee -a "$OUT/summary.txt"
+  $B/mimoc compile "$W/hf" -o "$W/hfp4" > "$W/hfp4.log" 2>&1 || tail -5 "$W/hfp4.log" | tee -a "$OUT/summary.txt"
+  for d in cpu cuda; do
+    timeout 120 $B/mimort logits "$W/hfp" --tokens "@$W/hf/ref_tokens.json" --device $d --out "$W/ours_bf16_$d.json" > /dev/null
+    timeout 120 $B/mimort logits "$W/hfp4" --tokens "@$W/hf/ref_tokens.json" --device $d --out "$W/ours_mxfp4_$d.json" > /dev/null
+  done
+  python3 tools/hf_reference.py compare --ckpt "$W/hf" --ours "$W/ours_bf16_cpu.json" --ours "$W/ours_bf16_cuda.json" \
+    --ours "$W/ours_mxfp4_cpu.json" --ours "$W/ours_mxfp4_cuda.json" --json "$OUT/hf_compare.json" 2>&1 | tee -a "$OUT/summary.txt"
+fi
+
+if has bench; then
+  log "decode benchmark: MiMo-V2-Flash shapes, 16 experts, MXFP4 experts + FP8 dense"
+  rm -rf "$W/bench"
+  /usr/bin/time -f "make-bench %es" $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+  timeout 300 $B/mimort bench "$W/bench" --tokens 1,4,8,16 --context 512 --json "$OUT/bench_mimo.json" 2>&1 | tee -a "$OUT/summary.txt"
+fi
+
+if has peer; then
+  log "PyTorch peer (bf16, CUDA graphs)"
+  timeout 400 python3 bench/torch_peer.py --experts 16 --layers 48 --tokens 1,4,8,16 --ctx 512 --json "$OUT/bench_torch.json" 2>&1 \
+    | tail -15 | tee -a "$OUT/summary.txt"
+fi
+log "done"

@@ -1,0 +1,330 @@
+//! The CUDA backend: weights, KV cache and activations on the GPU; each forward is ONE cooperative launch of the
+//! plan's persistent megakernel. CUDA is reached through cudarc with dynamic loading, so this compiles (and the
+//! CPU backend runs) on machines without CUDA; `CudaSession::new` fails cleanly there.
+
+use crate::generate::Backend;
+use crate::model::Model;
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use mimo_kernels::device::{encode, DInstr, Encoded, THREADS};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Kernel parameters; matches `struct Params` in kernels/cuda/megakernel.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    instrs: u64,
+    ninstr: i32,
+    _pad0: i32,
+    weights: u64,
+    arena: u64,
+    kv: u64,
+    scratch: u64,
+    tokens: u64,
+    pos: u64,
+    out_tokens: u64,
+    done: u64,
+    epoch: u32,
+    t: i32,
+    temperature: f32,
+    _pad1: i32,
+    seed: u64,
+}
+// SAFETY: plain-old-data, passed by value as the kernel's single parameter.
+unsafe impl DeviceRepr for Params {}
+
+/// Is a CUDA driver with at least one device present?
+pub fn cuda_available() -> bool {
+    // SAFETY: only probes whether the driver library can be opened.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    present && CudaContext::new(0).is_ok()
+}
+
+fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<CudaFunction> {
+    let cubin = plan_dir.join("megakernel.cubin");
+    let module = if cubin.is_file() {
+        ctx.load_module(cudarc::nvrtc::Ptx::from_file(cubin.clone()))
+            .with_context(|| format!("loading {}", cubin.display()))?
+    } else {
+        let cu = plan_dir.join("megakernel.cu");
+        let src =
+            std::fs::read_to_string(&cu).with_context(|| format!("reading {}", cu.display()))?;
+        let ptx = compile_cached(&src)?;
+        ctx.load_module(ptx)
+            .context("loading the NVRTC-compiled megakernel")?
+    };
+    module
+        .load_function("mimo_forward")
+        .context("megakernel entry point mimo_forward")
+}
+
+/// NVRTC compile, cached by content hash under $XDG_CACHE_HOME/mimo (or ~/.cache/mimo).
+fn compile_cached(src: &str) -> Result<cudarc::nvrtc::Ptx> {
+    let hash = xxhash_rust::xxh3::xxh3_64(src.as_bytes());
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("mimo");
+    let path = dir.join(format!("megakernel-{hash:016x}.ptx"));
+    if let Ok(p) = std::fs::read_to_string(&path) {
+        return Ok(cudarc::nvrtc::Ptx::from_src(p));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some("sm_90a"),
+        options: vec!["-default-device".into(), "--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx =
+        cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| anyhow!("NVRTC: {e:?}"))?;
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(&path, ptx.to_src());
+    Ok(ptx)
+}
+
+pub struct CudaSession {
+    pub model: Arc<Model>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+    weights: CudaSlice<u8>,
+    instrs: CudaSlice<u8>,
+    ninstr: usize,
+    arena: CudaSlice<f32>,
+    kv: CudaSlice<f32>,
+    scratch: CudaSlice<f32>,
+    tokens: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    out_tokens: CudaSlice<i32>,
+    done: CudaSlice<u32>,
+    epoch: u32,
+    grid: u32,
+    enc: Encoded,
+    max_ctx: usize,
+    /// Copy logits back after each forward (off for argmax-only benchmarking).
+    pub read_logits: bool,
+    logits: Vec<f32>,
+    t: usize,
+    /// Temperature / seed of the in-kernel Gumbel-max sampler (0 = argmax).
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl CudaSession {
+    pub fn new(
+        model: Arc<Model>,
+        plan_dir: &Path,
+        max_ctx: usize,
+        device: usize,
+    ) -> Result<CudaSession> {
+        // SAFETY: only probes whether the driver library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("the CUDA driver library (libcuda.so) is not present: no GPU on this machine; use --device cpu");
+        }
+        let ctx = CudaContext::new(device).map_err(|e| anyhow!("CUDA device {device}: {e:?}"))?;
+        let stream = ctx.default_stream();
+        let func = load_function(&ctx, plan_dir)?;
+        let plan = &model.plan;
+        let prog = plan
+            .program("target")
+            .ok_or_else(|| anyhow!("plan has no target program"))?;
+        let enc = encode(plan, prog, max_ctx, true)
+            .map_err(|e| anyhow!("encoding the plan for the GPU: {e}"))?;
+        let sms =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            enc.smem_bytes as i32,
+        )
+        .context("raising the megakernel's shared-memory limit")?;
+        let per_sm = func
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, enc.smem_bytes, None)
+            .context("occupancy query")?;
+        if per_sm < 1 {
+            bail!(
+                "the megakernel does not fit on one SM ({} bytes shared memory)",
+                enc.smem_bytes
+            );
+        }
+        let weights = stream
+            .memcpy_stod(model.weights_bytes())
+            .context("uploading weights")?;
+        let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
+        let arena = stream.alloc_zeros::<f32>(plan.arena_len.max(1))?;
+        let kv = stream.alloc_zeros::<f32>(enc.kv.total.max(1))?;
+        let scratch = stream.alloc_zeros::<f32>(enc.scratch_len)?;
+        let mt = plan.max_tokens;
+        let tokens = stream.alloc_zeros::<i32>(mt)?;
+        let pos = stream.alloc_zeros::<i32>(mt)?;
+        let out_tokens = stream.alloc_zeros::<i32>(mt)?;
+        let done = stream.alloc_zeros::<u32>(enc.instrs.len())?;
+        let ninstr = enc.instrs.len();
+        let vocab = plan.model.vocab;
+        Ok(CudaSession {
+            model: model.clone(),
+            ctx,
+            stream,
+            func,
+            weights,
+            instrs,
+            ninstr,
+            arena,
+            kv,
+            scratch,
+            tokens,
+            pos,
+            out_tokens,
+            done,
+            epoch: 0,
+            grid: sms,
+            enc,
+            max_ctx,
+            read_logits: true,
+            logits: vec![0.0; mt * vocab],
+            t: 0,
+            temperature: 0.0,
+            seed: 0,
+        })
+    }
+
+    pub fn num_sms(&self) -> u32 {
+        self.grid
+    }
+
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "cuda".into())
+    }
+
+    /// Launch one forward asynchronously (no copy back).
+    pub fn launch(&mut self, toks: &[u32], start: usize) -> Result<()> {
+        let plan = &self.model.plan;
+        if toks.is_empty() || toks.len() > plan.max_tokens {
+            bail!(
+                "a forward takes 1..={} tokens, got {}",
+                plan.max_tokens,
+                toks.len()
+            );
+        }
+        if start + toks.len() > self.max_ctx {
+            bail!(
+                "context of {} tokens exceeds the KV cache ({} tokens)",
+                start + toks.len(),
+                self.max_ctx
+            );
+        }
+        if let Some(&bad) = toks.iter().find(|&&t| t as usize >= plan.model.vocab) {
+            bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                plan.model.vocab
+            );
+        }
+        let t: Vec<i32> = toks.iter().map(|&x| x as i32).collect();
+        let p: Vec<i32> = (start..start + toks.len()).map(|x| x as i32).collect();
+        self.stream
+            .memcpy_htod(&t, &mut self.tokens.slice_mut(0..t.len()))?;
+        self.stream
+            .memcpy_htod(&p, &mut self.pos.slice_mut(0..p.len()))?;
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch.checked_mul(self.grid).is_none() {
+            // Counters would wrap: reset them.
+            self.stream.memset_zeros(&mut self.done)?;
+            self.epoch = 1;
+        }
+        let s = &self.stream;
+        let params = {
+            let (instrs, _a) = self.instrs.device_ptr(s);
+            let (weights, _b) = self.weights.device_ptr(s);
+            let (arena, _c) = self.arena.device_ptr_mut(s);
+            let (kv, _d) = self.kv.device_ptr_mut(s);
+            let (scratch, _e) = self.scratch.device_ptr_mut(s);
+            let (tokens, _f) = self.tokens.device_ptr(s);
+            let (pos, _g) = self.pos.device_ptr(s);
+            let (out_tokens, _h) = self.out_tokens.device_ptr_mut(s);
+            let (done, _i) = self.done.device_ptr_mut(s);
+            Params {
+                instrs,
+                ninstr: self.ninstr as i32,
+                _pad0: 0,
+                weights,
+                arena,
+                kv,
+                scratch,
+                tokens,
+                pos,
+                out_tokens,
+                done,
+                epoch: self.epoch,
+                t: toks.len() as i32,
+                temperature: self.temperature,
+                _pad1: 0,
+                seed: self.seed,
+            }
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (self.grid, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: self.enc.smem_bytes as u32,
+        };
+        let mut b = self.stream.launch_builder(&self.func);
+        b.arg(&params);
+        // SAFETY: Params points at live device buffers sized by the encoder for this plan; the kernel only
+        // touches the ranges the plan validation and the encoder established.
+        unsafe { b.launch_cooperative(cfg) }.context("launching the megakernel")?;
+        self.t = toks.len();
+        Ok(())
+    }
+
+    /// The tokens the in-kernel argmax / sampler chose for each of the last forward's tokens.
+    pub fn sampled(&self) -> Result<Vec<u32>> {
+        let v = self.stream.memcpy_dtov(&self.out_tokens.slice(0..self.t))?;
+        Ok(v.into_iter().map(|x| x as u32).collect())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Copy rows `0..t` of an arena buffer to the host.
+    fn read_rows(&self, offset: usize, width: usize, t: usize) -> Result<Vec<f32>> {
+        Ok(self
+            .stream
+            .memcpy_dtov(&self.arena.slice(offset..offset + width * t))?)
+    }
+}
+
+impl Backend for CudaSession {
+    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<()> {
+        self.launch(tokens, start)?;
+        if self.read_logits {
+            let (off, w) = self.enc.logits;
+            let rows = self.read_rows(off, w, tokens.len())?;
+            self.logits[..rows.len()].copy_from_slice(&rows);
+        } else {
+            self.stream.synchronize()?;
+        }
+        Ok(())
+    }
+    fn logits(&self, t: usize) -> &[f32] {
+        let v = self.model.plan.model.vocab;
+        &self.logits[t * v..(t + 1) * v]
+    }
+    fn hidden(&self, _name: &str, _t: usize) -> Option<&[f32]> {
+        None
+    }
+    fn max_tokens(&self) -> usize {
+        self.model.plan.max_tokens
+    }
+    fn max_ctx(&self) -> usize {
+        self.max_ctx
+    }
+}

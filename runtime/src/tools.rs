@@ -1,0 +1,260 @@
+//! Engineering tools behind `mimort logits`, `mimort verify-gpu` and `mimort bench`.
+
+use crate::cpu::CpuSession;
+use crate::cuda::CudaSession;
+use crate::generate::Backend;
+use crate::model::Model;
+use anyhow::{bail, Result};
+use cudarc::driver::sys::CUevent_flags;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Run `tokens` through a backend in forwards of `chunk` tokens; return every position's logits.
+pub fn all_logits<B: Backend>(b: &mut B, tokens: &[u32], chunk: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![];
+    let mut start = 0;
+    for c in tokens.chunks(chunk.max(1)) {
+        b.forward(c, start)?;
+        for t in 0..c.len() {
+            out.push(b.logits(t).to_vec());
+        }
+        start += c.len();
+    }
+    Ok(out)
+}
+
+/// Max |a - b| / max |b| over all rows.
+pub fn max_rel_err(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    let mut num = 0f32;
+    let mut den = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in x.iter().zip(y) {
+            num = num.max((p - q).abs());
+            den = den.max(q.abs());
+        }
+    }
+    if num.is_nan() || a.iter().flatten().any(|v| !v.is_finite()) {
+        return f32::INFINITY;
+    }
+    num / den.max(1e-30)
+}
+
+/// Deterministic pseudo-random token ids in `[lo, vocab)`.
+pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let lo = 3.min(vocab - 1);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (lo + ((s >> 33) as usize) % (vocab - lo)) as u32
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+pub struct VerifyReport {
+    pub plan: String,
+    pub device: String,
+    pub positions: usize,
+    pub prefill_chunk: usize,
+    pub max_rel_err_prefill: f32,
+    pub max_rel_err_decode: f32,
+    pub argmax_agree: f32,
+    pub in_kernel_argmax_ok: bool,
+}
+
+/// GPU vs CPU on the same plan: chunked prefill, then token-by-token decode past the sliding window.
+pub fn verify_gpu(
+    plan_dir: &Path,
+    n_prefill: usize,
+    n_decode: usize,
+    seed: u64,
+) -> Result<VerifyReport> {
+    let model = Model::load(plan_dir, true)?;
+    let ctx = n_prefill + n_decode + 8;
+    let toks = random_tokens(n_prefill + n_decode, model.plan.model.vocab, seed);
+    let mut cpu = CpuSession::new(model.clone(), ctx);
+    let mut gpu = CudaSession::new(model.clone(), plan_dir, ctx, 0)?;
+    let chunk = model.plan.max_tokens;
+    let c_pre = all_logits(&mut cpu, &toks[..n_prefill], chunk)?;
+    let g_pre = all_logits(&mut gpu, &toks[..n_prefill], chunk)?;
+    let mut c_dec = vec![];
+    let mut g_dec = vec![];
+    let mut argmax_ok = true;
+    for (i, &t) in toks[n_prefill..].iter().enumerate() {
+        let p = n_prefill + i;
+        cpu.forward("target", &[t], p)?;
+        gpu.forward(&[t], p)?;
+        c_dec.push(cpu.output("target", "logits", 0).expect("logits").to_vec());
+        g_dec.push(gpu.logits(0).to_vec());
+        let s = gpu.sampled()?;
+        argmax_ok &= s[0] == crate::sampling::argmax(&g_dec[i]);
+    }
+    let agree = c_dec
+        .iter()
+        .zip(&g_dec)
+        .filter(|(a, b)| crate::sampling::argmax(a) == crate::sampling::argmax(b))
+        .count() as f32
+        / c_dec.len().max(1) as f32;
+    Ok(VerifyReport {
+        plan: plan_dir.display().to_string(),
+        device: gpu.device_name(),
+        positions: n_prefill + n_decode,
+        prefill_chunk: chunk,
+        max_rel_err_prefill: max_rel_err(&g_pre, &c_pre),
+        max_rel_err_decode: max_rel_err(&g_dec, &c_dec),
+        argmax_agree: agree,
+        in_kernel_argmax_ok: argmax_ok,
+    })
+}
+
+#[derive(Serialize)]
+pub struct BenchRow {
+    pub tokens: usize,
+    pub ms_median: f64,
+    pub ms_min: f64,
+    pub tok_per_s: f64,
+    pub bytes: f64,
+    pub floor_ms: f64,
+    pub floor_frac: f64,
+}
+
+#[derive(Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub sms: u32,
+    pub hbm_copy_gbps: f64,
+    pub context: usize,
+    pub rows: Vec<BenchRow>,
+    pub weight_bytes_total: u64,
+}
+
+/// Bytes one forward of `t` tokens must read from HBM at `context`: every non-expert weight once (embedding:
+/// one row per token), the experts the tokens route to (expected distinct experts under uniform routing:
+/// E (1 - (1 - k/E)^t)), and the KV cache each token attends to.
+pub fn step_bytes(model: &Model, t: usize, context: usize) -> f64 {
+    use mimo_ir::plan::Instr;
+    use mimo_ir::WeightClass;
+    let plan = &model.plan;
+    let prog = plan.program("target").expect("target program");
+    let mut expert_frac = std::collections::HashMap::new();
+    for ins in &prog.instrs {
+        if let Instr::Moe {
+            gate_up,
+            down,
+            top_k,
+            ..
+        } = ins
+        {
+            let e = plan.weights[*gate_up as usize].dims[0] as f64;
+            let frac = (1.0 - (1.0 - *top_k as f64 / e).powi(t as i32)).min(1.0);
+            expert_frac.insert(*gate_up, frac);
+            expert_frac.insert(*down, frac);
+        }
+    }
+    let mut bytes = 0f64;
+    for (i, w) in plan.weights.iter().enumerate() {
+        let b = w.total_bytes() as f64;
+        bytes += match w.class {
+            WeightClass::Embedding => b / w.dims[0] as f64 * t as f64,
+            WeightClass::Experts => b * expert_frac.get(&(i as u32)).copied().unwrap_or(1.0),
+            _ => b,
+        };
+    }
+    for k in &plan.kv {
+        let vis = match k.window {
+            Some(w) => (context + t).min(w + t),
+            None => context + t,
+        };
+        bytes += (vis * k.heads * (k.k_dim + k.v_dim) * 4) as f64;
+    }
+    bytes
+}
+
+/// Decode-step benchmark on the GPU, with the HBM copy bandwidth measured in the same run.
+pub fn bench_gpu(
+    plan_dir: &Path,
+    tokens: &[usize],
+    context: usize,
+    iters: usize,
+) -> Result<BenchReport> {
+    let model: Arc<Model> = Model::load(plan_dir, false)?;
+    let max_t = *tokens.iter().max().unwrap_or(&1);
+    if max_t > model.plan.max_tokens {
+        bail!(
+            "plan handles {} tokens per forward, asked for {max_t}",
+            model.plan.max_tokens
+        );
+    }
+    let mut gpu = CudaSession::new(model.clone(), plan_dir, context + max_t + 1, 0)?;
+    gpu.read_logits = false;
+    let stream = gpu.stream().clone();
+    let ctx = stream.context().clone();
+    // HBM bandwidth: device-to-device copy of 2 GiB, bytes read + written.
+    let n = 1usize << 29; // f32 elements = 2 GiB
+    let src = stream.alloc_zeros::<f32>(n)?;
+    let mut dst = stream.alloc_zeros::<f32>(n)?;
+    let e0 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let e1 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let mut copies = vec![];
+    for i in 0..12 {
+        e0.record(&stream)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        e1.record(&stream)?;
+        e1.synchronize()?;
+        if i >= 2 {
+            copies.push(e0.elapsed_ms(&e1)? as f64);
+        }
+    }
+    drop((src, dst));
+    copies.sort_by(|a, b| a.total_cmp(b));
+    let bw = 2.0 * 4.0 * n as f64 / (copies[copies.len() / 2] * 1e-3);
+    // Fill the context.
+    let prompt = random_tokens(context, model.plan.model.vocab, 1);
+    let mut start = 0;
+    for c in prompt.chunks(model.plan.max_tokens) {
+        gpu.launch(c, start)?;
+        start += c.len();
+    }
+    gpu.synchronize()?;
+    let mut rows = vec![];
+    for &t in tokens {
+        let toks = random_tokens(t, model.plan.model.vocab, 7 + t as u64);
+        let mut times = vec![];
+        for i in 0..iters + 3 {
+            e0.record(&stream)?;
+            gpu.launch(&toks, context)?;
+            e1.record(&stream)?;
+            e1.synchronize()?;
+            if i >= 3 {
+                times.push(e0.elapsed_ms(&e1)? as f64);
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let med = times[times.len() / 2];
+        let bytes = step_bytes(&model, t, context);
+        let floor_ms = bytes / bw * 1e3;
+        rows.push(BenchRow {
+            tokens: t,
+            ms_median: med,
+            ms_min: times[0],
+            tok_per_s: t as f64 / (med * 1e-3),
+            bytes,
+            floor_ms,
+            floor_frac: floor_ms / med,
+        });
+    }
+    Ok(BenchReport {
+        device: gpu.device_name(),
+        sms: gpu.num_sms(),
+        hbm_copy_gbps: bw / 1e9,
+        context,
+        rows,
+        weight_bytes_total: model.plan.weights.iter().map(|w| w.total_bytes()).sum(),
+    })
+}
