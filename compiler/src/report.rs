@@ -110,7 +110,10 @@ fn tally(plan: &Plan, context: usize) -> Vec<Row> {
                 }
             }
             Instr::LmHead { w, .. } => add("lm-head", *w, 1, 1),
+            Instr::HeadRmsNorm { w, .. } => add(class(*w), *w, 1, 1),
             Instr::Rope { .. }
+            | Instr::LoadInput { .. }
+            | Instr::BlockAttention { .. }
             | Instr::KvWrite { .. }
             | Instr::SwiGlu { .. }
             | Instr::Scale { .. }
@@ -284,6 +287,7 @@ pub fn plan_from_config(cfg: &ModelConfig, passes: &PassOptions) -> Result<Plan>
         tokenizer_json: String::new(),
         chat_template: None,
         weights_len: 0,
+        draft: None,
     })
 }
 
@@ -439,6 +443,7 @@ mod tests {
             tokenizer_json: String::new(),
             chat_template: None,
             weights_len: 0,
+            draft: None,
         }
     }
 

@@ -155,6 +155,7 @@ pub fn compile_synthetic(
         tokenizer_json: mimo_models::tiny::train_tiny_tokenizer()?,
         chat_template: None,
         weights_len,
+        draft: None,
     };
     plan.validate()?;
     mimo_ir::plan::write_plan_file(out, &plan, weights_hash)?;

@@ -312,8 +312,17 @@ pub enum Op {
     Add,
     /// `(x, w)` -> f32 logits [T, V] (x W^T).
     LmHead,
-    /// `(x)`: marks a graph output (`logits`, or a captured hidden state `hidden.L`).
+    /// `(x)`: marks a graph output (`logits`, or a captured hidden state `hidden.L`). A cache handle may be an
+    /// output too: it keeps a program whose only effect is writing the KV cache (the DFlash `draft_ctx`) alive.
     Output { name: String },
+    /// `(x, w[head_dim])` -> each `head_dim` group of x's row normalized: x / rms(x_head) * w (Qwen3 q_norm /
+    /// k_norm, used by the DFlash draft).
+    HeadRmsNorm { eps: f32, head_dim: usize },
+    /// `(q, k_cache, v_cache)` -> f32[T, heads*v_head_dim]: DFlash block attention. The T tokens of the forward
+    /// form one block at positions `s..s+T`; every query sees the cached context positions `[s - window, s)`
+    /// (all of `[0, s)` when `window` is None) and ALL block positions, bidirectionally (no causal mask inside
+    /// the block). No sinks.
+    BlockAttention { spec: AttnSpec },
 }
 
 impl Op {
@@ -334,6 +343,8 @@ impl Op {
             Op::Add => "add",
             Op::LmHead => "lm_head",
             Op::Output { .. } => "output",
+            Op::HeadRmsNorm { .. } => "head_rmsnorm",
+            Op::BlockAttention { .. } => "block_attention",
         }
     }
 
@@ -341,7 +352,8 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::Embedding | Op::RmsNorm { .. } | Op::Add | Op::LmHead => 2,
+            Op::Embedding | Op::RmsNorm { .. } | Op::Add | Op::LmHead | Op::HeadRmsNorm { .. } => 2,
+            Op::BlockAttention { .. } => 3,
             Op::MatMul {
                 has_bias,
                 norm_eps,
@@ -834,8 +846,46 @@ impl Graph {
                 want_out(TensorType::act(wd[0]))
             }
             Op::Output { .. } => {
-                want_act(0, "x")?;
+                if t(0).dtype != DType::Cache {
+                    want_act(0, "x")?;
+                }
                 want_out(t(0).clone())
+            }
+            Op::HeadRmsNorm { head_dim, .. } => {
+                let w = want_act(0, "x")?;
+                if *head_dim == 0 || !w.is_multiple_of(*head_dim) {
+                    return Err(format!("head_dim {head_dim} does not divide width {w}"));
+                }
+                want_weight(1, "norm weight", &[*head_dim])?;
+                want_out(TensorType::act(w))
+            }
+            Op::BlockAttention { spec } => {
+                let w = want_act(0, "q")?;
+                if w != spec.n_heads * spec.head_dim {
+                    return Err(format!(
+                        "q width {w} != {} heads x {}",
+                        spec.n_heads, spec.head_dim
+                    ));
+                }
+                if spec.n_kv_heads == 0 || spec.n_heads % spec.n_kv_heads != 0 {
+                    return Err(format!(
+                        "{} heads not a multiple of {} kv heads",
+                        spec.n_heads, spec.n_kv_heads
+                    ));
+                }
+                if spec.sinks {
+                    return Err("block attention has no sinks".into());
+                }
+                let kc = TensorType::fixed(DType::Cache, &[spec.n_kv_heads, spec.head_dim]);
+                let vc = TensorType::fixed(DType::Cache, &[spec.n_kv_heads, spec.v_head_dim]);
+                if *t(1) != kc || *t(2) != vc {
+                    return Err(format!(
+                        "caches must be {kc} and {vc}, got {} and {}",
+                        t(1),
+                        t(2)
+                    ));
+                }
+                want_out(TensorType::act(spec.n_heads * spec.v_head_dim))
             }
         }
     }
@@ -969,6 +1019,19 @@ fn attr_text(op: &Op) -> String {
         } => format!("{{experts={n_experts}, top_k={top_k}, inter={inter}}}"),
         Op::Scale { factor } => format!("{{{factor}}}"),
         Op::Output { name } => format!("{{{name}}}"),
+        Op::HeadRmsNorm { eps, head_dim } => format!("{{eps={eps}, head_dim={head_dim}}}"),
+        Op::BlockAttention { spec } => format!(
+            "{{L{}, heads={}/{}, dims={}/{}, window={}, scale={:.6}, bidirectional-block}}",
+            spec.layer,
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.head_dim,
+            spec.v_head_dim,
+            spec.window
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "global".into()),
+            spec.scale
+        ),
         Op::Embedding | Op::SwiGlu | Op::Add | Op::LmHead => String::new(),
     }
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub const MAGIC: &[u8; 8] = b"MIMOPLAN";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: `Plan::draft` and the DFlash instructions (`LoadInput`, `HeadRmsNorm`, `BlockAttention`).
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 64;
 pub const WEIGHT_ALIGN: u64 = 256;
 pub const PLAN_FILE: &str = "plan.bin";
@@ -152,6 +153,26 @@ pub enum Instr {
         w: WeightId,
         out: BufId,
     },
+    /// out[t] = row t of the runtime input `name` (e.g. the DFlash draft's `hidden_in` target features).
+    LoadInput {
+        name: String,
+        out: BufId,
+    },
+    /// Per-head RMSNorm: every `head_dim` group of x's row normalized with the `[head_dim]` weight.
+    HeadRmsNorm {
+        x: BufId,
+        w: WeightId,
+        out: BufId,
+        eps: f32,
+        head_dim: usize,
+    },
+    /// DFlash block attention (see [`crate::graph::Op::BlockAttention`]): the forward's T tokens are one block;
+    /// each query sees the cached context window before the block and the whole block, bidirectionally.
+    BlockAttention {
+        q: BufId,
+        out: BufId,
+        spec: AttnSpec,
+    },
 }
 
 impl Instr {
@@ -169,6 +190,89 @@ impl Instr {
             Instr::Scale { .. } => "scale",
             Instr::Add { .. } => "add",
             Instr::LmHead { .. } => "lm_head",
+            Instr::LoadInput { .. } => "load_input",
+            Instr::HeadRmsNorm { .. } => "head_rmsnorm",
+            Instr::BlockAttention { .. } => "block_attention",
+        }
+    }
+
+    /// Rewrite every buffer and weight id (used when programs lowered separately are merged into one plan).
+    pub fn map_ids(&mut self, fb: impl Fn(BufId) -> BufId, fw: impl Fn(WeightId) -> WeightId) {
+        match self {
+            Instr::Embed { table, out } => {
+                *table = fw(*table);
+                *out = fb(*out);
+            }
+            Instr::RmsNorm { x, w, out, .. } | Instr::HeadRmsNorm { x, w, out, .. } => {
+                *x = fb(*x);
+                *w = fw(*w);
+                *out = fb(*out);
+            }
+            Instr::MatMul {
+                x,
+                w,
+                bias,
+                norm,
+                residual,
+                out,
+                ..
+            } => {
+                *x = fb(*x);
+                *w = fw(*w);
+                *bias = bias.map(&fw);
+                *norm = norm.map(|(n, e)| (fw(n), e));
+                *residual = residual.map(&fb);
+                *out = fb(*out);
+            }
+            Instr::Rope { x, out, .. }
+            | Instr::SwiGlu { x, out }
+            | Instr::Scale { x, out, .. } => {
+                *x = fb(*x);
+                *out = fb(*out);
+            }
+            Instr::KvWrite { x, .. } => *x = fb(*x),
+            Instr::Attention { q, sinks, out, .. } => {
+                *q = fb(*q);
+                *sinks = sinks.map(&fw);
+                *out = fb(*out);
+            }
+            Instr::Router {
+                x, w, bias, out, ..
+            } => {
+                *x = fb(*x);
+                *w = fw(*w);
+                *bias = bias.map(&fw);
+                *out = fb(*out);
+            }
+            Instr::Moe {
+                x,
+                routing,
+                gate_up,
+                down,
+                out,
+                ..
+            } => {
+                *x = fb(*x);
+                *routing = fb(*routing);
+                *gate_up = fw(*gate_up);
+                *down = fw(*down);
+                *out = fb(*out);
+            }
+            Instr::Add { a, b, out } => {
+                *a = fb(*a);
+                *b = fb(*b);
+                *out = fb(*out);
+            }
+            Instr::LmHead { x, w, out } => {
+                *x = fb(*x);
+                *w = fw(*w);
+                *out = fb(*out);
+            }
+            Instr::LoadInput { out, .. } => *out = fb(*out),
+            Instr::BlockAttention { q, out, .. } => {
+                *q = fb(*q);
+                *out = fb(*out);
+            }
         }
     }
 }
@@ -191,6 +295,22 @@ impl Program {
     }
 }
 
+/// The DFlash draft compiled into the plan (programs `draft_ctx` and `draft_block`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DraftInfo {
+    /// Block size the draft was trained with (`block_size`); the runtime's default is min(8, this, max_tokens).
+    pub block_size: usize,
+    /// Token id that fills the not-yet-known positions of a block.
+    pub mask_token: u32,
+    /// Target layers whose output hidden states (target outputs `hidden.{i}`) the draft reads, concatenated in
+    /// this order into the `hidden_in` input of `draft_ctx`.
+    pub target_layers: Vec<usize>,
+    /// Sliding window of the draft's attention (context positions kept before the block).
+    pub window: usize,
+    /// KV-cache layer ids of the draft layers (numbered after the target's layers).
+    pub kv_layers: Vec<usize>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub model: ModelInfo,
@@ -207,6 +327,8 @@ pub struct Plan {
     pub tokenizer_json: String,
     pub chat_template: Option<String>,
     pub weights_len: u64,
+    /// The DFlash draft, when one was compiled in.
+    pub draft: Option<DraftInfo>,
 }
 
 impl Plan {
@@ -448,6 +570,9 @@ fn kv_dim(kv: &KvDesc, kind: KvKind) -> usize {
 pub fn instr_output(ins: &Instr) -> Option<BufId> {
     match ins {
         Instr::KvWrite { .. } => None,
+        Instr::LoadInput { out, .. }
+        | Instr::HeadRmsNorm { out, .. }
+        | Instr::BlockAttention { out, .. } => Some(*out),
         Instr::Embed { out, .. }
         | Instr::RmsNorm { out, .. }
         | Instr::MatMul { out, .. }
@@ -475,6 +600,7 @@ impl Plan {
             self.check_weight(w)?;
         }
         self.check_kv()?;
+        self.check_draft()?;
         for p in &self.programs {
             for (i, ins) in p.instrs.iter().enumerate() {
                 InstrCheck {
@@ -578,7 +704,8 @@ impl Plan {
                     k.heads, k.k_dim, k.v_dim
                 )));
             }
-            if l >= self.model.n_layers.min(MAX_LAYERS) {
+            let draft_layers = self.draft.as_ref().is_some_and(|d| d.kv_layers.contains(&l));
+            if l >= self.model.n_layers.min(MAX_LAYERS) && !draft_layers {
                 return Err(invalid(format!(
                     "KV cache of layer {l}: the model has {} layers",
                     self.model.n_layers
@@ -621,8 +748,51 @@ impl Plan {
                 )));
             }
         }
-        if p.output("logits").is_none() {
+        // `draft_ctx` only writes the draft's KV cache; every other program produces logits.
+        if p.output("logits").is_none() && p.name != "draft_ctx" {
             return Err(invalid(format!("program {} has no logits output", p.name)));
+        }
+        Ok(())
+    }
+
+    fn check_draft(&self) -> Result<(), PlanError> {
+        let Some(d) = &self.draft else {
+            return Ok(());
+        };
+        if d.block_size == 0 || d.window == 0 || d.window.checked_add(self.max_tokens).is_none() {
+            return Err(invalid(format!(
+                "draft: block_size {} and window {} must be > 0",
+                d.block_size, d.window
+            )));
+        }
+        if d.mask_token as usize >= self.model.vocab {
+            return Err(invalid(format!(
+                "draft: mask token {} is outside the vocabulary ({})",
+                d.mask_token, self.model.vocab
+            )));
+        }
+        if d.target_layers.is_empty() {
+            return Err(invalid("draft: no target layers"));
+        }
+        let target = self
+            .program("target")
+            .ok_or_else(|| invalid("draft: plan has no target program"))?;
+        for l in &d.target_layers {
+            if target.output(&format!("hidden.{l}")).is_none() {
+                return Err(invalid(format!(
+                    "draft reads target layer {l}, but the target program has no output hidden.{l}"
+                )));
+            }
+        }
+        for name in ["draft_ctx", "draft_block"] {
+            if self.program(name).is_none() {
+                return Err(invalid(format!("draft: plan has no program {name}")));
+            }
+        }
+        for l in &d.kv_layers {
+            if *l >= MAX_LAYERS || !self.kv.iter().any(|k| k.layer == *l) {
+                return Err(invalid(format!("draft: KV layer {l} has no cache")));
+            }
         }
         Ok(())
     }
@@ -777,6 +947,38 @@ impl<'a> InstrCheck<'a> {
                 let [v, k] = self.dims::<2>("lm_head", *w)?;
                 self.expect_width("x", *x, k, "the weight's columns")?;
                 self.expect_width("out", *out, v, "the weight's rows")
+            }
+            Instr::LoadInput { name, out } => {
+                self.ensure(name == "hidden_in", || {
+                    format!("unknown runtime input {name:?} (known: hidden_in)")
+                })?;
+                let want = self
+                    .plan
+                    .draft
+                    .as_ref()
+                    .map(|d| d.target_layers.len() * self.plan.model.hidden);
+                match want {
+                    Some(w) => self.expect_width("out", *out, w, "target layers x hidden"),
+                    None => Err(self.err("hidden_in needs a draft in the plan")),
+                }
+            }
+            Instr::HeadRmsNorm {
+                x,
+                w,
+                out,
+                head_dim,
+                ..
+            } => {
+                let xw = self.width(*x)?;
+                self.ensure(*head_dim > 0 && xw.is_multiple_of(*head_dim), || {
+                    format!("head_dim {head_dim} does not divide the x width {xw}")
+                })?;
+                self.expect_dims("norm", *w, &[*head_dim], "head_dim")?;
+                self.expect_width("out", *out, xw, "the x width")
+            }
+            Instr::BlockAttention { q, out, spec } => {
+                self.ensure(!spec.sinks, || "block attention has no sinks".into())?;
+                self.attention(*q, None, *out, spec)
             }
         }
     }
@@ -1125,6 +1327,9 @@ pub fn instr_refs(ins: &Instr) -> (Vec<BufId>, Vec<WeightId>) {
         Instr::SwiGlu { x, out } | Instr::Scale { x, out, .. } => (vec![*x, *out], vec![]),
         Instr::Add { a, b, out } => (vec![*a, *b, *out], vec![]),
         Instr::LmHead { x, w, out } => (vec![*x, *out], vec![*w]),
+        Instr::LoadInput { out, .. } => (vec![*out], vec![]),
+        Instr::HeadRmsNorm { x, w, out, .. } => (vec![*x, *out], vec![*w]),
+        Instr::BlockAttention { q, out, .. } => (vec![*q, *out], vec![]),
     }
 }
 
@@ -1183,6 +1388,7 @@ mod tests {
             tokenizer_json: "{}".into(),
             chat_template: None,
             weights_len: 256,
+            draft: None,
         }
     }
 

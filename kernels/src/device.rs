@@ -518,6 +518,12 @@ pub fn encode(
                 d.ntiles = wt.dims[0].div_ceil(64) as i32;
                 out.push((d, vec![arena(*x)], vec![arena(*o)]));
             }
+            Instr::LoadInput { .. } | Instr::HeadRmsNorm { .. } | Instr::BlockAttention { .. } => {
+                return Err(format!(
+                    "instruction {} (DFlash draft) is not supported by the megakernel yet",
+                    ins.mnemonic()
+                ));
+            }
         }
     }
     let logits_buf = program

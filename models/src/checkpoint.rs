@@ -187,6 +187,18 @@ impl Checkpoint {
             tensors = header;
         }
 
+        // The Hub (and transformers' save_pretrained) name the attention sinks `attention_sink_bias`; the
+        // model's parameter is `sinks`. Accept either under the parameter's name.
+        let aliases: Vec<(String, Entry)> = tensors
+            .iter()
+            .filter_map(|(n, e)| {
+                n.strip_suffix(".self_attn.attention_sink_bias")
+                    .map(|p| (format!("{p}.self_attn.sinks"), e.clone()))
+            })
+            .collect();
+        for (n, e) in aliases {
+            tensors.entry(n).or_insert(e);
+        }
         let mut ck = Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -808,7 +820,7 @@ mod tests {
         let td = tempfile::tempdir().unwrap();
         let dir = tiny(td.path(), "d", Arch::MimoV2Flash, false);
         to_single(&dir, |t| {
-            t.retain(|e| e.0 != "model.layers.2.self_attn.sinks")
+            t.retain(|e| e.0 != "model.layers.2.self_attn.attention_sink_bias")
         });
         let e = err(&dir);
         assert!(

@@ -219,7 +219,7 @@ fn init_of(name: &str, shape: &[usize], hidden: usize) -> (f32, f32) {
         (1.0, 0.1)
     } else if name.ends_with(".bias") || name.ends_with("e_score_correction_bias") {
         (0.0, 0.1)
-    } else if name.ends_with(".sinks") {
+    } else if name.ends_with(".sinks") || name.ends_with(".attention_sink_bias") {
         (0.0, 1.0)
     } else {
         (0.0, 0.8 / fan_in.sqrt())
@@ -236,6 +236,11 @@ fn generate(
     expected_tensors(cfg, layout)
         .into_iter()
         .map(|(name, shape)| {
+            // Written under the Hub / save_pretrained name of the sinks.
+            let name = match name.strip_suffix(".self_attn.sinks") {
+                Some(p) => format!("{p}.self_attn.attention_sink_bias"),
+                None => name,
+            };
             let (mean, std) = init_of(&name, &shape, cfg.hidden);
             let n: usize = shape.iter().product();
             let vals: Vec<f32> = (0..n)
