@@ -1,6 +1,7 @@
 //! mimoc: checkpoint -> IR -> passes -> plan (+ CUDA megakernel source).
 
 pub mod codegen;
+pub mod draft;
 pub mod lower;
 pub mod pack;
 pub mod passes;
@@ -24,6 +25,10 @@ pub struct CompileOptions {
     pub progress: bool,
     /// Target layers whose hidden states are plan outputs (for the DFlash draft).
     pub capture_layers: Vec<usize>,
+    /// DFlash draft checkpoint to compile into the plan; `None`: `<checkpoint>/draft` when it exists.
+    pub draft: Option<PathBuf>,
+    /// Compile no draft even if `<checkpoint>/draft` exists.
+    pub no_draft: bool,
 }
 
 impl Default for CompileOptions {
@@ -33,6 +38,8 @@ impl Default for CompileOptions {
             max_tokens: 16,
             progress: false,
             capture_layers: vec![],
+            draft: None,
+            no_draft: false,
         }
     }
 }
@@ -76,8 +83,33 @@ pub fn compile(ckpt_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Com
         bail!("--max-tokens must be in 1..=256, got {}", opts.max_tokens);
     }
     let ck = Checkpoint::open(ckpt_dir)?;
+    let draft_dir = match &opts.draft {
+        _ if opts.no_draft => None,
+        Some(d) => Some(d.clone()),
+        None => Some(ckpt_dir.join("draft")).filter(|d| d.join("config.json").is_file()),
+    };
+    let draft_ck = draft_dir
+        .map(|d| {
+            mimo_models::draft::DraftCheckpoint::open(&d)
+                .with_context(|| format!("loading the DFlash draft {}", d.display()))
+        })
+        .transpose()?;
+    let mut opts = opts.clone();
+    if let Some(d) = &draft_ck {
+        // The target exposes the hidden states the draft reads.
+        for &l in &d.config.target_layers {
+            if !opts.capture_layers.contains(&l) {
+                opts.capture_layers.push(l);
+            }
+        }
+    }
+    let opts = &opts;
     let (g, pass_log) = ir_after(&ck, opts, None)?;
     let lowered = lower::lower(&g, "target", opts.max_tokens)?;
+    let lowered_draft = draft_ck
+        .as_ref()
+        .map(|d| draft::lower_draft(&ck.config, d, &opts.passes, opts.max_tokens))
+        .transpose()?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -87,8 +119,37 @@ pub fn compile(ckpt_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Com
         .prefix(".mimoc-")
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
-    let (weights, weights_len, weights_hash) =
-        pack::pack_weights(&ck, &[(&g, &lowered.weights)], tmp.path(), opts.progress)?;
+    let target_weights = lowered.weights.clone();
+    let (merged, draft_info) = match (&lowered_draft, &draft_ck) {
+        (Some(ld), Some(_)) => (draft::merge(&g, lowered, ld)?, Some(ld.info.clone())),
+        _ => (
+            draft::Merged {
+                buffers: lowered.buffers,
+                arena_len: lowered.arena_len,
+                kv: lowered.kv,
+                programs: vec![lowered.program],
+                ctx_weights: vec![],
+                block_weights: vec![],
+            },
+            None,
+        ),
+    };
+    let (weights, weights_len, weights_hash) = match (&lowered_draft, &draft_ck) {
+        (Some(ld), Some(dck)) => pack::pack_weights(
+            &draft::WithDraft {
+                target: &ck,
+                draft: dck,
+            },
+            &[
+                (&g, &target_weights),
+                (&ld.ctx.0, &merged.ctx_weights),
+                (&ld.block.0, &merged.block_weights),
+            ],
+            tmp.path(),
+            opts.progress,
+        )?,
+        _ => pack::pack_weights(&ck, &[(&g, &target_weights)], tmp.path(), opts.progress)?,
+    };
     let cfg = &ck.config;
     let plan = Plan {
         model: ModelInfo {
@@ -101,15 +162,16 @@ pub fn compile(ckpt_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Com
             max_position: cfg.max_position,
         },
         max_tokens: opts.max_tokens,
-        arena_len: lowered.arena_len,
-        buffers: lowered.buffers,
+        arena_len: merged.arena_len,
+        buffers: merged.buffers,
         weights,
-        kv: lowered.kv,
-        programs: vec![lowered.program],
+        kv: merged.kv,
+        programs: merged.programs,
         passes: pass_log.clone(),
         tokenizer_json: ck.tokenizer_json()?,
         chat_template: ck.chat_template(),
         weights_len,
+        draft: draft_info,
     };
     plan.validate()?;
     mimo_ir::plan::write_plan_file(tmp.path(), &plan, weights_hash)?;

@@ -107,11 +107,16 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
             weights.push(n);
             continue;
         }
-        if let Op::Input { .. } = node.op {
+        // `tokens` / `positions` are implicit in every instruction; other (f32) inputs are loaded into a buffer.
+        if matches!(node.op, Op::Input { .. }) && node.ty.dtype != DType::F32 {
             continue;
         }
         if let Op::Output { name } = &node.op {
             let src = ins[0];
+            // A cache handle output only keeps its KV writes alive; it has no buffer.
+            if g.node(src).ty.dtype == DType::Cache {
+                continue;
+            }
             outputs.push((
                 name.clone(),
                 *bid.get(&src)
@@ -167,6 +172,32 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
                 }
             };
         let ins_ = match &node.op {
+            Op::Input { name } => Instr::LoadInput {
+                name: name.clone(),
+                out: o()?,
+            },
+            Op::HeadRmsNorm { eps, head_dim } => Instr::HeadRmsNorm {
+                x: b(0)?,
+                w: w(1)?,
+                out: o()?,
+                eps: *eps,
+                head_dim: *head_dim,
+            },
+            Op::BlockAttention { spec } => {
+                if let Some(k) = kv.iter_mut().find(|k| k.layer == spec.layer) {
+                    k.window = spec.window;
+                } else {
+                    bail!(
+                        "block attention of layer {} reads a cache nothing writes",
+                        spec.layer
+                    );
+                }
+                Instr::BlockAttention {
+                    q: b(0)?,
+                    out: o()?,
+                    spec: *spec,
+                }
+            }
             Op::Embedding => Instr::Embed {
                 table: w(1)?,
                 out: o()?,
@@ -293,7 +324,7 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
                 w: w(1)?,
                 out: o()?,
             },
-            Op::Input { .. } | Op::Weight { .. } | Op::Output { .. } => {
+            Op::Weight { .. } | Op::Output { .. } => {
                 unreachable!("handled above")
             }
         };
@@ -305,7 +336,8 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
             bail!("layer {} writes only one of K and V", k.layer);
         }
     }
-    if !outputs.iter().any(|(n, _)| n == "logits") {
+    // `draft_ctx` only writes the draft's KV cache (its outputs are cache handles).
+    if name != "draft_ctx" && !outputs.iter().any(|(n, _)| n == "logits") {
         bail!("graph has no `logits` output");
     }
     Ok(Lowered {

@@ -83,6 +83,9 @@ enum Cmd {
         /// Store projections as block-scaled FP8 (as MiMo's FP8 checkpoints do).
         #[arg(long)]
         fp8: bool,
+        /// Also write a random DFlash draft (public layout) into `<dir>/draft/`.
+        #[arg(long)]
+        draft: bool,
     },
     /// Compile a checkpoint into a plan directory.
     Compile {
@@ -97,6 +100,12 @@ enum Cmd {
         /// Context length (tokens) at which `--report` counts KV-cache reads.
         #[arg(long, default_value_t = 4096)]
         context: usize,
+        /// DFlash draft checkpoint to compile into the plan (default: `<checkpoint>/draft` if present).
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Do not compile a draft even if `<checkpoint>/draft` exists.
+        #[arg(long, conflicts_with = "draft")]
+        no_draft: bool,
     },
     /// Compile a benchmark plan from a config alone, with random weights generated in their packed formats.
     /// Default config: MiMo-V2-Flash with the expert count cut to `--experts` (per-token bytes unchanged).
@@ -144,6 +153,7 @@ fn run(cli: Cli) -> Result<()> {
             arch,
             seed,
             fp8,
+            draft,
         } => {
             let arch = match arch {
                 ArchArg::Moe => Arch::MimoV2Flash,
@@ -163,6 +173,10 @@ fn run(cli: Cli) -> Result<()> {
                 arch.model_type(),
                 dir.display()
             );
+            if draft {
+                let d = mimo_models::draft::make_tiny_draft(&dir, seed)?;
+                println!("wrote tiny DFlash draft to {}", d.display());
+            }
         }
         Cmd::Compile {
             checkpoint,
@@ -170,9 +184,13 @@ fn run(cli: Cli) -> Result<()> {
             passes,
             report,
             context,
+            draft,
+            no_draft,
         } => {
             let mut o = passes.options();
             o.progress = true;
+            o.draft = draft;
+            o.no_draft = no_draft;
             let r = compile(&checkpoint, &out, &o)?;
             for l in &r.pass_log {
                 println!("pass {l}");
@@ -187,6 +205,17 @@ fn run(cli: Cli) -> Result<()> {
                 wbytes as f64 / 1e6,
                 r.plan.arena_len
             );
+            if let Some(d) = &r.plan.draft {
+                println!(
+                    "DFlash draft: {} layers (KV layers {:?}), reads target layers {:?}, block size {}, window {}, mask token {}",
+                    d.kv_layers.len(),
+                    d.kv_layers,
+                    d.target_layers,
+                    d.block_size,
+                    d.window,
+                    d.mask_token
+                );
+            }
             if report {
                 print!("{}", mimo_compiler::report::decode_report(&r.plan, context));
             }

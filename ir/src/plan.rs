@@ -224,9 +224,7 @@ impl Instr {
                 *residual = residual.map(&fb);
                 *out = fb(*out);
             }
-            Instr::Rope { x, out, .. }
-            | Instr::SwiGlu { x, out }
-            | Instr::Scale { x, out, .. } => {
+            Instr::Rope { x, out, .. } | Instr::SwiGlu { x, out } | Instr::Scale { x, out, .. } => {
                 *x = fb(*x);
                 *out = fb(*out);
             }
@@ -704,7 +702,10 @@ impl Plan {
                     k.heads, k.k_dim, k.v_dim
                 )));
             }
-            let draft_layers = self.draft.as_ref().is_some_and(|d| d.kv_layers.contains(&l));
+            let draft_layers = self
+                .draft
+                .as_ref()
+                .is_some_and(|d| d.kv_layers.contains(&l));
             if l >= self.model.n_layers.min(MAX_LAYERS) && !draft_layers {
                 return Err(invalid(format!(
                     "KV cache of layer {l}: the model has {} layers",

@@ -16,10 +16,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 #ifndef MK_THREADS
-#define MK_THREADS 512
+#define MK_THREADS 256
 #endif
 #ifndef MK_MAX_T
 #define MK_MAX_T 16
@@ -132,130 +133,179 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Weight-row dot products over a K-chunk [k0, k0+kc) against up to MK_MAX_T activation rows held in shared memory
-// (xs[t * MK_KC + (k - k0)]). Each lane handles 16-byte pieces; acc[t] accumulates the lane's partial sums.
-// Row `r` of a [rows, K] matrix at byte offset `w`; `ws` = scales (FP8: f32 per 128x128 block; MXFP4: byte/32).
+// v2 GEMV core: a warp computes NR weight rows at once; each lane keeps 8 16-byte loads in flight (NR rows x U
+// pieces) before any arithmetic, so an SM has 512 x 128 B = 64 KB of weight reads outstanding. Activations come
+// from shared memory (xs[t * xstride + k]). MXFP4 decodes through a 16-entry shared table (one bank per entry:
+// conflict-free), FP8 through the hardware e4m3x2 -> f16x2 conversion, bf16 by a shift.
+
+// Maps a tile-local row rr to a weight row: rr < cols -> c0 + rr, else split + c0 + (rr - cols) (SwiGLU's up half).
+struct RowMap {
+  int c0, cols, split;
+  __device__ __forceinline__ int operator()(int rr) const { return rr < cols ? c0 + rr : split + c0 + (rr - cols); }
+};
+
+template <int FMT> struct Piece;  // elements per 16-byte piece
+template <> struct Piece<FMT_BF16> { static constexpr int E = 8; };
+template <> struct Piece<FMT_F8> { static constexpr int E = 16; };
+template <> struct Piece<FMT_MXFP4> { static constexpr int E = 32; };
 
 template <int FMT>
-__device__ __forceinline__ void row_chunk_dot(const uint8_t* W, long long w, long long ws, int r, int K, int k0, int kc,
-                                              const float* xs, int T, float* acc) {
-  const int lane = threadIdx.x & 31;
+__device__ __forceinline__ const uint8_t* piece_ptr(const uint8_t* W, long long w, int row, int K, int k) {
+  if (FMT == FMT_BF16) return W + w + ((long long)row * K + k) * 2;
+  if (FMT == FMT_F8) return W + w + (long long)row * K + k;
+  return W + w + ((long long)row * K + k) / 2;
+}
+
+template <int FMT>
+__device__ __forceinline__ float piece_scale(const uint8_t* W, long long ws, int row, int K, int k) {
+  if (FMT == FMT_F8) return __ldg(reinterpret_cast<const float*>(W + ws) + (long long)(row / 128) * ((K + 127) / 128) + k / 128);
+  if (FMT == FMT_MXFP4) return e8m0_to_f32(__ldg(W + ws + ((long long)row * K + k) / 32));
+  return 1.f;
+}
+
+// acc[t] += sum_j w_j * x[t][k + j] over one piece, decoding 4 weights at a time (few live registers).
+template <int FMT>
+__device__ __forceinline__ void decode4(const unsigned int* words, int q, float sc, const float* lut, float* w4) {
   if (FMT == FMT_BF16) {
-    const uint8_t* row = W + w + ((long long)r * K + k0) * 2;
-    // 8 elements per 16 bytes.
-    for (int base = 0; base < kc; base += 32 * 8 * 2) {
-      uint4 v[2];
-      int kk[2];
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        kk[u] = base + (u * 32 + lane) * 8;
-        if (kk[u] < kc) v[u] = ldg16(row + kk[u] * 2);
-      }
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        if (kk[u] >= kc) continue;
-        float wv[8] = {bf16lo(v[u].x), bf16hi(v[u].x), bf16lo(v[u].y), bf16hi(v[u].y),
-                       bf16lo(v[u].z), bf16hi(v[u].z), bf16lo(v[u].w), bf16hi(v[u].w)};
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) {
-          const float4* xp = reinterpret_cast<const float4*>(xs + t * MK_KC + kk[u]);
-          float4 a = xp[0], b = xp[1];
-          acc[t] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y +
-                    wv[6] * b.z + wv[7] * b.w;
-        }
-      }
-    }
+    unsigned int w0 = words[(4 * q) / 2], w1 = words[(4 * q) / 2 + 1];
+    w4[0] = bf16lo(w0); w4[1] = bf16hi(w0); w4[2] = bf16lo(w1); w4[3] = bf16hi(w1);
   } else if (FMT == FMT_F8) {
-    const uint8_t* row = W + w + (long long)r * K + k0;
-    const int cb = (K + 127) / 128;
-    const float* sc = reinterpret_cast<const float*>(W + ws) + (long long)(r / 128) * cb;
-    for (int base = 0; base < kc; base += 32 * 16 * 2) {
-      uint4 v[2];
-      int kk[2];
+    unsigned int wd = words[q];
+    __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd & 0xffffu), __NV_E4M3);
+    __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd >> 16), __NV_E4M3);
+    float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
+    float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
+    w4[0] = f0.x * sc; w4[1] = f0.y * sc; w4[2] = f1.x * sc; w4[3] = f1.y * sc;
+  } else {
+    unsigned int wd = words[q >> 1] >> ((q & 1) * 16);
+    w4[0] = lut[wd & 0xfu]; w4[1] = lut[(wd >> 4) & 0xfu]; w4[2] = lut[(wd >> 8) & 0xfu]; w4[3] = lut[(wd >> 12) & 0xfu];
+  }
+}
+
+template <int FMT, int TM>
+__device__ __forceinline__ void piece_fma(uint4 v, float sc, const float* xs, int xstride, int k, int T, float* acc,
+                                          const float* lut) {
+  constexpr int PE = Piece<FMT>::E;
+  const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+  float part[TM];
 #pragma unroll
-      for (int u = 0; u < 2; u++) {
-        kk[u] = base + (u * 32 + lane) * 16;
-        if (kk[u] < kc) v[u] = ldg16(row + kk[u]);
-      }
+  for (int t = 0; t < TM; t++) part[t] = 0.f;
 #pragma unroll
-      for (int u = 0; u < 2; u++) {
-        if (kk[u] >= kc) continue;
-        float s = __ldg(sc + (k0 + kk[u]) / 128);
-        unsigned int words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-        float wv[16];
+  for (int q = 0; q < PE / 4; q++) {
+    float w4[4];
+    decode4<FMT>(words, q, sc, lut, w4);
 #pragma unroll
-        for (int j = 0; j < 16; j++) wv[j] = e4m3_to_f32((words[j >> 2] >> ((j & 3) * 8)) & 0xffu) * s;
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) {
-          const float4* xp = reinterpret_cast<const float4*>(xs + t * MK_KC + kk[u]);
-          float a = 0.f;
-#pragma unroll
-          for (int q = 0; q < 4; q++) {
-            float4 xv = xp[q];
-            a += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z + wv[4 * q + 3] * xv.w;
-          }
-          acc[t] += a;
-        }
-      }
-    }
-  } else if (FMT == FMT_MXFP4) {
-    // 16 bytes = one 32-element block with one E8M0 scale.
-    const uint8_t* row = W + w + ((long long)r * K + k0) / 2;
-    const uint8_t* sc = W + ws + ((long long)r * K + k0) / 32;
-    for (int base = 0; base < kc; base += 32 * 32 * 2) {
-      uint4 v[2];
-      int kk[2];
-      unsigned int sb[2];
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        kk[u] = base + (u * 32 + lane) * 32;
-        if (kk[u] < kc) {
-          v[u] = ldg16(row + kk[u] / 2);
-          sb[u] = __ldg(sc + kk[u] / 32);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        if (kk[u] >= kc) continue;
-        float s = e8m0_to_f32(sb[u]);
-        unsigned int words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-        float wv[32];
-#pragma unroll
-        for (int j = 0; j < 32; j++) wv[j] = c_e2m1[(words[j >> 3] >> ((j & 7) * 4)) & 0xfu];
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) {
-          const float4* xp = reinterpret_cast<const float4*>(xs + t * MK_KC + kk[u]);
-          float a = 0.f;
-#pragma unroll
-          for (int q = 0; q < 8; q++) {
-            float4 xv = xp[q];
-            a += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z + wv[4 * q + 3] * xv.w;
-          }
-          acc[t] += a * s;
-        }
+    for (int t = 0; t < TM; t++) {
+      if (t < T) {
+        float4 xv = *reinterpret_cast<const float4*>(xs + t * xstride + k + 4 * q);
+        part[t] += w4[0] * xv.x + w4[1] * xv.y + w4[2] * xv.z + w4[3] * xv.w;
       }
     }
-  } else if (FMT == FMT_F32) {
-    const float* row = reinterpret_cast<const float*>(W + w) + (long long)r * K + k0;
-    for (int kk = lane; kk < kc; kk += 32) {
-      float wv = __ldg(row + kk);
-      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) acc[t] += wv * xs[t * MK_KC + kk];
+  }
+#pragma unroll
+  for (int t = 0; t < TM; t++) acc[t] += (FMT == FMT_MXFP4) ? part[t] * sc : part[t];
+}
+
+// stage[t * sstride + rr] (+)= dot(W[rm(rr)], x[t]) for rr in [0, nrows), over k in [k0, k0 + kc).
+template <int FMT, int NR, int TM>
+__device__ void warp_rows(const uint8_t* W, long long w, long long ws, int K, int k0, int kc, const float* xs,
+                          int xstride, int T, int nrows, RowMap rm, float* stage, int sstride, const float* lut) {
+  constexpr int PE = Piece<FMT>::E;
+  constexpr int U = 8 / NR;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int base = warp * NR; base < nrows; base += MK_WARPS * NR) {
+    int rows[NR];
+#pragma unroll
+    for (int i = 0; i < NR; i++) rows[i] = base + i < nrows ? rm(base + i) : -1;
+    float acc[NR][TM];
+#pragma unroll
+    for (int i = 0; i < NR; i++)
+#pragma unroll
+      for (int t = 0; t < TM; t++) acc[i][t] = 0.f;
+    for (int kb = 0; kb < kc; kb += 32 * PE * U) {
+      uint4 v[U][NR];
+      float sc[U][NR];
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        int kk = kb + (u * 32 + lane) * PE;
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+          if (kk < kc && rows[i] >= 0) v[u][i] = ldg16(piece_ptr<FMT>(W, w, rows[i], K, k0 + kk));
+      }
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        int kk = kb + (u * 32 + lane) * PE;
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+          sc[u][i] = (kk < kc && rows[i] >= 0) ? piece_scale<FMT>(W, ws, rows[i], K, k0 + kk) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        int kk = kb + (u * 32 + lane) * PE;
+        if (kk >= kc) continue;
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+          if (rows[i] >= 0) piece_fma<FMT, TM>(v[u][i], sc[u][i], xs, xstride, kk, T, acc[i], lut);
+      }
     }
-  } else {  // F16
-    const __half* row = reinterpret_cast<const __half*>(W + w) + (long long)r * K + k0;
-    for (int kk = lane; kk < kc; kk += 32) {
-      float wv = __half2float(row[kk]);
-      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < T) acc[t] += wv * xs[t * MK_KC + kk];
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+#pragma unroll
+      for (int t = 0; t < TM; t++) {
+        if (t < T) {
+          float r = warp_sum(acc[i][t]);
+          if (lane == 0 && rows[i] >= 0) stage[t * sstride + base + i] += r;
+        }
+      }
     }
   }
 }
 
-__device__ __forceinline__ void row_chunk_dot_any(int fmt, const uint8_t* W, long long w, long long ws, int r, int K, int k0, int kc,
-                                  const float* xs, int T, float* acc) {
-  switch (fmt) {
-    case FMT_BF16: row_chunk_dot<FMT_BF16>(W, w, ws, r, K, k0, kc, xs, T, acc); break;
-    case FMT_F8: row_chunk_dot<FMT_F8>(W, w, ws, r, K, k0, kc, xs, T, acc); break;
-    case FMT_MXFP4: row_chunk_dot<FMT_MXFP4>(W, w, ws, r, K, k0, kc, xs, T, acc); break;
-    case FMT_F32: row_chunk_dot<FMT_F32>(W, w, ws, r, K, k0, kc, xs, T, acc); break;
-    default: row_chunk_dot<FMT_F16>(W, w, ws, r, K, k0, kc, xs, T, acc); break;
+// Scalar fallback for f32 / f16 weights (small tensors only).
+__device__ void warp_rows_scalar(int fmt, const uint8_t* W, long long w, int K, int k0, int kc, const float* xs,
+                                 int xstride, int T, int nrows, RowMap rm, float* stage, int sstride) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int rr = warp; rr < nrows; rr += MK_WARPS) {
+    int r = rm(rr);
+    for (int t = 0; t < T; t++) {
+      float a = 0.f;
+      for (int kk = lane; kk < kc; kk += 32) {
+        long long idx = (long long)r * K + k0 + kk;
+        float wv = fmt == FMT_F32 ? __ldg(reinterpret_cast<const float*>(W + w) + idx)
+                                  : __half2float(reinterpret_cast<const __half*>(W + w)[idx]);
+        a += wv * xs[t * xstride + kk];
+      }
+      a = warp_sum(a);
+      if (lane == 0) stage[t * sstride + rr] += a;
+    }
   }
+}
+
+template <int FMT>
+__device__ __forceinline__ void rows_dispatch_t(const uint8_t* W, long long w, long long ws, int K, int k0, int kc,
+                                                const float* xs, int xstride, int T, int nrows, RowMap rm, float* stage,
+                                                int sstride, const float* lut) {
+  if (T <= 4) warp_rows<FMT, 4, 4>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut);
+  else if (T <= 8) warp_rows<FMT, 2, 8>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut);
+  else warp_rows<FMT, 1, MK_MAX_T>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut);
+}
+
+// Accumulate a tile's dot products into stage (which the caller zeroes).
+__device__ void rows_dot(int fmt, const uint8_t* W, long long w, long long ws, int K, int k0, int kc, const float* xs,
+                         int xstride, int T, int nrows, RowMap rm, float* stage, int sstride, const float* lut) {
+  switch (fmt) {
+    case FMT_BF16: rows_dispatch_t<FMT_BF16>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut); break;
+    case FMT_F8: rows_dispatch_t<FMT_F8>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut); break;
+    case FMT_MXFP4: rows_dispatch_t<FMT_MXFP4>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut); break;
+    default: warp_rows_scalar(fmt, W, w, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride); break;
+  }
+}
+
+// Width of the activation chunk held in shared memory: all of K when it fits, else a multiple of 1024.
+__device__ __forceinline__ int x_chunk(int K, int T) {
+  int cap = (MK_MAX_T * MK_KC) / max(T, 1);
+  if (K <= cap) return K;
+  return max(1024, cap / 1024 * 1024);
 }
 
 // Byte offsets of expert e of a 3-D [E, rows, K] weight.
@@ -276,10 +326,11 @@ struct Smem {
   float* red;    // reductions scratch [MK_THREADS]
   float* inv;    // [MK_MAX_T] norm factors
   int* iv;       // small int scratch (routing lists)
+  float* lut;    // E2M1 value table [16]
 };
 
 // Load activation chunk [T][k0, k0+kc) of `x` (row width xw) into xs, optionally scaled by inv[t] * normw[k].
-__device__ void load_x_chunk(const Params& p, Smem& s, int x, int xw, int k0, int kc, const float* normw,
+__device__ void load_x_chunk(const Params& p, Smem& s, int x, int xw, int k0, int kc, int xstride, const float* normw,
                              const int* rowmap) {
   for (int i = threadIdx.x; i < p.T * kc; i += MK_THREADS) {
     int t = i / kc, k = i - t * kc;
@@ -289,7 +340,7 @@ __device__ void load_x_chunk(const Params& p, Smem& s, int x, int xw, int k0, in
       v = ldcg(p.arena + x + (long long)src * xw + k0 + k);
       if (normw) v *= s.inv[t] * __ldg(normw + k0 + k);
     }
-    s.xs[t * MK_KC + k] = v;
+    s.xs[t * xstride + k] = v;
   }
 }
 
@@ -332,49 +383,23 @@ __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0,
 }
 
 __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const bool swiglu = I.epi != 0 && [&] {
-    for (int q = 0; q < I.nepi; q++) if (((I.epi >> (4 * q)) & 15) == EPI_SWIGLU) return true;
-    return false;
-  }();
+  bool swiglu = false;
+  for (int q = 0; q < I.nepi; q++) swiglu |= ((I.epi >> (4 * q)) & 15) == EPI_SWIGLU;
   const int outn = swiglu ? I.n / 2 : I.n;  // output columns
   const int c0 = tile * I.tile_rows;
   const int cols = min(I.tile_rows, outn - c0);
   const int nrows = swiglu ? 2 * cols : cols;  // weight rows computed
   const int sstride = 2 * I.tile_rows;
+  const RowMap rm{c0, cols, swiglu ? I.n / 2 : 0};
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
-  float acc[MK_MAX_T];
-  // Each warp owns rows warp, warp + MK_WARPS, ... of the tile; partial sums live in registers across K chunks
-  // only for one row at a time, so loop rows outermost and K chunks inside with x reloaded per chunk when K > KC.
-  if (I.k <= MK_KC) {
-    load_x_chunk(p, s, I.x, I.xw, 0, I.k, normw, nullptr);
+  for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
+  const int xstride = x_chunk(I.k, p.T);
+  for (int k0 = 0; k0 < I.k; k0 += xstride) {
+    int kc = min(xstride, I.k - k0);
     __syncthreads();
-    for (int rr = warp; rr < nrows; rr += MK_WARPS) {
-      int r = swiglu ? (rr < cols ? c0 + rr : I.n / 2 + c0 + (rr - cols)) : c0 + rr;
-      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
-      row_chunk_dot_any(I.fmt, p.weights, I.w, I.ws, r, I.k, 0, I.k, s.xs, p.T, acc);
-      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
-        float v = warp_sum(acc[t]);
-        if (lane == 0) s.stage[t * sstride + rr] = v;
-      }
-    }
-  } else {
-    for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-    for (int k0 = 0; k0 < I.k; k0 += MK_KC) {
-      int kc = min(MK_KC, I.k - k0);
-      __syncthreads();
-      load_x_chunk(p, s, I.x, I.xw, k0, kc, normw, nullptr);
-      __syncthreads();
-      for (int rr = warp; rr < nrows; rr += MK_WARPS) {
-        int r = swiglu ? (rr < cols ? c0 + rr : I.n / 2 + c0 + (rr - cols)) : c0 + rr;
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
-        row_chunk_dot_any(I.fmt, p.weights, I.w, I.ws, r, I.k, k0, kc, s.xs, p.T, acc);
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
-          float v = warp_sum(acc[t]);
-          if (lane == 0) s.stage[t * sstride + rr] += v;
-        }
-      }
-    }
+    load_x_chunk(p, s, I.x, I.xw, k0, kc, xstride, normw, nullptr);
+    __syncthreads();
+    rows_dot(I.fmt, p.weights, I.w, I.ws, I.k, k0, kc, s.xs, xstride, p.T, nrows, rm, s.stage, sstride, s.lut);
   }
   __syncthreads();
   // Bias.
@@ -382,8 +407,7 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
     const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
     for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
       int t = i / nrows, rr = i - t * nrows;
-      int r = swiglu ? (rr < cols ? c0 + rr : I.n / 2 + c0 + (rr - cols)) : c0 + rr;
-      s.stage[t * sstride + rr] += __ldg(b + r);
+      s.stage[t * sstride + rr] += __ldg(b + rm(rr));
     }
     __syncthreads();
   }
@@ -410,6 +434,7 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
       for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
         int t = i / cols, c = i - t * cols;
         float g = s.stage[t * sstride + c], u = s.stage[t * sstride + cols + c];
+        __syncwarp();
         s.stage[t * sstride + c] = silu_f(g) * u;
       }
       width = cols;
@@ -500,16 +525,9 @@ __device__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
   __syncthreads();
   float* sc = s.stage;       // scores [E]
   float* ch = s.stage + E;   // choice scores [E]
-  for (int e = warp; e < E; e += MK_WARPS) {
-    float acc[1] = {0.f};
-    // Dot over all of H (x row in smem as a single "token" row of width H).
-    for (int k0 = 0; k0 < H; k0 += MK_KC) {
-      int kc = min(MK_KC, H - k0);
-      row_chunk_dot_any(I.fmt, p.weights, I.w, I.ws, e, H, k0, kc, xs + k0 - 0 * k0, 1, acc);
-    }
-    float v = warp_sum(acc[0]);
-    if (lane == 0) sc[e] = v;
-  }
+  for (int i = threadIdx.x; i < E; i += MK_THREADS) sc[i] = 0.f;
+  __syncthreads();
+  rows_dot(I.fmt, p.weights, I.w, I.ws, H, 0, H, xs, H, 1, E, RowMap{0, E, 0}, sc, 0, s.lut);
   __syncthreads();
   if (warp == 0) {
     // Scores.
@@ -618,7 +636,6 @@ __device__ int moe_unique(const Params& p, Smem& s, const DInstr& I) {
 
 // UP: tile = (unique expert u, column tile). scratch[(t * topk + k) * inter + c] = silu(g) * u for members.
 __device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
   int u = tile / ctiles, ct = tile - u * ctiles;
   int U = moe_unique(p, s, I);
@@ -633,27 +650,19 @@ __device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
     for (int k = 0; k < I.topk; k++)
       if ((int)ldcg(p.arena + I.aux + (long long)t * (2 * I.topk) + k) == e) { rowmap[t] = t; slot[t] = k; }
   }
-  __syncthreads();
   long long we, wse;
   expert_offsets(I.fmt, I.w, I.ws, e, 2 * I.inter, I.k, &we, &wse);
   const int c0 = ct * I.tile_rows, cols = min(I.tile_rows, I.inter - c0);
   const int sstride = 2 * I.tile_rows;
-  float acc[MK_MAX_T];
+  const RowMap rm{c0, cols, I.inter};
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-  for (int k0 = 0; k0 < I.k; k0 += MK_KC) {
-    int kc = min(MK_KC, I.k - k0);
+  const int xstride = x_chunk(I.k, p.T);
+  for (int k0 = 0; k0 < I.k; k0 += xstride) {
+    int kc = min(xstride, I.k - k0);
     __syncthreads();
-    load_x_chunk(p, s, I.x, I.xw, k0, kc, nullptr, rowmap);
+    load_x_chunk(p, s, I.x, I.xw, k0, kc, xstride, nullptr, rowmap);
     __syncthreads();
-    for (int rr = warp; rr < 2 * cols; rr += MK_WARPS) {
-      int r = rr < cols ? c0 + rr : I.inter + c0 + (rr - cols);
-      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
-      row_chunk_dot_any(I.fmt, p.weights, we, wse, r, I.k, k0, kc, s.xs, p.T, acc);
-      _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
-        float v = warp_sum(acc[t]);
-        if (lane == 0) s.stage[t * sstride + rr] += v;
-      }
-    }
+    rows_dot(I.fmt, p.weights, we, wse, I.k, k0, kc, s.xs, xstride, p.T, 2 * cols, rm, s.stage, sstride, s.lut);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
@@ -666,7 +675,6 @@ __device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
 
 // DOWN: tile = output column tile over H. out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k].
 __device__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int U = moe_unique(p, s, I);
   const int H = I.n;
   const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
@@ -676,7 +684,8 @@ __device__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile)
   int* rowmap = s.iv + 512;
   int* slot = s.iv + 512 + MK_MAX_T;
   float* wt = reinterpret_cast<float*>(s.iv + 512 + 2 * MK_MAX_T);
-  float acc[MK_MAX_T];
+  const RowMap rm{c0, cols, 0};
+  const int xstride = x_chunk(I.inter, p.T);
   for (int u = 0; u < U; u++) {
     int e = s.iv[1 + u];
     __syncthreads();
@@ -692,23 +701,16 @@ __device__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile)
     long long we, wse;
     expert_offsets(I.fmt, I.w, I.ws, e, H, I.inter, &we, &wse);
     for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-    for (int k0 = 0; k0 < I.inter; k0 += MK_KC) {
-      int kc = min(MK_KC, I.inter - k0);
+    for (int k0 = 0; k0 < I.inter; k0 += xstride) {
+      int kc = min(xstride, I.inter - k0);
       __syncthreads();
       for (int i = threadIdx.x; i < p.T * kc; i += MK_THREADS) {
         int t = i / kc, k = i - t * kc;
-        s.xs[t * MK_KC + k] =
+        s.xs[t * xstride + k] =
             rowmap[t] >= 0 ? __ldcg(p.scratch + ((long long)t * I.topk + slot[t]) * I.inter + k0 + k) : 0.f;
       }
       __syncthreads();
-      for (int rr = warp; rr < cols; rr += MK_WARPS) {
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) acc[t] = 0.f;
-        row_chunk_dot_any(I.fmt, p.weights, we, wse, c0 + rr, I.inter, k0, kc, s.xs, p.T, acc);
-        _Pragma("unroll") for (int t = 0; t < MK_MAX_T; t++) if (t < p.T) {
-          float v = warp_sum(acc[t]);
-          if (lane == 0) s.stage[t * sstride + rr] += v;
-        }
-      }
+      rows_dot(I.fmt, p.weights, we, wse, I.inter, k0, kc, s.xs, xstride, p.T, cols, rm, s.stage, sstride, s.lut);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
@@ -828,6 +830,9 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   s.red = s.stage + 2 * MK_MAX_T * MK_TILE_MAX + MK_MAX_T * MK_TILE_MAX;
   s.inv = s.red + MK_THREADS;
   s.iv = reinterpret_cast<int*>(s.inv + MK_MAX_T);
+  __shared__ float lut[16];
+  s.lut = lut;
+  if (threadIdx.x < 16) lut[threadIdx.x] = c_e2m1[threadIdx.x];
   __shared__ DInstr cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;

@@ -8,7 +8,7 @@
 use mimo_ir::plan::{BufId, Instr, Plan, Program};
 use mimo_ir::{DType, Epilogue, KvKind};
 
-pub const THREADS: usize = 512;
+pub const THREADS: usize = 256;
 pub const KC: usize = 1024;
 pub const TILE_MAX: usize = 256;
 pub const MAX_DEPS: usize = 8;
@@ -123,6 +123,21 @@ impl KvLayout {
     }
 }
 
+/// The megakernel reads weights in 16-byte pieces along K: rows must hold whole pieces.
+fn check_k(w: &mimo_ir::plan::WeightDesc) -> Result<(), String> {
+    let k = *w.dims.last().unwrap_or(&0);
+    let piece = match w.dtype {
+        DType::BF16 | DType::F16 => 8,
+        DType::F8E4M3 => 16,
+        DType::MXFP4 => 32,
+        _ => 1,
+    };
+    if k % piece != 0 {
+        return Err(format!("weight {}: K = {k} is not a multiple of {piece} ({})", w.name, w.dtype.name()));
+    }
+    Ok(())
+}
+
 fn fmt_of(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
@@ -196,6 +211,11 @@ pub fn encode(
         Res::Arena(d.offset, d.offset + d.width * mt)
     };
     let wd = |w: u32| &plan.weights[w as usize];
+    for w in &plan.weights {
+        if w.dims.len() >= 2 {
+            check_k(w)?;
+        }
+    }
     let mut out: Vec<(DInstr, Vec<Res>, Vec<Res>)> = vec![];
     let mut scratch_len = 0usize;
     let base = |op: i32| DInstr {
@@ -286,7 +306,11 @@ pub fn encode(
                             d.hd = r.head_dim as i32;
                             d.rotary = r.rotary_dim as i32;
                             d.theta = r.theta;
-                            tile_rows = r.head_dim;
+                            // Tiles start on head boundaries or past the rotary dims, so every rotated pair
+                            // (i, i + rot/2) lies in one tile: the smallest divisor of head_dim >= max(rot, 32).
+                            tile_rows = (r.rotary_dim.max(32)..=r.head_dim)
+                                .find(|t| r.head_dim % t == 0)
+                                .unwrap_or(r.head_dim);
                             2
                         }
                         Epilogue::KvWrite {
@@ -414,11 +438,11 @@ pub fn encode(
                 d.fmt = fmt_of(wt.dtype);
                 d.k = wt.dims[1] as i32;
                 d.e = spec.n_experts as i32;
-                if spec.n_experts > 2048 || spec.n_group > 32 {
-                    return Err(
-                        "router sizes exceed the megakernel limits (<= 2048 experts, <= 32 groups)"
-                            .into(),
-                    );
+                if 2 * spec.n_experts > 3 * mt * TILE_MAX || spec.n_group > 32 || wt.dims[1] > mt * KC {
+                    return Err(format!(
+                        "router sizes exceed the megakernel limits for max_tokens {mt}: {} experts, {} groups, hidden {}",
+                        spec.n_experts, spec.n_group, wt.dims[1]
+                    ));
                 }
                 d.topk = spec.top_k as i32;
                 d.ngroup = spec.n_group as i32;

@@ -5,3 +5,4 @@ pub use config::*;
 pub mod build;
 pub mod checkpoint;
 pub mod tiny;
+pub mod draft;

@@ -80,6 +80,21 @@ impl CpuSession {
 
     /// Run `program` on `tokens` at positions `start..start+T`. The KV cache must hold positions `< start`.
     pub fn forward(&mut self, program: &str, tokens: &[u32], start: usize) -> Result<()> {
+        self.run_program(program, tokens, start, &[])?;
+        self.kv.len = start + tokens.len();
+        Ok(())
+    }
+
+    /// Run `program` with runtime inputs (`LoadInput` rows, e.g. the DFlash draft's `hidden_in`: one row per
+    /// token). Unlike [`CpuSession::forward`] this leaves `kv.len` (the target's valid length) alone: the draft
+    /// programs write only the draft's cache layers.
+    pub fn run_program(
+        &mut self,
+        program: &str,
+        tokens: &[u32],
+        start: usize,
+        inputs: &[(&str, &[Vec<f32>])],
+    ) -> Result<()> {
         let model = self.model.clone();
         let plan = &model.plan;
         let Some(prog) = plan.program(program) else {
@@ -108,14 +123,66 @@ impl CpuSession {
         self.t = tokens.len();
         let pos: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
         for ins in &prog.instrs {
-            self.exec(&model, ins, tokens, &pos)?;
+            self.exec(&model, ins, tokens, &pos, inputs)?;
         }
-        self.kv.len = start + tokens.len();
         Ok(())
     }
 
-    fn exec(&mut self, m: &Model, ins: &Instr, tokens: &[u32], pos: &[u32]) -> Result<()> {
+    fn exec(
+        &mut self,
+        m: &Model,
+        ins: &Instr,
+        tokens: &[u32],
+        pos: &[u32],
+        inputs: &[(&str, &[Vec<f32>])],
+    ) -> Result<()> {
         match ins {
+            Instr::LoadInput { name, out } => {
+                let Some((_, rows)) = inputs.iter().find(|(n, _)| n == name) else {
+                    bail!("program input {name:?} was not given")
+                };
+                let w = m.plan.buffers[*out as usize].width;
+                if rows.len() != tokens.len() || rows.iter().any(|r| r.len() != w) {
+                    bail!(
+                        "input {name:?} must have {} rows of width {w}",
+                        tokens.len()
+                    );
+                }
+                self.put(*out, rows);
+            }
+            Instr::HeadRmsNorm {
+                x,
+                w,
+                out,
+                eps,
+                head_dim,
+            } => {
+                let g = m.small(*w);
+                let rows: Vec<Vec<f32>> = self
+                    .rows(*x)
+                    .iter()
+                    .map(|r| {
+                        let mut o = vec![0f32; r.len()];
+                        for (xi, oi) in r.chunks(*head_dim).zip(o.chunks_mut(*head_dim)) {
+                            rmsnorm_row(xi, g, *eps, oi);
+                        }
+                        o
+                    })
+                    .collect();
+                self.put(*out, &rows);
+            }
+            Instr::BlockAttention { q, out, spec } => {
+                // The block is the whole forward: positions pos[0]..=pos[T-1]; the context window precedes it.
+                let s0 = pos[0] as usize;
+                let end = pos[pos.len() - 1] as usize;
+                let lo = spec.window.map_or(0, |w| s0.saturating_sub(w));
+                let qs = self.rows(*q);
+                let rows: Vec<Vec<f32>> = qs
+                    .iter()
+                    .map(|qr| self.attend_range(spec, qr, lo, end, None))
+                    .collect();
+                self.put(*out, &rows);
+            }
             Instr::Embed { table, out } => {
                 let v = m.view(*table);
                 let rows: Vec<Vec<f32>> = tokens
@@ -311,6 +378,18 @@ impl CpuSession {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
         };
+        self.attend_range(s, q, lo, p, sinks)
+    }
+
+    /// Attention of one query row over the cached positions `lo..=p`.
+    fn attend_range(
+        &self,
+        s: &AttnSpec,
+        q: &[f32],
+        lo: usize,
+        p: usize,
+        sinks: Option<&[f32]>,
+    ) -> Vec<f32> {
         let group = s.n_heads / s.n_kv_heads;
         let mut out = vec![0f32; s.n_heads * s.v_head_dim];
         let heads: Vec<Vec<f32>> = (0..s.n_heads)

@@ -6,4 +6,6 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod sampling;
+pub mod server;
+pub mod spec;
 pub mod tools;

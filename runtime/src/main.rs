@@ -5,6 +5,7 @@ use mimo_runtime::cuda::CudaSession;
 use mimo_runtime::generate::{generate, Backend};
 use mimo_runtime::model::Model;
 use mimo_runtime::sampling::{Sampler, SamplingParams};
+use mimo_runtime::spec::{default_block, spec_generate};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,12 +49,18 @@ enum Cmd {
         /// Execution device (default: cuda when a GPU is present, else cpu).
         #[arg(long, value_enum)]
         device: Option<DeviceArg>,
-        /// Print timing statistics.
+        /// Print timing statistics (and, with a DFlash draft, acceptance statistics).
         #[arg(long)]
         stats: bool,
         /// Skip hashing weights.bin at load.
         #[arg(long)]
         no_verify: bool,
+        /// DFlash verify block size (1..=the plan's max_tokens; default 8, capped by the draft's block size).
+        #[arg(long)]
+        block_size: Option<usize>,
+        /// Plain decoding even when the plan has a DFlash draft.
+        #[arg(long)]
+        no_spec: bool,
     },
     /// Print the logits of every position of a token sequence as JSON (engineering / reference checks).
     Logits {
@@ -83,6 +90,39 @@ enum Cmd {
         bound: f32,
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Serve the plan over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health, /metrics).
+    Serve {
+        plan: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Execution device (default: cuda when a GPU is present, else cpu). cuda serves one sequence at a time.
+        #[arg(long, value_enum)]
+        device: Option<DeviceArg>,
+        /// Sequences decoded together (each holds its own KV cache of --max-ctx tokens).
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Requests that may wait for a slot; more get 429.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// KV-cache capacity per sequence in tokens (prompt + completion).
+        #[arg(long, default_value_t = 4096)]
+        max_ctx: usize,
+        /// Require 'Authorization: Bearer KEY' on every route but /health (default: $MIMO_API_KEY if set).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Model id clients must name (default: the plan directory's name).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Seconds shutdown waits for in-flight requests.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace: u64,
+        /// Skip hashing weights.bin at load.
+        #[arg(long)]
+        no_verify: bool,
     },
     /// Decode-step benchmark on the GPU against the HBM bandwidth floor measured in the same run.
     Bench {
@@ -132,6 +172,8 @@ fn run(cli: Cli) -> Result<()> {
             device,
             stats,
             no_verify,
+            block_size,
+            no_spec,
         } => {
             if !(temperature >= 0.0 && temperature.is_finite()) {
                 bail!("--temperature must be a finite number >= 0");
@@ -155,6 +197,52 @@ fn run(cli: Cli) -> Result<()> {
                 .to_vec();
             let eos = model.plan.model.eos.clone();
             let ctx = max_ctx.min(model.plan.model.max_position);
+            let spec = !no_spec && model.plan.draft.is_some();
+            if spec && device == DeviceArg::Cuda {
+                eprintln!("mimort: note: DFlash speculative decoding runs on the CPU backend only for now; decoding plainly on the GPU (--device cpu for DFlash)");
+            }
+            if spec && device == DeviceArg::Cpu {
+                let mut sess = CpuSession::new(model.clone(), ctx);
+                let block = default_block(&sess, block_size);
+                let mut sampler = Sampler::new(SamplingParams {
+                    temperature,
+                    top_p,
+                    seed,
+                });
+                print!("{prompt}");
+                std::io::stdout().flush()?;
+                let mut shown = String::new();
+                let mut acc: Vec<u32> = vec![];
+                let (out, finish, st) = spec_generate(
+                    &mut sess,
+                    &ids,
+                    max_tokens,
+                    block,
+                    &mut sampler,
+                    &eos,
+                    |t| {
+                        acc.push(t);
+                        if let Ok(s) = model.tokenizer.decode(&acc, true) {
+                            if s.len() > shown.len() && s.starts_with(&shown) {
+                                print!("{}", &s[shown.len()..]);
+                                let _ = std::io::stdout().flush();
+                                shown = s;
+                            }
+                        }
+                        true
+                    },
+                )?;
+                println!();
+                if stats {
+                    eprintln!(
+                        "device=Cpu load={load_s:.3}s prompt_tokens={} new_tokens={} finish={finish:?} dflash: {}",
+                        ids.len(),
+                        out.len(),
+                        st.summary()
+                    );
+                }
+                return Ok(());
+            }
             let mut sess: Box<dyn Backend> = match device {
                 DeviceArg::Cpu => Box::new(CpuSession::new(model.clone(), ctx)),
                 DeviceArg::Cuda => Box::new(CudaSession::new(model.clone(), &plan, ctx, 0)?),
@@ -273,6 +361,56 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(j) = json {
                 std::fs::write(j, serde_json::to_string_pretty(&r)?)?;
             }
+        }
+        Cmd::Serve {
+            plan,
+            host,
+            port,
+            device,
+            max_batch,
+            max_queue,
+            max_ctx,
+            api_key,
+            model_name,
+            shutdown_grace,
+            no_verify,
+        } => {
+            use mimo_runtime::server::{serve, Device, ServeOptions};
+            let device = match device.unwrap_or(if mimo_runtime::cuda::cuda_available() {
+                DeviceArg::Cuda
+            } else {
+                DeviceArg::Cpu
+            }) {
+                DeviceArg::Cpu => Device::Cpu,
+                DeviceArg::Cuda => Device::Cuda,
+            };
+            if max_batch == 0 || max_ctx < 2 {
+                bail!("--max-batch must be at least 1 and --max-ctx at least 2");
+            }
+            let model_name = model_name.unwrap_or_else(|| {
+                let p = plan.canonicalize().unwrap_or_else(|_| plan.clone());
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "mimo".into())
+            });
+            let model = Model::load(&plan, !no_verify)?;
+            let opts = ServeOptions {
+                host,
+                port,
+                device,
+                max_batch,
+                max_queue,
+                max_ctx,
+                api_key: api_key
+                    .or_else(|| std::env::var("MIMO_API_KEY").ok())
+                    .filter(|k| !k.is_empty()),
+                model_name,
+                shutdown_grace: std::time::Duration::from_secs(shutdown_grace),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(model, &plan, opts))?;
         }
     }
     Ok(())
