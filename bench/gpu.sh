@@ -31,11 +31,13 @@ if has verify; then
   $B/mimoc make-tiny "$W/moe" --arch moe --seed 3 >/dev/null
   $B/mimoc make-tiny "$W/dense" --arch dense --seed 4 >/dev/null
   $B/mimoc make-tiny "$W/moe8" --arch moe --seed 5 --fp8 >/dev/null
-  for v in "moe:" "moe:--no-fuse" "moe:--experts bf16" "moe:--dense fp8" "moe:--max-tokens 4" "dense:" "dense:--no-fuse" "moe8:"; do
+  VARIANTS=${MIMO_VERIFY:-"moe: moe:--no-fuse moe:--experts_bf16 moe:--dense_fp8 moe:--max-tokens_4 dense: dense:--no-fuse moe8:"}
+  for v in $VARIANTS; do
+    v=${v//_/ }
     ck=${v%%:*}; flags=${v#*:}; tag=$(echo "$ck $flags" | tr -c 'a-z0-9\n' '_')
     rm -rf "$W/p_$tag"
     if $B/mimoc compile "$W/$ck" -o "$W/p_$tag" $flags > "$W/compile_$tag.log" 2>&1; then
-      timeout 120 $B/mimort verify-gpu "$W/p_$tag" --prefill 40 --decode 24 --json "$W/verify_$tag.json" > "$W/verify_$tag.log" 2>&1
+      timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_$tag" --prefill 40 --decode 24 --json "$W/verify_$tag.json" > "$W/verify_$tag.log" 2>&1
       rc=$?
       echo "verify $ck $flags: rc=$rc $(tr -d '\n ' < "$W/verify_$tag.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
       [ $rc -ne 0 ] && tail -5 "$W/verify_$tag.log" | tee -a "$OUT/summary.txt"
@@ -74,7 +76,7 @@ if has bench; then
   log "decode benchmark: MiMo-V2-Flash shapes, 16 experts, MXFP4 experts + FP8 dense"
   rm -rf "$W/bench"
   /usr/bin/time -f "make-bench %es" $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
-  timeout 300 $B/mimort bench "$W/bench" --tokens 1,4,8,16 --context 512 --json "$OUT/bench_mimo.json" 2>&1 | tee -a "$OUT/summary.txt"
+  timeout 300 $B/mimort bench "$W/bench" --tokens ${MIMO_BENCH_TOKENS:-1,4,8,16} --context 512 --json "$OUT/bench_mimo.json" 2>&1 | tee -a "$OUT/summary.txt"
 fi
 
 if has peer; then

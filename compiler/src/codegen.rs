@@ -28,10 +28,6 @@ pub fn megakernel_source(plan: &Plan) -> String {
     s.push_str(&format!(
         "#define MK_KC {KC}\n#define MK_TILE_MAX {TILE_MAX}\n"
     ));
-    s.push_str(&format!(
-        "#define MK_HIDDEN {}\n#define MK_VOCAB {}\n",
-        plan.model.hidden, plan.model.vocab
-    ));
     s.push_str(MEGAKERNEL_CU);
     s
 }
@@ -61,24 +57,39 @@ pub fn emit(plan: &Plan, dir: &Path) -> Result<bool> {
         return Ok(false);
     };
     let out = dir.join(CUBIN_FILE);
+    // Plans that differ only in comments share a kernel: cache the cubin by the hash of the code lines.
+    let key: Vec<&str> = src.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
+    let hash = xxhash_rust::xxh3::xxh3_64(key.join("\n").as_bytes());
+    let cache = cache_dir().map(|d| d.join(format!("megakernel-{hash:016x}.cubin")));
+    if let Some(c) = cache.as_ref().filter(|c| c.is_file()) {
+        std::fs::copy(c, &out).with_context(|| format!("copying cached {}", c.display()))?;
+        return Ok(true);
+    }
     let status = std::process::Command::new(&nvcc)
-        .args([
-            "-gencode=arch=compute_90a,code=sm_90a",
-            "-O3",
-            "-lineinfo",
-            "-cubin",
-            "-o",
-        ])
+        .args(["-gencode=arch=compute_90a,code=sm_90a", "-O3", "-lineinfo", "-cubin", "-o"])
         .arg(&out)
         .arg(&cu)
         .output()
         .with_context(|| format!("running {}", nvcc.display()))?;
     if !status.status.success() {
-        anyhow::bail!(
-            "nvcc failed on {}:\n{}",
-            cu.display(),
-            String::from_utf8_lossy(&status.stderr)
-        );
+        anyhow::bail!("nvcc failed on {}:\n{}", cu.display(), String::from_utf8_lossy(&status.stderr));
+    }
+    if let Some(c) = cache {
+        if let Some(d) = c.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = std::fs::copy(&out, &c);
     }
     Ok(true)
+}
+
+/// Kernel cache: $MIMO_CACHE, else $XDG_CACHE_HOME/mimo or ~/.cache/mimo.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("MIMO_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("mimo"))
 }

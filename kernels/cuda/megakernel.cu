@@ -434,7 +434,6 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
       for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
         int t = i / cols, c = i - t * cols;
         float g = s.stage[t * sstride + c], u = s.stage[t * sstride + cols + c];
-        __syncwarp();
         s.stage[t * sstride + c] = silu_f(g) * u;
       }
       width = cols;
@@ -473,22 +472,35 @@ __device__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
   float o[8];  // vd <= 256
 #pragma unroll
   for (int j = 0; j < 8; j++) o[j] = 0.f;
-  for (int j = lo + warp; j <= P; j += MK_WARPS) {
-    int slot = j % I.kv_cap;
-    const float* kp = K + (long long)slot * krow + kvh * qd;
-    float d = 0.f;
-    for (int i = lane; i < qd; i += 32) d += q[i] * __ldcg(kp + i);
-    d = warp_sum(d) * I.scale;
-    float mn = fmaxf(m, d);
-    float c = __expf(m - mn), e = __expf(d - mn);
-    l = l * c + e;
-    const float* vp = V + (long long)slot * vrow + kvh * vd;
+  // Each warp takes 4 positions per step (loads for all 4 in flight before the reductions).
+  for (int j0 = lo + warp; j0 <= P; j0 += 4 * MK_WARPS) {
+    float d[4];
 #pragma unroll
-    for (int jj = 0; jj < 8; jj++) {
-      int i = lane + 32 * jj;
-      if (i < vd) o[jj] = o[jj] * c + e * __ldcg(vp + i);
+    for (int q4 = 0; q4 < 4; q4++) {
+      int j = j0 + q4 * MK_WARPS;
+      d[q4] = 0.f;
+      if (j <= P) {
+        const float* kp = K + (long long)(j % I.kv_cap) * krow + kvh * qd;
+        for (int i = lane; i < qd; i += 32) d[q4] += q[i] * __ldcg(kp + i);
+      }
     }
-    m = mn;
+#pragma unroll
+    for (int q4 = 0; q4 < 4; q4++) d[q4] = warp_sum(d[q4]) * I.scale;
+#pragma unroll
+    for (int q4 = 0; q4 < 4; q4++) {
+      int j = j0 + q4 * MK_WARPS;
+      if (j > P) break;
+      float mn = fmaxf(m, d[q4]);
+      float c = __expf(m - mn), e = __expf(d[q4] - mn);
+      l = l * c + e;
+      const float* vp = V + (long long)(j % I.kv_cap) * vrow + kvh * vd;
+#pragma unroll
+      for (int jj = 0; jj < 8; jj++) {
+        int i = lane + 32 * jj;
+        if (i < vd) o[jj] = o[jj] * c + e * __ldcg(vp + i);
+      }
+      m = mn;
+    }
   }
   // Combine warps: s.red holds per-warp (m, l); stage holds per-warp o.
   float* wm = s.red;
@@ -610,14 +622,20 @@ __device__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
 // MoE. Unique experts of this forward (sorted by id) and, per expert, the (token, slot) pairs that chose it.
 // iv layout: [0] = count U, [1 + u] = expert id, then member lists: iv[64 + u * MK_MAX_T * 8 ...].
 __device__ int moe_unique(const Params& p, Smem& s, const DInstr& I) {
-  // Read routing buffer (indices as floats).
+  // Load the routing indices in parallel (they are floats in the routing buffer), then dedupe on one thread from
+  // shared memory. Called once per MoE instruction per block, not per tile.
+  const int n = p.T * I.topk;
+  int* raw = s.iv + 256;
+  for (int i = threadIdx.x; i < n; i += MK_THREADS) {
+    int t = i / I.topk, k = i - t * I.topk;
+    raw[i] = (int)ldcg(p.arena + I.aux + (long long)t * (2 * I.topk) + k);
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     int U = 0;
-    int n = p.T * I.topk;
     int* ids = s.iv + 1;
     for (int i = 0; i < n; i++) {
-      int t = i / I.topk, k = i - t * I.topk;
-      int e = (int)ldcg(p.arena + I.aux + (long long)t * (2 * I.topk) + k);
+      int e = raw[i];
       int found = 0;
       for (int u = 0; u < U; u++) if (ids[u] == e) { found = 1; break; }
       if (!found) ids[U++] = e;
@@ -638,7 +656,7 @@ __device__ int moe_unique(const Params& p, Smem& s, const DInstr& I) {
 __device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
   int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
   int u = tile / ctiles, ct = tile - u * ctiles;
-  int U = moe_unique(p, s, I);
+  int U = s.iv[0];  // computed once per instruction by moe_unique
   if (u >= U) return;
   int e = s.iv[1 + u];
   // Row map: token t participates if it chose e; rowmap[t] = t or -1, slot[t] = k.
@@ -675,7 +693,7 @@ __device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
 
 // DOWN: tile = output column tile over H. out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k].
 __device__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
-  int U = moe_unique(p, s, I);
+  int U = s.iv[0];  // computed once per instruction by moe_unique
   const int H = I.n;
   const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
   const int sstride = 2 * I.tile_rows;
@@ -853,7 +871,13 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       }
       __syncthreads();
       if (cur.op == OP_MATMUL && cur.normw >= 0) rms_factors(p, s, cur.x, cur.xw, cur.k, cur.eps);
-      for (int tile = first; tile < ntiles; tile += G) {
+      int lim = ntiles;
+      if (cur.op == OP_MOE_UP || cur.op == OP_MOE_DOWN) {
+        int U = moe_unique(p, s, cur);
+        // Only tiles of experts some token chose do work.
+        if (cur.op == OP_MOE_UP) lim = min(ntiles, U * ((cur.inter + cur.tile_rows - 1) / cur.tile_rows));
+      }
+      for (int tile = first; tile < lim; tile += G) {
         switch (cur.op) {
           case OP_MATMUL: op_matmul(p, s, cur, tile); break;
           case OP_ATTN: op_attn(p, s, cur, tile); break;

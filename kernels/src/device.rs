@@ -132,7 +132,7 @@ fn check_k(w: &mimo_ir::plan::WeightDesc) -> Result<(), String> {
         DType::MXFP4 => 32,
         _ => 1,
     };
-    if k % piece != 0 {
+    if !k.is_multiple_of(piece) {
         return Err(format!("weight {}: K = {k} is not a multiple of {piece} ({})", w.name, w.dtype.name()));
     }
     Ok(())
