@@ -58,7 +58,10 @@ pub fn emit(plan: &Plan, dir: &Path) -> Result<bool> {
     };
     let out = dir.join(CUBIN_FILE);
     // Plans that differ only in comments share a kernel: cache the cubin by the hash of the code lines.
-    let key: Vec<&str> = src.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
+    let key: Vec<&str> = src
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect();
     let hash = xxhash_rust::xxh3::xxh3_64(key.join("\n").as_bytes());
     let cache = cache_dir().map(|d| d.join(format!("megakernel-{hash:016x}.cubin")));
     if let Some(c) = cache.as_ref().filter(|c| c.is_file()) {
@@ -66,13 +69,23 @@ pub fn emit(plan: &Plan, dir: &Path) -> Result<bool> {
         return Ok(true);
     }
     let status = std::process::Command::new(&nvcc)
-        .args(["-gencode=arch=compute_90a,code=sm_90a", "-O3", "-lineinfo", "-cubin", "-o"])
+        .args([
+            "-gencode=arch=compute_90a,code=sm_90a",
+            "-O3",
+            "-lineinfo",
+            "-cubin",
+            "-o",
+        ])
         .arg(&out)
         .arg(&cu)
         .output()
         .with_context(|| format!("running {}", nvcc.display()))?;
     if !status.status.success() {
-        anyhow::bail!("nvcc failed on {}:\n{}", cu.display(), String::from_utf8_lossy(&status.stderr));
+        anyhow::bail!(
+            "nvcc failed on {}:\n{}",
+            cu.display(),
+            String::from_utf8_lossy(&status.stderr)
+        );
     }
     if let Some(c) = cache {
         if let Some(d) = c.parent() {

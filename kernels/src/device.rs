@@ -133,7 +133,11 @@ fn check_k(w: &mimo_ir::plan::WeightDesc) -> Result<(), String> {
         _ => 1,
     };
     if !k.is_multiple_of(piece) {
-        return Err(format!("weight {}: K = {k} is not a multiple of {piece} ({})", w.name, w.dtype.name()));
+        return Err(format!(
+            "weight {}: K = {k} is not a multiple of {piece} ({})",
+            w.name,
+            w.dtype.name()
+        ));
     }
     Ok(())
 }
@@ -438,7 +442,10 @@ pub fn encode(
                 d.fmt = fmt_of(wt.dtype);
                 d.k = wt.dims[1] as i32;
                 d.e = spec.n_experts as i32;
-                if 2 * spec.n_experts > 3 * mt * TILE_MAX || spec.n_group > 32 || wt.dims[1] > mt * KC {
+                if 2 * spec.n_experts > 3 * mt * TILE_MAX
+                    || spec.n_group > 32
+                    || wt.dims[1] > mt * KC
+                {
                     return Err(format!(
                         "router sizes exceed the megakernel limits for max_tokens {mt}: {} experts, {} groups, hidden {}",
                         spec.n_experts, spec.n_group, wt.dims[1]

@@ -4,5 +4,5 @@ pub mod config;
 pub use config::*;
 pub mod build;
 pub mod checkpoint;
-pub mod tiny;
 pub mod draft;
+pub mod tiny;
