@@ -152,15 +152,7 @@ pub fn compile(ckpt_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Com
     };
     let cfg = &ck.config;
     let plan = Plan {
-        model: ModelInfo {
-            arch: cfg.arch.model_type().to_string(),
-            vocab: cfg.vocab,
-            hidden: cfg.hidden,
-            n_layers: cfg.n_layers(),
-            bos: cfg.bos,
-            eos: cfg.eos.clone(),
-            max_position: cfg.max_position,
-        },
+        model: crate::model_info(cfg),
         max_tokens: opts.max_tokens,
         arena_len: merged.arena_len,
         buffers: merged.buffers,
@@ -210,4 +202,17 @@ fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         let _ = std::fs::remove_dir_all(o);
     }
     Ok(())
+}
+
+/// The model facts a plan carries, from the config.
+pub fn model_info(cfg: &mimo_models::config::ModelConfig) -> ModelInfo {
+    ModelInfo {
+        arch: cfg.arch.model_type().to_string(),
+        vocab: cfg.vocab,
+        hidden: cfg.hidden,
+        n_layers: cfg.n_layers(),
+        bos: cfg.bos,
+        eos: cfg.eos.clone(),
+        max_position: cfg.max_position,
+    }
 }

@@ -6,7 +6,7 @@ use crate::pack::WeightProvider;
 use crate::{lower, passes, CompileOptions};
 use anyhow::{bail, Result};
 use half::bf16;
-use mimo_ir::plan::{ModelInfo, Plan};
+use mimo_ir::plan::Plan;
 use mimo_ir::{DType, WeightSource};
 use mimo_models::build::{build_graph, BuildOptions};
 use mimo_models::config::ModelConfig;
@@ -136,15 +136,7 @@ pub fn compile_synthetic(
         opts.progress,
     )?;
     let plan = Plan {
-        model: ModelInfo {
-            arch: cfg.arch.model_type().to_string(),
-            vocab: cfg.vocab,
-            hidden: cfg.hidden,
-            n_layers: cfg.n_layers(),
-            bos: cfg.bos,
-            eos: cfg.eos.clone(),
-            max_position: cfg.max_position,
-        },
+        model: crate::model_info(cfg),
         max_tokens: opts.max_tokens,
         arena_len: lowered.arena_len,
         buffers: lowered.buffers,
