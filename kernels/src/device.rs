@@ -475,6 +475,12 @@ pub fn encode(
                 let gu = wd(*gate_up);
                 let dn = wd(*down);
                 let h = gu.dims[2];
+                // The kernel dedupes the routed experts in a 256-entry shared-memory list.
+                if mt * top_k > 256 {
+                    return Err(format!(
+                        "max_tokens {mt} x top_k {top_k} exceeds the megakernel's 256 routed slots"
+                    ));
+                }
                 scratch_len = scratch_len.max(mt * top_k * inter);
                 let mut up = base(op::MOE_UP);
                 up.x = bufs[*x as usize].offset as i32;
