@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use mimo_ir::plan::Plan;
-use mimo_kernels::device::{KC, MEGAKERNEL_CU, THREADS, TILE_MAX};
+use mimo_kernels::device::{stage_floats, xs_floats, MEGAKERNEL_CU, THREADS, TILE_MAX};
 use std::path::{Path, PathBuf};
 
 pub const CU_FILE: &str = "megakernel.cu";
@@ -26,7 +26,9 @@ pub fn megakernel_source(plan: &Plan) -> String {
         plan.max_tokens
     ));
     s.push_str(&format!(
-        "#define MK_KC {KC}\n#define MK_TILE_MAX {TILE_MAX}\n"
+        "#define MK_TILE_MAX {TILE_MAX}\n#define MK_XS {}\n#define MK_STAGE {}\n",
+        xs_floats(plan.max_tokens),
+        stage_floats(plan.max_tokens)
     ));
     s.push_str(MEGAKERNEL_CU);
     s

@@ -11,8 +11,8 @@
 // the dependency counters (the control role); all warps then stream weight rows with 16-byte non-coherent loads,
 // several in flight per lane, dequantizing MXFP4 / FP8 / bf16 in registers (the data roles).
 //
-// The generated file that includes this body defines MK_THREADS, MK_MAX_T, MK_KC (x-chunk width), and the plan's
-// constants (see compiler/src/codegen.rs).
+// The generated file that includes this body defines MK_THREADS, MK_MAX_T, MK_TILE_MAX, MK_XS (floats of the
+// shared activation buffer) and MK_STAGE (floats of the tile-output stage); see compiler/src/codegen.rs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,16 +20,19 @@
 #include <stdint.h>
 
 #ifndef MK_THREADS
-#define MK_THREADS 256
+#define MK_THREADS 288
 #endif
 #ifndef MK_MAX_T
 #define MK_MAX_T 16
 #endif
-#ifndef MK_KC
-#define MK_KC 1024
-#endif
 #ifndef MK_TILE_MAX
-#define MK_TILE_MAX 256
+#define MK_TILE_MAX 128
+#endif
+#ifndef MK_XS
+#define MK_XS 16384
+#endif
+#ifndef MK_STAGE
+#define MK_STAGE 6144
 #endif
 #define MK_WARPS (MK_THREADS / 32)
 
@@ -74,6 +77,7 @@ struct Params {
   int T;
   float temperature;
   unsigned long long seed;
+  unsigned long long* prof;  // optional: per (instruction, block) wait-start / work-start / end times (ns)
 };
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
@@ -132,16 +136,34 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// v2 GEMV core: a warp computes NR weight rows at once; each lane keeps 8 16-byte loads in flight (NR rows x U
-// pieces) before any arithmetic, so an SM has 512 x 128 B = 64 KB of weight reads outstanding. Activations come
-// from shared memory (xs[t * xstride + k]). MXFP4 decodes through a 16-entry shared table (one bank per entry:
-// conflict-free), FP8 through the hardware e4m3x2 -> f16x2 conversion, bf16 by a shift.
-
 // Maps a tile-local row rr to a weight row: rr < cols -> c0 + rr, else split + c0 + (rr - cols) (SwiGLU's up half).
 struct RowMap {
   int c0, cols, split;
   __device__ __forceinline__ int operator()(int rr) const { return rr < cols ? c0 + rr : split + c0 + (rr - cols); }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// v4 GEMV core. A warp computes NR weight rows at once (NR x U = 8 16-byte loads in flight per lane, issued before
+// any arithmetic); the activations of a piece are read from shared memory once for all NR rows. MXFP4 decodes through a 16-entry
+// shared table (one bank per entry), FP8 through the hardware e4m3x2 -> f16x2 conversion, bf16 by a shift.
+//
+// Which weight row, activation rows and output slots a tile-local row uses is described by TileRows:
+//   mode 0 (dense):     weight row map(rr); x rows j < T at xs[j * xstride]; output stage[j * sstride + rr].
+//   mode 1 (MoE up):    as mode 0 inside one expert, with n = that expert's member count (x rows packed).
+//   mode 2 (MoE down):  rows rr = u * cols + c span every routed expert u; x rows are the expert's (token, slot)
+//                       pairs p at xs[p * xstride]; output stage[p * sstride + c].
+
+struct TileRows {
+  int mode;
+  int c0, cols, split;  // map(rr) = rr < cols ? c0 + rr : split + c0 + rr - cols
+  long long w, ws;      // weight / scale base (modes 0, 1); mode 2: expert 0 of [E, erows, K]
+  int erows, K, n;      // rows per expert (mode 2); row length; x rows (modes 0, 1)
+  int xstride, sstride;
+  const int* ids;       // mode 2: routed expert ids, member counts, member starts, member pair lists
+  const int* cnt;
+  const int* mst;
+  const int* ml;
+  __device__ __forceinline__ int map(int rr) const { return rr < cols ? c0 + rr : split + c0 + (rr - cols); }
 };
 
 template <int FMT> struct Piece;  // elements per 16-byte piece
@@ -149,21 +171,45 @@ template <> struct Piece<FMT_BF16> { static constexpr int E = 8; };
 template <> struct Piece<FMT_F8> { static constexpr int E = 16; };
 template <> struct Piece<FMT_MXFP4> { static constexpr int E = 32; };
 
+// Row start (weights) and scale-row start for row `row` of a [rows, K] matrix at byte offsets w / ws.
 template <int FMT>
-__device__ __forceinline__ const uint8_t* piece_ptr(const uint8_t* W, long long w, int row, int K, int k) {
-  if (FMT == FMT_BF16) return W + w + ((long long)row * K + k) * 2;
-  if (FMT == FMT_F8) return W + w + (long long)row * K + k;
-  return W + w + ((long long)row * K + k) / 2;
+__device__ __forceinline__ const uint8_t* row_ptr(const uint8_t* W, long long w, int row, int K) {
+  if (FMT == FMT_BF16) return W + w + (long long)row * K * 2;
+  if (FMT == FMT_F8) return W + w + (long long)row * K;
+  return W + w + (long long)row * (K / 2);
 }
-
 template <int FMT>
-__device__ __forceinline__ float piece_scale(const uint8_t* W, long long ws, int row, int K, int k) {
-  if (FMT == FMT_F8) return __ldg(reinterpret_cast<const float*>(W + ws) + (long long)(row / 128) * ((K + 127) / 128) + k / 128);
-  if (FMT == FMT_MXFP4) return e8m0_to_f32(__ldg(W + ws + ((long long)row * K + k) / 32));
+__device__ __forceinline__ const uint8_t* srow_ptr(const uint8_t* W, long long ws, int row, int K) {
+  if (FMT == FMT_F8) return W + ws + (long long)(row / 128) * ((K + 127) / 128) * 4;
+  if (FMT == FMT_MXFP4) return W + ws + (long long)row * (K / 32);
+  return W;
+}
+template <int FMT>
+__device__ __forceinline__ const uint8_t* piece_at(const uint8_t* rp, int k) {
+  if (FMT == FMT_BF16) return rp + (long long)k * 2;
+  if (FMT == FMT_F8) return rp + k;
+  return rp + k / 2;
+}
+template <int FMT>
+__device__ __forceinline__ float scale_at(const uint8_t* sp, int k) {
+  if (FMT == FMT_F8) return __ldg(reinterpret_cast<const float*>(sp) + k / 128);
+  if (FMT == FMT_MXFP4) return e8m0_to_f32(__ldg(sp + k / 32));
   return 1.f;
 }
 
-// acc[t] += sum_j w_j * x[t][k + j] over one piece, decoding 4 weights at a time (few live registers).
+// Byte offsets of expert e of a 3-D [E, rows, K] weight.
+__device__ __forceinline__ void expert_offsets(int fmt, long long w, long long ws, int e, int rows, int K,
+                                               long long* we, long long* wse) {
+  long long n = (long long)rows * K;
+  switch (fmt) {
+    case FMT_BF16: case FMT_F16: *we = w + (long long)e * n * 2; *wse = ws; break;
+    case FMT_F32: *we = w + (long long)e * n * 4; *wse = ws; break;
+    case FMT_F8: *we = w + (long long)e * n; *wse = ws + (long long)e * ((rows + 127) / 128) * ((K + 127) / 128) * 4; break;
+    default: *we = w + (long long)e * n / 2; *wse = ws + (long long)e * n / 32; break;
+  }
+}
+
+// Decode 4 weights of piece word group q.
 template <int FMT>
 __device__ __forceinline__ void decode4(const unsigned int* words, int q, float sc, const float* lut, float* w4) {
   if (FMT == FMT_BF16) {
@@ -182,47 +228,91 @@ __device__ __forceinline__ void decode4(const unsigned int* words, int q, float 
   }
 }
 
-template <int FMT, int TM>
-__device__ __forceinline__ void piece_fma(uint4 v, float sc, const float* xs, int xstride, int k, int T, float* acc,
+// acc[i][t] += dot(row i piece, x[t]) for the NR rows of a group sharing activation rows xo[t] (t < n); the x
+// values of a piece are read from shared memory once and reused by all NR rows.
+template <int FMT, int NR, int TM>
+__device__ __forceinline__ void group_fma(const uint4 (&v)[NR], const float (&sc)[NR], const bool (&ok)[NR],
+                                          const float* xs, const int (&xo)[TM], int n, int k, float (&acc)[NR][TM],
                                           const float* lut) {
   constexpr int PE = Piece<FMT>::E;
-  const unsigned int words[4] = {v.x, v.y, v.z, v.w};
-  float part[TM];
+  float part[NR][TM];
 #pragma unroll
-  for (int t = 0; t < TM; t++) part[t] = 0.f;
+  for (int i = 0; i < NR; i++)
+#pragma unroll
+    for (int t = 0; t < TM; t++) part[i][t] = 0.f;
 #pragma unroll
   for (int q = 0; q < PE / 4; q++) {
-    float w4[4];
-    decode4<FMT>(words, q, sc, lut, w4);
+    float4 xv[TM];
 #pragma unroll
-    for (int t = 0; t < TM; t++) {
-      if (t < T) {
-        float4 xv = *reinterpret_cast<const float4*>(xs + t * xstride + k + 4 * q);
-        part[t] += w4[0] * xv.x + w4[1] * xv.y + w4[2] * xv.z + w4[3] * xv.w;
-      }
+    for (int t = 0; t < TM; t++)
+      if (t < n) xv[t] = *reinterpret_cast<const float4*>(xs + xo[t] + k + 4 * q);
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+      if (!ok[i]) continue;
+      const unsigned int words[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+      float w4[4];
+      decode4<FMT>(words, q, sc[i], lut, w4);
+#pragma unroll
+      for (int t = 0; t < TM; t++)
+        if (t < n) part[i][t] += w4[0] * xv[t].x + w4[1] * xv[t].y + w4[2] * xv[t].z + w4[3] * xv[t].w;
     }
   }
 #pragma unroll
-  for (int t = 0; t < TM; t++) acc[t] += (FMT == FMT_MXFP4) ? part[t] * sc : part[t];
+  for (int i = 0; i < NR; i++)
+#pragma unroll
+    for (int t = 0; t < TM; t++) acc[i][t] += (FMT == FMT_MXFP4) ? part[i][t] * sc[i] : part[i][t];
 }
 
-// stage[t * sstride + rr] (+)= dot(W[rm(rr)], x[t]) for rr in [0, nrows), over k in [k0, k0 + kc).
-template <int FMT, int NR, int TM>
-__device__ void warp_rows(const uint8_t* W, long long w, long long ws, int K, int k0, int kc, const float* xs,
-                          int xstride, int T, int nrows, RowMap rm, float* stage, int sstride, const float* lut) {
+// stage[out(rr, j)] += dot(W[row(rr)], x[j]) for rr in [0, nrows), over k in [k0, k0 + kc). A warp takes groups of
+// NR consecutive rows (same expert, same activation rows); each step keeps NR x U 16-byte loads per lane in
+// flight before any arithmetic (8 for one token, fewer as the per-piece arithmetic grows with the tokens).
+template <int FMT, int NR, int TM, int U>
+__device__ __noinline__ void warp_rows(const uint8_t* W, const TileRows& dref, int k0, int kc, const float* xs,
+                                       int nrows, float* stage, const float* lut) {
   constexpr int PE = Piece<FMT>::E;
-  constexpr int U = 8 / NR;
+  constexpr int STEP = 32 * PE * U;
+  const TileRows d = dref;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int base = warp * NR; base < nrows; base += MK_WARPS * NR) {
-    int rows[NR];
+  const int colsp = (d.cols + 3) & ~3;  // mode 2: rows per expert, padded so groups never straddle experts
+  for (int g = warp; g * NR < nrows; g += MK_WARPS) {
+    const uint8_t* rp[NR];
+    const uint8_t* sp[NR];
+    bool ok[NR];
+    int n, xl, col0;
+    if (d.mode == 2) {
+      const int u = (g * NR) / colsp;
+      col0 = g * NR - u * colsp;
+      long long we, wse;
+      expert_offsets(FMT, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
+      n = d.cnt[u];
+      xl = d.mst[u];
 #pragma unroll
-    for (int i = 0; i < NR; i++) rows[i] = base + i < nrows ? rm(base + i) : -1;
+      for (int i = 0; i < NR; i++) {
+        ok[i] = col0 + i < d.cols;
+        rp[i] = row_ptr<FMT>(W, we, d.c0 + col0 + i, d.K);
+        sp[i] = srow_ptr<FMT>(W, wse, d.c0 + col0 + i, d.K);
+      }
+    } else {
+      col0 = g * NR;
+      n = d.n;
+      xl = -1;
+#pragma unroll
+      for (int i = 0; i < NR; i++) {
+        ok[i] = col0 + i < nrows;
+        int row = d.map(ok[i] ? col0 + i : col0);
+        rp[i] = row_ptr<FMT>(W, d.w, row, d.K);
+        sp[i] = srow_ptr<FMT>(W, d.ws, row, d.K);
+      }
+    }
+    int xo[TM];
+#pragma unroll
+    for (int t = 0; t < TM; t++) xo[t] = t < n ? (xl >= 0 ? d.ml[xl + t] : t) * d.xstride : 0;
     float acc[NR][TM];
 #pragma unroll
     for (int i = 0; i < NR; i++)
 #pragma unroll
       for (int t = 0; t < TM; t++) acc[i][t] = 0.f;
-    for (int kb = 0; kb < kc; kb += 32 * PE * U) {
+    for (int kb = 0; kb < kc; kb += STEP) {
       uint4 v[U][NR];
       float sc[U][NR];
 #pragma unroll
@@ -230,31 +320,30 @@ __device__ void warp_rows(const uint8_t* W, long long w, long long ws, int K, in
         int kk = kb + (u * 32 + lane) * PE;
 #pragma unroll
         for (int i = 0; i < NR; i++)
-          if (kk < kc && rows[i] >= 0) v[u][i] = ldg16(piece_ptr<FMT>(W, w, rows[i], K, k0 + kk));
+          if (kk < kc && ok[i]) v[u][i] = ldg16(piece_at<FMT>(rp[i], k0 + kk));
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
         int kk = kb + (u * 32 + lane) * PE;
 #pragma unroll
-        for (int i = 0; i < NR; i++)
-          sc[u][i] = (kk < kc && rows[i] >= 0) ? piece_scale<FMT>(W, ws, rows[i], K, k0 + kk) : 0.f;
+        for (int i = 0; i < NR; i++) sc[u][i] = (kk < kc && ok[i]) ? scale_at<FMT>(sp[i], k0 + kk) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
         int kk = kb + (u * 32 + lane) * PE;
-        if (kk >= kc) continue;
-#pragma unroll
-        for (int i = 0; i < NR; i++)
-          if (rows[i] >= 0) piece_fma<FMT, TM>(v[u][i], sc[u][i], xs, xstride, kk, T, acc[i], lut);
+        if (kk < kc) group_fma<FMT, NR, TM>(v[u], sc[u], ok, xs, xo, n, kk, acc, lut);
       }
     }
 #pragma unroll
     for (int i = 0; i < NR; i++) {
 #pragma unroll
       for (int t = 0; t < TM; t++) {
-        if (t < T) {
+        if (t < n) {
           float r = warp_sum(acc[i][t]);
-          if (lane == 0 && rows[i] >= 0) stage[t * sstride + base + i] += r;
+          if (lane == 0 && ok[i]) {
+            int orow = xl >= 0 ? d.ml[xl + t] : t;
+            stage[orow * d.sstride + col0 + i] += r;
+          }
         }
       }
     }
@@ -262,96 +351,437 @@ __device__ void warp_rows(const uint8_t* W, long long w, long long ws, int K, in
 }
 
 // Scalar fallback for f32 / f16 weights (small tensors only).
-__device__ void warp_rows_scalar(int fmt, const uint8_t* W, long long w, int K, int k0, int kc, const float* xs,
-                                 int xstride, int T, int nrows, RowMap rm, float* stage, int sstride) {
+__device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
+                                 int nrows, float* stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int rr = warp; rr < nrows; rr += MK_WARPS) {
-    int r = rm(rr);
-    for (int t = 0; t < T; t++) {
+    long long wb;
+    int row, n, xl, col;
+    if (d.mode == 2) {
+      const int colsp = (d.cols + 3) & ~3;
+      int u = rr / colsp;
+      col = rr - u * colsp;
+      if (col >= d.cols) continue;
+      long long we, wse;
+      expert_offsets(fmt, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
+      wb = we; row = d.c0 + col; n = d.cnt[u]; xl = d.mst[u];
+    } else {
+      wb = d.w; row = d.map(rr); n = d.n; xl = -1; col = rr;
+    }
+    for (int t = 0; t < n; t++) {
+      int xr = xl >= 0 ? d.ml[xl + t] : t;
       float a = 0.f;
       for (int kk = lane; kk < kc; kk += 32) {
-        long long idx = (long long)r * K + k0 + kk;
-        float wv = fmt == FMT_F32 ? __ldg(reinterpret_cast<const float*>(W + w) + idx)
-                                  : __half2float(reinterpret_cast<const __half*>(W + w)[idx]);
-        a += wv * xs[t * xstride + kk];
+        long long idx = (long long)row * d.K + k0 + kk;
+        float wv = fmt == FMT_F32 ? __ldg(reinterpret_cast<const float*>(W + wb) + idx)
+                                  : __half2float(reinterpret_cast<const __half*>(W + wb)[idx]);
+        a += wv * xs[xr * d.xstride + kk];
       }
       a = warp_sum(a);
-      if (lane == 0) stage[t * sstride + rr] += a;
+      if (lane == 0) stage[xr * d.sstride + col] += a;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// v5 GEMV core: warp-specialized. Warp MK_CW (the producer) streams weight row segments HBM -> shared memory with
+// the bulk-copy engine (cp.async.bulk, completion counted in bytes on an mbarrier) into a RING_NS-slot ring;
+// warps 0..MK_CW-1 (consumers) wait on a slot's "full" barrier, dequantize in registers, and release the slot on
+// its "empty" barrier. A slot holds one chunk: RING_ROWS rows x one RING_SEG-byte segment along K. Consumer warp w
+// owns rows 2w and 2w+1 of each chunk (they share activation reads) and accumulates across the row's segments.
+// Both sides walk the same chunk sequence and keep the same running chunk counter, which gives slot and phase.
+
+#define MK_CW 8
+#define RING_NS 4
+#define RING_ROWS 16
+#define RING_SEG 1024
+#define RING_SLOT (RING_ROWS * RING_SEG)
+
+__device__ __forceinline__ unsigned int smem_u32(const void* p) {
+  return (unsigned int)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(unsigned long long* bar, unsigned int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned int parity) {
+  asm volatile(
+      "{\n .reg .pred P1;\n"
+      "WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      " @!P1 bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+struct Ring {
+  uint8_t* buf;               // [RING_NS][RING_SLOT]
+  unsigned long long* full;   // [RING_NS]
+  unsigned long long* empty;  // [RING_NS]
+};
+
+__device__ __forceinline__ unsigned int sel_word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Elements <-> bytes of a weight format.
+template <int FMT> __device__ __forceinline__ int el_bytes(int el) {
+  return FMT == FMT_BF16 ? el * 2 : FMT == FMT_F8 ? el : el / 2;
+}
+
+// Resolve ring row r of the call: weight row pointer and scale row pointer; group-wide x rows (mode 2: the
+// row's expert members). Returns false for rows past nrows or padding.
+template <int FMT>
+__device__ __forceinline__ bool ring_row(const uint8_t* W, const TileRows& d, int r, int nrows, const uint8_t** rp,
+                                         const uint8_t** sp, int* n, int* xl, int* col) {
+  if (r >= nrows) return false;
+  if (d.mode == 2) {
+    const int colsp = (d.cols + 3) & ~3;
+    const int u = r / colsp, c = r - u * colsp;
+    if (c >= d.cols) return false;
+    long long we, wse;
+    expert_offsets(FMT, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
+    *rp = row_ptr<FMT>(W, we, d.c0 + c, d.K);
+    *sp = srow_ptr<FMT>(W, wse, d.c0 + c, d.K);
+    *n = d.cnt[u];
+    *xl = d.mst[u];
+    *col = c;
+  } else {
+    const int row = d.map(r);
+    *rp = row_ptr<FMT>(W, d.w, row, d.K);
+    *sp = srow_ptr<FMT>(W, d.ws, row, d.K);
+    *n = d.n;
+    *xl = -1;
+    *col = r;
+  }
+  return true;
+}
+
+// acc[i][t] += dot(piece of row i, x[t]) for two rows sharing activation rows. The 4-element groups of a piece
+// are visited in a lane-rotated order so that the lanes of a shared-memory phase read different banks.
+template <int FMT, int TM>
+__device__ __forceinline__ void piece2(const uint4 (&v)[2], const float (&sc)[2], const bool (&ok)[2],
+                                       const float* xs, const int (&xo)[TM], int n, int kk, float (&acc)[2][TM],
+                                       const float* lut, int lane) {
+  constexpr int PE = Piece<FMT>::E;
+  constexpr int NQ = PE / 4;
+  float part[2][TM];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int t = 0; t < TM; t++) part[i][t] = 0.f;
+#pragma unroll
+  for (int q0 = 0; q0 < NQ; q0++) {
+    const int q = (q0 + lane) & (NQ - 1);
+    float w4[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      if (FMT == FMT_MXFP4) {
+        unsigned int wd = sel_word(v[i], q >> 1) >> ((q & 1) * 16);
+        w4[i][0] = lut[wd & 0xfu]; w4[i][1] = lut[(wd >> 4) & 0xfu];
+        w4[i][2] = lut[(wd >> 8) & 0xfu]; w4[i][3] = lut[(wd >> 12) & 0xfu];
+      } else if (FMT == FMT_F8) {
+        unsigned int wd = sel_word(v[i], q);
+        __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd & 0xffffu), __NV_E4M3);
+        __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd >> 16), __NV_E4M3);
+        float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
+        float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
+        w4[i][0] = f0.x; w4[i][1] = f0.y; w4[i][2] = f1.x; w4[i][3] = f1.y;
+      } else {
+        unsigned int w0 = sel_word(v[i], 2 * q), w1 = sel_word(v[i], 2 * q + 1);
+        w4[i][0] = bf16lo(w0); w4[i][1] = bf16hi(w0); w4[i][2] = bf16lo(w1); w4[i][3] = bf16hi(w1);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TM; t++) {
+      if (t < n) {
+        float4 xv = *reinterpret_cast<const float4*>(xs + xo[t] + kk + 4 * q);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+          part[i][t] += w4[i][0] * xv.x + w4[i][1] * xv.y + w4[i][2] * xv.z + w4[i][3] * xv.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int t = 0; t < TM; t++)
+      if (ok[i]) acc[i][t] += (FMT == FMT_BF16) ? part[i][t] : part[i][t] * sc[i];
+}
+
+// stage[out(r, j)] += dot(W[row(r)], x[j]) for r < nrows over k in [k0, k0 + kc), through the ring. Every thread
+// of the block calls it; `it` is the block's running chunk counter (the same on every thread).
+template <int FMT, int TM>
+__device__ __noinline__ void ring_rows(const uint8_t* W, const TileRows& dref, int k0, int kc, const float* xs,
+                                       int nrows, float* stage, const float* lut, const Ring& ring, unsigned int it) {
+  constexpr int PE = Piece<FMT>::E;
+  const TileRows d = dref;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int kbytes = el_bytes<FMT>(kc);
+  const int seg = min(RING_SEG, kbytes);
+  const int nseg = (kbytes + seg - 1) / seg;
+  const int segel = seg * PE / 16;  // elements per full segment
+  const int ngroups = (nrows + RING_ROWS - 1) / RING_ROWS;
+  const int nchunks = ngroups * nseg;
+  const int kb0 = el_bytes<FMT>(k0);
+  if (warp == MK_CW) {
+    // Producer: lanes 0..RING_ROWS-1 each copy one row segment of the chunk.
+    for (int c = 0; c < nchunks; c++) {
+      const int g = c / nseg, sg = c - g * nseg;
+      const unsigned int u = it + c;
+      const int slot = u % RING_NS;
+      if (u >= RING_NS) mbar_wait(ring.empty + slot, ((u / RING_NS) - 1) & 1);
+      const int bytes = min(seg, kbytes - sg * seg);
+      const uint8_t* rp = nullptr;
+      const uint8_t* sp;
+      int n, xl, col;
+      bool ok = lane < RING_ROWS && ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows, &rp, &sp, &n, &xl, &col);
+      const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
+      if (lane == 0) mbar_arrive_expect(ring.full + slot, cnt * bytes);
+      __syncwarp();
+      if (ok) bulk_g2s(ring.buf + slot * RING_SLOT + lane * RING_SEG, rp + kb0 + sg * seg, bytes, ring.full + slot);
+    }
+    return;
+  }
+  if (warp > MK_CW) return;
+  // Consumers.
+  const uint8_t* rp[2];
+  const uint8_t* sp[2];
+  bool ok[2];
+  int n = 0, xl = -1, col[2] = {0, 0};
+  int xo[TM];
+  float acc[2][TM];
+  for (int c = 0; c < nchunks; c++) {
+    const int g = c / nseg, sg = c - g * nseg;
+    const unsigned int u = it + c;
+    const int slot = u % RING_NS;
+    if (sg == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        int nn, xx;
+        ok[i] = ring_row<FMT>(W, d, g * RING_ROWS + 2 * warp + i, nrows, &rp[i], &sp[i], &nn, &xx, &col[i]);
+        if (ok[i]) { n = nn; xl = xx; }
+      }
+      if (!ok[0] && !ok[1]) n = 0;
+#pragma unroll
+      for (int t = 0; t < TM; t++) xo[t] = t < n ? (xl >= 0 ? d.ml[xl + t] : t) * d.xstride : 0;
+#pragma unroll
+      for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int t = 0; t < TM; t++) acc[i][t] = 0.f;
+    }
+    const int bytes = min(seg, kbytes - sg * seg);
+    // Scales for this chunk's pieces, loaded before waiting for the weights.
+    constexpr int PPL = RING_SEG / 16 / 32;  // pieces per lane per row
+    float sc[PPL][2];
+#pragma unroll
+    for (int j = 0; j < PPL; j++) {
+      const int pc = lane + 32 * j;
+#pragma unroll
+      for (int i = 0; i < 2; i++)
+        sc[j][i] = (ok[i] && pc * 16 < bytes) ? scale_at<FMT>(sp[i], k0 + sg * segel + pc * PE) : 0.f;
+    }
+    mbar_wait(ring.full + slot, (u / RING_NS) & 1);
+    const uint8_t* base = ring.buf + slot * RING_SLOT + (2 * warp) * RING_SEG;
+#pragma unroll
+    for (int j = 0; j < PPL; j++) {
+      const int pc = lane + 32 * j;
+      if (pc * 16 < bytes) {
+        uint4 v[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+          v[i] = ok[i] ? *reinterpret_cast<const uint4*>(base + i * RING_SEG + pc * 16) : make_uint4(0, 0, 0, 0);
+        float scj[2] = {sc[j][0], sc[j][1]};
+        piece2<FMT, TM>(v, scj, ok, xs, xo, n, sg * segel + pc * PE, acc, lut, lane);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(ring.empty + slot);
+    if (sg == nseg - 1) {
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+#pragma unroll
+        for (int t = 0; t < TM; t++) {
+          if (t < n) {
+            float r = warp_sum(acc[i][t]);
+            if (lane == 0 && ok[i]) {
+              int orow = xl >= 0 ? d.ml[xl + t] : t;
+              stage[orow * d.sstride + col[i]] += r;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Chunks a ring_rows call consumes (to advance the running counter).
+template <int FMT>
+__device__ __forceinline__ unsigned int ring_chunks(int kc, int nrows) {
+  const int kbytes = el_bytes<FMT>(kc);
+  const int seg = min(RING_SEG, kbytes);
+  return (unsigned int)(((nrows + RING_ROWS - 1) / RING_ROWS) * ((kbytes + seg - 1) / seg));
 }
 
 template <int FMT>
-__device__ __forceinline__ void rows_dispatch_t(const uint8_t* W, long long w, long long ws, int K, int k0, int kc,
-                                                const float* xs, int xstride, int T, int nrows, RowMap rm, float* stage,
-                                                int sstride, const float* lut) {
-  if (T <= 4) warp_rows<FMT, 4, 4>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut);
-  else if (T <= 8) warp_rows<FMT, 2, 8>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut);
-  else warp_rows<FMT, 1, MK_MAX_T>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut);
+__device__ __forceinline__ void rows_dispatch_t(const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
+                                                int nrows, float* stage, const float* lut, int T) {
+  if (T <= 1) warp_rows<FMT, 4, 1, 4>(W, d, k0, kc, xs, nrows, stage, lut);
+  else if (T <= 4) warp_rows<FMT, 2, 4, 4>(W, d, k0, kc, xs, nrows, stage, lut);
+  else if (T <= 8) warp_rows<FMT, 1, 8, 4>(W, d, k0, kc, xs, nrows, stage, lut);
+  else warp_rows<FMT, 1, MK_MAX_T, 2>(W, d, k0, kc, xs, nrows, stage, lut);
 }
 
-// Accumulate a tile's dot products into stage (which the caller zeroes).
-__device__ void rows_dot(int fmt, const uint8_t* W, long long w, long long ws, int K, int k0, int kc, const float* xs,
-                         int xstride, int T, int nrows, RowMap rm, float* stage, int sstride, const float* lut) {
+template <int FMT>
+__device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
+                                                int nrows, float* stage, const float* lut, int T, const Ring& ring,
+                                                unsigned int* it) {
+  if (T <= 1) ring_rows<FMT, 1>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
+  else if (T <= 4) ring_rows<FMT, 4>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
+  else if (T <= 8) ring_rows<FMT, 8>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
+  else ring_rows<FMT, MK_MAX_T>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
+  *it += ring_chunks<FMT>(kc, nrows);
+}
+
+// Accumulate a tile's dot products into stage (which the caller zeroes). T bounds the member counts. Weights whose
+// rows are 16-byte aligned stream through the bulk-copy ring; others take the register path.
+__device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs, int nrows,
+                         float* stage, const float* lut, int T, const Ring& ring, unsigned int* it) {
+  const bool ring_ok = (d.w & 15) == 0 && (reinterpret_cast<uintptr_t>(W) & 15) == 0;
   switch (fmt) {
-    case FMT_BF16: rows_dispatch_t<FMT_BF16>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut); break;
-    case FMT_F8: rows_dispatch_t<FMT_F8>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut); break;
-    case FMT_MXFP4: rows_dispatch_t<FMT_MXFP4>(W, w, ws, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride, lut); break;
-    default: warp_rows_scalar(fmt, W, w, K, k0, kc, xs, xstride, T, nrows, rm, stage, sstride); break;
+    case FMT_BF16:
+      if (ring_ok) ring_dispatch_t<FMT_BF16>(W, d, k0, kc, xs, nrows, stage, lut, T, ring, it);
+      else rows_dispatch_t<FMT_BF16>(W, d, k0, kc, xs, nrows, stage, lut, T);
+      break;
+    case FMT_F8:
+      if (ring_ok) ring_dispatch_t<FMT_F8>(W, d, k0, kc, xs, nrows, stage, lut, T, ring, it);
+      else rows_dispatch_t<FMT_F8>(W, d, k0, kc, xs, nrows, stage, lut, T);
+      break;
+    case FMT_MXFP4:
+      if (ring_ok) ring_dispatch_t<FMT_MXFP4>(W, d, k0, kc, xs, nrows, stage, lut, T, ring, it);
+      else rows_dispatch_t<FMT_MXFP4>(W, d, k0, kc, xs, nrows, stage, lut, T);
+      break;
+    default: warp_rows_scalar(fmt, W, d, k0, kc, xs, nrows, stage); break;
   }
 }
 
-// Width of the activation chunk held in shared memory: all of K when it fits, else a multiple of 1024.
-__device__ __forceinline__ int x_chunk(int K, int T) {
-  int cap = (MK_MAX_T * MK_KC) / max(T, 1);
-  if (K <= cap) return K;
-  return max(1024, cap / 1024 * 1024);
-}
-
-// Byte offsets of expert e of a 3-D [E, rows, K] weight.
-__device__ __forceinline__ void expert_offsets(int fmt, long long w, long long ws, int e, int rows, int K,
-                                               long long* we, long long* wse) {
-  long long n = (long long)rows * K;
-  switch (fmt) {
-    case FMT_BF16: case FMT_F16: *we = w + (long long)e * n * 2; *wse = ws; break;
-    case FMT_F32: *we = w + (long long)e * n * 4; *wse = ws; break;
-    case FMT_F8: *we = w + (long long)e * n; *wse = ws + (long long)e * ((rows + 127) / 128) * ((K + 127) / 128) * 4; break;
-    default: *we = w + (long long)e * n / 2; *wse = ws + (long long)e * n / 32; break;
-  }
+// Width of an activation chunk when `rows` rows of K do not all fit in shared memory: the widest multiple of 32
+// (one MXFP4 piece; FP8 / bf16 pieces divide it) with rows x width <= MK_XS. rows <= 256 keeps it >= 32.
+__device__ __forceinline__ int chunk_width(int K, int rows) {
+  if ((long long)rows * K <= MK_XS) return K;
+  return max(32, (MK_XS / max(rows, 1)) / 32 * 32);
 }
 
 struct Smem {
-  float* xs;     // [MK_MAX_T][MK_KC] activation chunk
-  float* stage;  // [MK_MAX_T][2 * MK_TILE_MAX] tile outputs
+  float* xs;     // [MK_XS] activation rows (whole instruction when they fit, else a K chunk)
+  float* stage;  // [MK_STAGE] tile outputs
   float* red;    // reductions scratch [MK_THREADS]
   float* inv;    // [MK_MAX_T] norm factors
-  int* iv;       // small int scratch (routing lists)
+  int* iv;       // routing lists (see IV_*)
   float* lut;    // E2M1 value table [16]
+  int* flags;    // [0]: activations of the whole instruction are resident in xs
+  Ring ring;     // weight ring (see ring_rows)
+  unsigned int ring_it;  // chunks this block has streamed through the ring so far
 };
 
-// Load activation chunk [T][k0, k0+kc) of `x` (row width xw) into xs, optionally scaled by inv[t] * normw[k].
-__device__ void load_x_chunk(const Params& p, Smem& s, int x, int xw, int k0, int kc, int xstride, const float* normw,
-                             const int* rowmap) {
-  for (int i = threadIdx.x; i < p.T * kc; i += MK_THREADS) {
-    int t = i / kc, k = i - t * kc;
-    int src = rowmap ? rowmap[t] : t;
-    float v = 0.f;
-    if (src >= 0) {
-      v = ldcg(p.arena + x + (long long)src * xw + k0 + k);
-      if (normw) v *= s.inv[t] * __ldg(normw + k0 + k);
+// Routing lists in iv (ints): U, routed expert ids (ascending), member counts, member starts, member pair lists
+// (pair p = t * topk + k, ascending inside each expert), routing weights per pair, expert bitmap.
+#define IV_U 0
+#define IV_IDS 8
+#define IV_RAW 264
+#define IV_CNT 520
+#define IV_MST 776
+#define IV_ML 1040
+#define IV_RW 1296
+#define IV_BITS 1552
+#define IV_LEN 1600
+
+// xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
+// optionally scaled by inv[j] * normw[k0 + kk]. 16-byte loads, 8 in flight per thread.
+__device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
+                          int xstride, float* xs, const float* inv, const float* normw) {
+  bool vec = ((rs | k0 | kc | xstride) & 3) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
+             (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
+  if (vec) {
+    const int q = kc >> 2;
+    const int tot = nrows * q;
+    for (int b = threadIdx.x; b < tot; b += 8 * MK_THREADS) {
+      float4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        int i = b + u * MK_THREADS;
+        if (i < tot) {
+          int j = i / q, c = i - j * q;
+          int row = list ? list[j] / div : j;
+          v[u] = __ldcg(reinterpret_cast<const float4*>(src + row * rs + k0) + c);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        int i = b + u * MK_THREADS;
+        if (i < tot) {
+          int j = i / q, c = i - j * q;
+          float4 x = v[u];
+          if (normw) {
+            float4 g = __ldg(reinterpret_cast<const float4*>(normw + k0) + c);
+            float f = inv[j];
+            x.x *= f * g.x; x.y *= f * g.y; x.z *= f * g.z; x.w *= f * g.w;
+          }
+          *reinterpret_cast<float4*>(xs + j * xstride + 4 * c) = x;
+        }
+      }
     }
-    s.xs[t * xstride + k] = v;
+  } else {
+    for (int i = threadIdx.x; i < nrows * kc; i += MK_THREADS) {
+      int j = i / kc, k = i - j * kc;
+      int row = list ? list[j] / div : j;
+      float v = ldcg(src + row * rs + k0 + k);
+      if (normw) v *= inv[j] * __ldg(normw + k0 + k);
+      xs[j * xstride + k] = v;
+    }
   }
 }
 
-// inv[t] = rsqrt(mean(x[t]^2) + eps) over K.
-__device__ void rms_factors(const Params& p, Smem& s, int x, int xw, int K, float eps) {
+// inv[t] = rsqrt(mean(x[t]^2) + eps) for rows resident in xs; then scale them by inv[t] * normw[k].
+__device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, float eps, const float* normw) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int t = warp; t < T; t += MK_WARPS) {
+    float a = 0.f;
+    for (int k = lane; k < K; k += 32) { float v = s.xs[t * xstride + k]; a += v * v; }
+    a = warp_sum(a);
+    if (lane == 0) s.inv[t] = rsqrtf(a / K + eps);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < T * K; i += MK_THREADS) {
+    int t = i / K, k = i - t * K;
+    s.xs[t * xstride + k] *= s.inv[t] * __ldg(normw + k);
+  }
+}
+
+// inv[t] = rsqrt(mean(x[t]^2) + eps) over K, read from global memory (activations too large for xs).
+__device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw, int K, float eps) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int t = warp; t < p.T; t += MK_WARPS) {
+    const float* row = p.arena + x + (long long)t * xw;
     float a = 0.f;
-    for (int k = lane; k < K; k += 32) {
-      float v = ldcg(p.arena + x + (long long)t * xw + k);
-      a += v * v;
+    for (int k0 = 0; k0 < K; k0 += 32 * 8) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) { int k = k0 + u * 32 + lane; v[u] = k < K ? ldcg(row + k) : 0.f; }
+#pragma unroll
+      for (int u = 0; u < 8; u++) a += v[u] * v[u];
     }
     a = warp_sum(a);
     if (lane == 0) s.inv[t] = rsqrtf(a / K + eps);
@@ -382,7 +812,7 @@ __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0,
   }
 }
 
-__device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
+__device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
   bool swiglu = false;
   for (int q = 0; q < I.nepi; q++) swiglu |= ((I.epi >> (4 * q)) & 15) == EPI_SWIGLU;
   const int outn = swiglu ? I.n / 2 : I.n;  // output columns
@@ -392,14 +822,24 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
   const int sstride = 2 * I.tile_rows;
   const RowMap rm{c0, cols, swiglu ? I.n / 2 : 0};
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+  TileRows d{};
+  d.mode = 0; d.c0 = c0; d.cols = cols; d.split = rm.split; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
+  d.sstride = sstride;
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-  const int xstride = x_chunk(I.k, p.T);
-  for (int k0 = 0; k0 < I.k; k0 += xstride) {
-    int kc = min(xstride, I.k - k0);
+  if (s.flags[0]) {
+    d.xstride = I.k;
     __syncthreads();
-    load_x_chunk(p, s, I.x, I.xw, k0, kc, xstride, normw, nullptr);
-    __syncthreads();
-    rows_dot(I.fmt, p.weights, I.w, I.ws, I.k, k0, kc, s.xs, xstride, p.T, nrows, rm, s.stage, sstride, s.lut);
+    rows_dot(I.fmt, p.weights, d, 0, I.k, s.xs, nrows, s.stage, s.lut, p.T, s.ring, &s.ring_it);
+  } else {
+    const int kcw = chunk_width(I.k, p.T);
+    d.xstride = kcw;
+    for (int k0 = 0; k0 < I.k; k0 += kcw) {
+      int kc = min(kcw, I.k - k0);
+      __syncthreads();
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, s.xs, s.inv, normw);
+      __syncthreads();
+      rows_dot(I.fmt, p.weights, d, k0, kc, s.xs, nrows, s.stage, s.lut, p.T, s.ring, &s.ring_it);
+    }
   }
   __syncthreads();
   // Bias.
@@ -455,7 +895,7 @@ __device__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Attention for one (token, head): online softmax over the visible cache positions, split across warps.
-__device__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
+__device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = tile / I.nh, h = tile - t * I.nh;
   const int P = p.pos[t];
@@ -505,7 +945,7 @@ __device__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
   // Combine warps: s.red holds per-warp (m, l); stage holds per-warp o.
   float* wm = s.red;
   float* wl = s.red + MK_WARPS;
-  float* wo = s.stage;  // [MK_WARPS][vd]
+  float* wo = s.xs + 1024;  // [MK_WARPS][vd], after q
   if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
   for (int jj = 0; jj < 8; jj++) {
@@ -529,17 +969,23 @@ __device__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Router for one token: logits over E experts (warp per expert), sigmoid/softmax, group-limited top-k on warp 0.
-__device__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
+__device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int H = I.k, E = I.E;
-  float* xs = s.xs;  // one row, H <= MK_KC * MK_MAX_T
-  for (int i = threadIdx.x; i < H; i += MK_THREADS) xs[i] = ldcg(p.arena + I.x + (long long)t * I.xw + i);
-  __syncthreads();
+  const float* xrow = s.xs + (long long)t * H;
+  if (!s.flags[0]) {
+    __syncthreads();
+    load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, s.xs, nullptr, nullptr);
+    xrow = s.xs;
+  }
   float* sc = s.stage;       // scores [E]
   float* ch = s.stage + E;   // choice scores [E]
   for (int i = threadIdx.x; i < E; i += MK_THREADS) sc[i] = 0.f;
   __syncthreads();
-  rows_dot(I.fmt, p.weights, I.w, I.ws, H, 0, H, xs, H, 1, E, RowMap{0, E, 0}, sc, 0, s.lut);
+  TileRows d{};
+  d.mode = 0; d.c0 = 0; d.cols = E; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = H; d.n = 1; d.xstride = H;
+  d.sstride = 0;
+  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, s.lut, 1, s.ring, &s.ring_it);
   __syncthreads();
   if (warp == 0) {
     // Scores.
@@ -619,133 +1065,161 @@ __device__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// MoE. Unique experts of this forward (sorted by id) and, per expert, the (token, slot) pairs that chose it.
-// iv layout: [0] = count U, [1 + u] = expert id, then member lists: iv[64 + u * MK_MAX_T * 8 ...].
-__device__ int moe_unique(const Params& p, Smem& s, const DInstr& I) {
-  // Load the routing indices in parallel (they are floats in the routing buffer), then dedupe on one thread from
-  // shared memory. Called once per MoE instruction per block, not per tile.
-  const int n = p.T * I.topk;
-  int* raw = s.iv + 256;
+// MoE. The routed experts of this forward (ascending ids) and, per expert, its (token, slot) pairs, built once
+// per MoE instruction per block in parallel (see IV_*). Returns U.
+__device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I) {
+  const int n = p.T * I.topk, E = I.E;
+  int* raw = s.iv + IV_RAW;
+  int* ids = s.iv + IV_IDS;
+  int* cnt = s.iv + IV_CNT;
+  int* mst = s.iv + IV_MST;
+  int* ml = s.iv + IV_ML;
+  float* rw = reinterpret_cast<float*>(s.iv + IV_RW);
+  unsigned int* bits = reinterpret_cast<unsigned int*>(s.iv + IV_BITS);
+  const int nw = (E + 31) / 32;
+  for (int i = threadIdx.x; i < nw; i += MK_THREADS) bits[i] = 0u;
+  __syncthreads();
   for (int i = threadIdx.x; i < n; i += MK_THREADS) {
     int t = i / I.topk, k = i - t * I.topk;
-    raw[i] = (int)ldcg(p.arena + I.aux + (long long)t * (2 * I.topk) + k);
+    const float* rr = p.arena + I.aux + (long long)t * (2 * I.topk);
+    int e = (int)ldcg(rr + k);
+    raw[i] = e;
+    rw[i] = ldcg(rr + I.topk + k);
+    if ((unsigned int)e < (unsigned int)E) atomicOr(&bits[e >> 5], 1u << (e & 31));
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     int U = 0;
-    int* ids = s.iv + 1;
-    for (int i = 0; i < n; i++) {
-      int e = raw[i];
-      int found = 0;
-      for (int u = 0; u < U; u++) if (ids[u] == e) { found = 1; break; }
-      if (!found) ids[U++] = e;
-    }
-    // Sort ascending (insertion sort; U <= T * topk).
-    for (int a = 1; a < U; a++) {
-      int v = ids[a], b = a - 1;
-      while (b >= 0 && ids[b] > v) { ids[b + 1] = ids[b]; b--; }
-      ids[b + 1] = v;
-    }
-    s.iv[0] = U;
+    for (int w = 0; w < nw; w++) { mst[w] = U; U += __popc(bits[w]); }
+    s.iv[IV_U] = U;
   }
   __syncthreads();
-  return s.iv[0];
-}
-
-// UP: tile = (unique expert u, column tile). scratch[(t * topk + k) * inter + c] = silu(g) * u for members.
-__device__ void op_moe_up(const Params& p, Smem& s, const DInstr& I, int tile) {
-  int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
-  int u = tile / ctiles, ct = tile - u * ctiles;
-  int U = s.iv[0];  // computed once per instruction by moe_unique
-  if (u >= U) return;
-  int e = s.iv[1 + u];
-  // Row map: token t participates if it chose e; rowmap[t] = t or -1, slot[t] = k.
-  int* rowmap = s.iv + 512;
-  int* slot = s.iv + 512 + MK_MAX_T;
-  if (threadIdx.x < p.T) {
-    int t = threadIdx.x;
-    rowmap[t] = -1;
-    for (int k = 0; k < I.topk; k++)
-      if ((int)ldcg(p.arena + I.aux + (long long)t * (2 * I.topk) + k) == e) { rowmap[t] = t; slot[t] = k; }
-  }
-  long long we, wse;
-  expert_offsets(I.fmt, I.w, I.ws, e, 2 * I.inter, I.k, &we, &wse);
-  const int c0 = ct * I.tile_rows, cols = min(I.tile_rows, I.inter - c0);
-  const int sstride = 2 * I.tile_rows;
-  const RowMap rm{c0, cols, I.inter};
-  for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-  const int xstride = x_chunk(I.k, p.T);
-  for (int k0 = 0; k0 < I.k; k0 += xstride) {
-    int kc = min(xstride, I.k - k0);
-    __syncthreads();
-    load_x_chunk(p, s, I.x, I.xw, k0, kc, xstride, nullptr, rowmap);
-    __syncthreads();
-    rows_dot(I.fmt, p.weights, we, wse, I.k, k0, kc, s.xs, xstride, p.T, 2 * cols, rm, s.stage, sstride, s.lut);
+  for (int w = threadIdx.x; w < nw; w += MK_THREADS) {
+    unsigned int b = bits[w];
+    int pos = mst[w];
+    while (b) { int j = __ffs(b) - 1; ids[pos++] = w * 32 + j; b &= b - 1; }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
-    int t = i / cols, c = i - t * cols;
-    if (rowmap[t] < 0) continue;
-    float g = s.stage[t * sstride + c], uu = s.stage[t * sstride + cols + c];
-    p.scratch[((long long)t * I.topk + slot[t]) * I.inter + c0 + c] = silu_f(g) * uu;
+  const int U = s.iv[IV_U];
+  for (int u = threadIdx.x; u < U; u += MK_THREADS) {
+    int e = ids[u], c = 0;
+    for (int i = 0; i < n; i++) c += raw[i] == e;
+    cnt[u] = c;
   }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int a = 0, mx = 0;
+    for (int u = 0; u < U; u++) { mst[u] = a; a += cnt[u]; mx = max(mx, cnt[u]); }
+    mst[U] = a;
+    s.iv[IV_U + 1] = mx;
+  }
+  __syncthreads();
+  for (int u = threadIdx.x; u < U; u += MK_THREADS) {
+    int e = ids[u], pos = mst[u];
+    for (int i = 0; i < n; i++) if (raw[i] == e) ml[pos++] = i;
+  }
+  __syncthreads();
+  return U;
 }
 
-// DOWN: tile = output column tile over H. out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k].
-__device__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
-  int U = s.iv[0];  // computed once per instruction by moe_unique
-  const int H = I.n;
-  const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
+// UP: the block's share of (routed expert, column tile) work. Blocks are split into contiguous groups, one group
+// per routed expert, so a block loads its expert's member activations once and runs several column tiles on
+// them. scratch[(t * topk + k) * inter + c] = silu(gate) * up for every member pair (t, k).
+__device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I) {
+  const int G = gridDim.x, b = blockIdx.x;
+  const int U = s.iv[IV_U];
+  const int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
+  const int* ids = s.iv + IV_IDS;
+  const int* cnt = s.iv + IV_CNT;
+  const int* mst = s.iv + IV_MST;
+  const int* ml = s.iv + IV_ML;
+  int u0, ustep, q, nb;
+  if (U <= G) {
+    u0 = ((b + 1) * U - 1) / G;
+    const int st = u0 * G / U;
+    nb = (u0 + 1) * G / U - st;
+    q = b - st;
+    ustep = U;
+  } else {
+    u0 = b; ustep = G; q = 0; nb = 1;
+  }
   const int sstride = 2 * I.tile_rows;
-  float* outacc = s.stage + MK_MAX_T * sstride;  // [T][tile_rows]
-  for (int i = threadIdx.x; i < p.T * I.tile_rows; i += MK_THREADS) outacc[i] = 0.f;
-  int* rowmap = s.iv + 512;
-  int* slot = s.iv + 512 + MK_MAX_T;
-  float* wt = reinterpret_cast<float*>(s.iv + 512 + 2 * MK_MAX_T);
-  const RowMap rm{c0, cols, 0};
-  const int xstride = x_chunk(I.inter, p.T);
-  for (int u = 0; u < U; u++) {
-    int e = s.iv[1 + u];
-    __syncthreads();
-    if (threadIdx.x < p.T) {
-      int t = threadIdx.x;
-      rowmap[t] = -1;
-      wt[t] = 0.f;
-      for (int k = 0; k < I.topk; k++) {
-        const float* rr = p.arena + I.aux + (long long)t * (2 * I.topk);
-        if ((int)ldcg(rr + k) == e) { rowmap[t] = t; slot[t] = k; wt[t] = ldcg(rr + I.topk + k); }
-      }
-    }
+  for (int u = u0; u < U; u += ustep) {
+    const int m = cnt[u];
+    const int* mem = ml + mst[u];
     long long we, wse;
-    expert_offsets(I.fmt, I.w, I.ws, e, H, I.inter, &we, &wse);
-    for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-    for (int k0 = 0; k0 < I.inter; k0 += xstride) {
-      int kc = min(xstride, I.inter - k0);
-      __syncthreads();
-      for (int i = threadIdx.x; i < p.T * kc; i += MK_THREADS) {
-        int t = i / kc, k = i - t * kc;
-        s.xs[t * xstride + k] =
-            rowmap[t] >= 0 ? __ldcg(p.scratch + ((long long)t * I.topk + slot[t]) * I.inter + k0 + k) : 0.f;
+    expert_offsets(I.fmt, I.w, I.ws, ids[u], 2 * I.inter, I.k, &we, &wse);
+    const int kcw = chunk_width(I.k, m);
+    const bool full = kcw == I.k;
+    __syncthreads();
+    if (full && q < ctiles) load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, s.xs, nullptr, nullptr);
+    for (int ct = q; ct < ctiles; ct += nb) {
+      const int c0 = ct * I.tile_rows, cols = min(I.tile_rows, I.inter - c0);
+      TileRows d{};
+      d.mode = 1; d.c0 = c0; d.cols = cols; d.split = I.inter; d.w = we; d.ws = wse; d.K = I.k; d.n = m;
+      d.xstride = kcw; d.sstride = sstride;
+      for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) s.stage[i] = 0.f;
+      if (full) {
+        __syncthreads();
+        rows_dot(I.fmt, p.weights, d, 0, I.k, s.xs, 2 * cols, s.stage, s.lut, m, s.ring, &s.ring_it);
+      } else {
+        for (int k0 = 0; k0 < I.k; k0 += kcw) {
+          int kc = min(kcw, I.k - k0);
+          __syncthreads();
+          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, s.xs, nullptr, nullptr);
+          __syncthreads();
+          rows_dot(I.fmt, p.weights, d, k0, kc, s.xs, 2 * cols, s.stage, s.lut, m, s.ring, &s.ring_it);
+        }
       }
       __syncthreads();
-      rows_dot(I.fmt, p.weights, we, wse, I.inter, k0, kc, s.xs, xstride, p.T, cols, rm, s.stage, sstride, s.lut);
+      for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
+        int j = i / cols, c = i - j * cols;
+        float g = s.stage[j * sstride + c], uu = s.stage[j * sstride + cols + c];
+        p.scratch[(long long)mem[j] * I.inter + c0 + c] = silu_f(g) * uu;
+      }
+      __syncthreads();
     }
+  }
+}
+
+// DOWN: tile = output column tile over H; its rows span every routed expert, so one pipelined pass streams all
+// of the tile's expert rows. out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k] (k ascending).
+__device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
+  const int U = s.iv[IV_U], P = p.T * I.topk, H = I.n;
+  const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
+  const int sstride = I.tile_rows;
+  TileRows d{};
+  d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter; d.sstride = sstride;
+  d.ids = s.iv + IV_IDS; d.cnt = s.iv + IV_CNT; d.mst = s.iv + IV_MST; d.ml = s.iv + IV_ML;
+  const int maxm = s.iv[IV_U + 1];
+  for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) s.stage[i] = 0.f;
+  const int kcw = chunk_width(I.inter, P);
+  d.xstride = kcw;
+  if (s.flags[0]) {
     __syncthreads();
-    for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
-      int t = i / cols, c = i - t * cols;
-      if (rowmap[t] >= 0) outacc[t * I.tile_rows + c] += wt[t] * s.stage[t * sstride + c];
+    rows_dot(I.fmt, p.weights, d, 0, I.inter, s.xs, U * ((cols + 3) & ~3), s.stage, s.lut, maxm, s.ring, &s.ring_it);
+  } else {
+    for (int k0 = 0; k0 < I.inter; k0 += kcw) {
+      int kc = min(kcw, I.inter - k0);
+      __syncthreads();
+      load_rows(p.scratch, I.inter, nullptr, 1, P, k0, kc, kcw, s.xs, nullptr, nullptr);
+      __syncthreads();
+      rows_dot(I.fmt, p.weights, d, k0, kc, s.xs, U * ((cols + 3) & ~3), s.stage, s.lut, maxm, s.ring, &s.ring_it);
     }
   }
   __syncthreads();
+  const float* rw = reinterpret_cast<const float*>(s.iv + IV_RW);
   for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
     int t = i / cols, c = i - t * cols;
-    p.arena[I.out + (long long)t * I.outw + c0 + c] = outacc[t * I.tile_rows + c];
+    float a = 0.f;
+    for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * s.stage[(t * I.topk + k) * sstride + c];
+    p.arena[I.out + (long long)t * I.outw + c0 + c] = a;
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Row-wise small ops: one tile = one token.
-__device__ void op_rowwise(const Params& p, Smem& s, const DInstr& I, int t) {
+__device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& I, int t) {
   float* out = p.arena + I.out + (long long)t * I.outw;
   const float* x = p.arena + I.x + (long long)t * I.xw;
   switch (I.op) {
@@ -840,21 +1314,78 @@ __device__ void op_rowwise(const Params& p, Smem& s, const DInstr& I, int t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Per-instruction preparation, run by every block that works on the instruction: activations that all of the
+// block's tiles share are loaded into shared memory once (normalized in place for a fused RMSNorm), and the MoE
+// routing lists are built.
+__device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
+  if (threadIdx.x == 0) s.flags[0] = 0;
+  if (I.op == OP_MATMUL) {
+    const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+    if ((long long)p.T * I.k <= MK_XS) {
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, s.xs, nullptr, nullptr);
+      if (normw) {
+        __syncthreads();
+        rms_resident(s, p.T, I.k, I.k, I.eps, normw);
+      }
+      if (threadIdx.x == 0) s.flags[0] = 1;
+    } else if (normw) {
+      rms_factors(p, s, I.x, I.xw, I.k, I.eps);
+    }
+  } else if (I.op == OP_ROUTER) {
+    if ((long long)p.T * I.k <= MK_XS) {
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, s.xs, nullptr, nullptr);
+      if (threadIdx.x == 0) s.flags[0] = 1;
+    }
+  } else if (I.op == OP_MOE_UP) {
+    moe_unique(p, s, I);
+  } else if (I.op == OP_MOE_DOWN) {
+    moe_unique(p, s, I);
+    const int P = p.T * I.topk;
+    if ((long long)P * I.inter <= MK_XS) {
+      load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, s.xs, nullptr, nullptr);
+      if (threadIdx.x == 0) s.flags[0] = 1;
+    }
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ unsigned long long gtimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
-  extern __shared__ __align__(16) float smem[];
+  extern __shared__ __align__(128) float smem[];
   Smem s;
-  s.xs = smem;
-  s.stage = s.xs + MK_MAX_T * MK_KC;
-  s.red = s.stage + 2 * MK_MAX_T * MK_TILE_MAX + MK_MAX_T * MK_TILE_MAX;
+  __shared__ __align__(8) unsigned long long ring_bars[2 * RING_NS];
+  s.ring.buf = reinterpret_cast<uint8_t*>(smem);
+  s.ring.full = ring_bars;
+  s.ring.empty = ring_bars + RING_NS;
+  s.ring_it = 0;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < RING_NS; i++) {
+      mbar_init(s.ring.full + i, 1);
+      mbar_init(s.ring.empty + i, MK_CW);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  s.xs = smem + RING_NS * RING_SLOT / 4;
+  s.stage = s.xs + MK_XS;
+  s.red = s.stage + MK_STAGE;
   s.inv = s.red + MK_THREADS;
   s.iv = reinterpret_cast<int*>(s.inv + MK_MAX_T);
   __shared__ float lut[16];
+  __shared__ int flags[4];
   s.lut = lut;
+  s.flags = flags;
   if (threadIdx.x < 16) lut[threadIdx.x] = c_e2m1[threadIdx.x];
   __shared__ DInstr cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;
   for (int i = 0; i < p.ninstr; i++) {
+    unsigned long long t0 = 0, t1 = 0;
+    if (p.prof && threadIdx.x == 0) t0 = gtimer();
     // Control: fetch the descriptor, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = reinterpret_cast<const int*>(p.instrs + i)[threadIdx.x];
     __syncthreads();
@@ -862,38 +1393,43 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     const int ntiles = cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles;
     int first = ((int)blockIdx.x - cur.rot) % (int)G;
     if (first < 0) first += G;
-    if (first < ntiles) {
+    // MoE up schedules its own work over every block (see op_moe_up).
+    if (first < ntiles || cur.op == OP_MOE_UP) {
       if (threadIdx.x == 0) {
         for (int d = 0; d < cur.ndeps; d++) {
           const unsigned int* c = p.done + cur.deps[d];
           while (ld_acquire(c) < target) __nanosleep(32);
         }
+        if (p.prof) t1 = gtimer();
       }
       __syncthreads();
-      if (cur.op == OP_MATMUL && cur.normw >= 0) rms_factors(p, s, cur.x, cur.xw, cur.k, cur.eps);
-      int lim = ntiles;
-      if (cur.op == OP_MOE_UP || cur.op == OP_MOE_DOWN) {
-        int U = moe_unique(p, s, cur);
-        // Only tiles of experts some token chose do work.
-        if (cur.op == OP_MOE_UP) lim = min(ntiles, U * ((cur.inter + cur.tile_rows - 1) / cur.tile_rows));
-      }
-      for (int tile = first; tile < lim; tile += G) {
-        switch (cur.op) {
-          case OP_MATMUL: op_matmul(p, s, cur, tile); break;
-          case OP_ATTN: op_attn(p, s, cur, tile); break;
-          case OP_ROUTER: op_router(p, s, cur, tile); break;
-          case OP_MOE_UP: op_moe_up(p, s, cur, tile); break;
-          case OP_MOE_DOWN: op_moe_down(p, s, cur, tile); break;
-          default: op_rowwise(p, s, cur, tile); break;
+      prep(p, s, cur);
+      if (cur.op == OP_MOE_UP) {
+        op_moe_up(p, s, cur);
+      } else {
+        for (int tile = first; tile < ntiles; tile += G) {
+          switch (cur.op) {
+            case OP_MATMUL: op_matmul(p, s, cur, tile); break;
+            case OP_ATTN: op_attn(p, s, cur, tile); break;
+            case OP_ROUTER: op_router(p, s, cur, tile); break;
+            case OP_MOE_DOWN: op_moe_down(p, s, cur, tile); break;
+            default: op_rowwise(p, s, cur, tile); break;
+          }
+          __syncthreads();
         }
-        __syncthreads();
       }
+    } else if (p.prof && threadIdx.x == 0) {
+      t1 = t0;
     }
     // Completion: publish this block's share of instruction i (release orders all prior writes of the block).
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();
       red_release(p.done + i, 1u);
+      if (p.prof) {
+        unsigned long long* r = p.prof + ((long long)i * G + blockIdx.x) * 3;
+        r[0] = t0; r[1] = t1; r[2] = gtimer();
+      }
     }
   }
 }

@@ -8,9 +8,17 @@
 use mimo_ir::plan::{BufId, Instr, Plan, Program};
 use mimo_ir::{DType, Epilogue, KvKind};
 
-pub const THREADS: usize = 256;
+/// Threads per block: 8 consumer warps and 1 producer warp (the bulk-copy weight ring).
+pub const THREADS: usize = 288;
+/// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu).
+pub const RING_BYTES: usize = 4 * 16 * 1024;
 pub const KC: usize = 1024;
-pub const TILE_MAX: usize = 256;
+pub const TILE_MAX: usize = 128;
+/// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
+pub const IV_LEN: usize = 1600;
+/// Shared memory one block may use on sm_90 (the 227 KB opt-in limit) less 1 KB for the kernel's static
+/// shared variables.
+pub const SMEM_LIMIT: usize = 232_448 - 1024 - RING_BYTES;
 pub const MAX_DEPS: usize = 8;
 /// The CUDA source of the megakernel body.
 pub const MEGAKERNEL_CU: &str = include_str!("../cuda/megakernel.cu");
@@ -183,9 +191,31 @@ pub struct Encoded {
     pub logits: (usize, usize),
 }
 
+/// Floats of the tile-output stage (`MK_STAGE`).
+pub fn stage_floats(max_tokens: usize) -> usize {
+    (3 * max_tokens * TILE_MAX).max(1024)
+}
+
+/// Floats of the shared activation buffer (`MK_XS`): 64 KB (4 tokens x 4096 at full width), so that with the
+/// weight ring and the other regions a block leaves part of the SM's 256 KB of L1/shared memory as L1 cache
+/// (register spills, the stack, scale bytes). Never more than the opt-in limit leaves.
+pub fn xs_floats(max_tokens: usize) -> usize {
+    let room =
+        (SMEM_LIMIT / 4 - stage_floats(max_tokens) - THREADS - max_tokens - IV_LEN) / 1024 * 1024;
+    room.min(XS_TARGET)
+}
+const _: () = assert!(
+    XS_TARGET >= 256 * 32,
+    "256 routed pairs x one 32-wide chunk must fit"
+);
+
+/// Preferred size of the shared activation buffer in floats.
+pub const XS_TARGET: usize = 16_384;
+
+/// Dynamic shared memory bytes per block.
 pub fn smem_bytes(max_tokens: usize) -> usize {
-    4 * (max_tokens * KC + 3 * max_tokens * TILE_MAX + THREADS + max_tokens)
-        + 4 * (512 + 4 * max_tokens + 64)
+    RING_BYTES
+        + 4 * (xs_floats(max_tokens) + stage_floats(max_tokens) + THREADS + max_tokens + IV_LEN)
 }
 
 /// Encode `program` of `plan`. `argmax` appends an in-kernel argmax / Gumbel sampling of the logits.
@@ -442,9 +472,9 @@ pub fn encode(
                 d.fmt = fmt_of(wt.dtype);
                 d.k = wt.dims[1] as i32;
                 d.e = spec.n_experts as i32;
-                if 2 * spec.n_experts > 3 * mt * TILE_MAX
+                if 2 * spec.n_experts > stage_floats(mt)
                     || spec.n_group > 32
-                    || wt.dims[1] > mt * KC
+                    || wt.dims[1] > xs_floats(mt)
                 {
                     return Err(format!(
                         "router sizes exceed the megakernel limits for max_tokens {mt}: {} experts, {} groups, hidden {}",
@@ -476,9 +506,15 @@ pub fn encode(
                 let dn = wd(*down);
                 let h = gu.dims[2];
                 // The kernel dedupes the routed experts in a 256-entry shared-memory list.
-                if mt * top_k > 256 {
+                if mt * top_k > 256 || mt * top_k * 32 > stage_floats(mt) {
                     return Err(format!(
-                        "max_tokens {mt} x top_k {top_k} exceeds the megakernel's 256 routed slots"
+                        "max_tokens {mt} x top_k {top_k} exceeds the megakernel's routed slots (256, and top_k <= 12)"
+                    ));
+                }
+                let n_experts = gu.dims[0];
+                if n_experts > 48 * 32 {
+                    return Err(format!(
+                        "{n_experts} experts exceed the megakernel's routing bitmap (1536)"
                     ));
                 }
                 scratch_len = scratch_len.max(mt * top_k * inter);
@@ -493,6 +529,7 @@ pub fn encode(
                 up.inter = *inter as i32;
                 up.topk = *top_k as i32;
                 up.tile_rows = 32;
+                up.e = n_experts as i32;
                 let ctiles = inter.div_ceil(32);
                 up.ntiles = -((top_k * ctiles) as i32);
                 out.push((up, vec![arena(*x), arena(*routing)], vec![Res::Scratch]));
@@ -507,6 +544,7 @@ pub fn encode(
                 dd.inter = *inter as i32;
                 dd.topk = *top_k as i32;
                 dd.tile_rows = 32;
+                dd.e = n_experts as i32;
                 dd.ntiles = h.div_ceil(32) as i32;
                 out.push((dd, vec![Res::Scratch, arena(*routing)], vec![arena(*o)]));
             }

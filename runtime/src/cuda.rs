@@ -34,6 +34,7 @@ struct Params {
     temperature: f32,
     _pad1: i32,
     seed: u64,
+    prof: u64,
 }
 // SAFETY: plain-old-data, passed by value as the kernel's single parameter.
 unsafe impl DeviceRepr for Params {}
@@ -113,6 +114,17 @@ pub struct CudaSession {
     /// Temperature / seed of the in-kernel Gumbel-max sampler (0 = argmax).
     pub temperature: f32,
     pub seed: u64,
+    /// Per (instruction, block) timestamps of the last forward when profiling is on.
+    prof: Option<CudaSlice<u64>>,
+}
+
+/// One instruction's timing in a profiled forward: per block, when it started waiting for its producers, when it
+/// started work and when it published completion (ns, the GPU's global timer).
+#[derive(Clone, Debug)]
+pub struct InstrProfile {
+    pub op: i32,
+    /// [block] = (wait start, work start, end)
+    pub blocks: Vec<(u64, u64, u64)>,
 }
 
 impl CudaSession {
@@ -189,6 +201,7 @@ impl CudaSession {
             t: 0,
             temperature: 0.0,
             seed: 0,
+            prof: None,
         })
     }
 
@@ -246,6 +259,10 @@ impl CudaSession {
             let (pos, _g) = self.pos.device_ptr(s);
             let (out_tokens, _h) = self.out_tokens.device_ptr_mut(s);
             let (done, _i) = self.done.device_ptr_mut(s);
+            let prof = match self.prof.as_mut() {
+                Some(b) => b.device_ptr_mut(s).0,
+                None => 0,
+            };
             Params {
                 instrs,
                 ninstr: self.ninstr as i32,
@@ -263,6 +280,7 @@ impl CudaSession {
                 temperature: self.temperature,
                 _pad1: 0,
                 seed: self.seed,
+                prof,
             }
         };
         let cfg = LaunchConfig {
@@ -283,6 +301,33 @@ impl CudaSession {
     pub fn sampled(&self) -> Result<Vec<u32>> {
         let v = self.stream.memcpy_dtov(&self.out_tokens.slice(0..self.t))?;
         Ok(v.into_iter().map(|x| x as u32).collect())
+    }
+
+    /// Record per-instruction, per-block timestamps in every following forward.
+    pub fn enable_profile(&mut self) -> Result<()> {
+        let n = self.ninstr * self.grid as usize * 3;
+        self.prof = Some(self.stream.alloc_zeros::<u64>(n)?);
+        Ok(())
+    }
+
+    /// The timestamps of the last forward (after `enable_profile`), one entry per instruction.
+    pub fn read_profile(&self) -> Result<Vec<InstrProfile>> {
+        let Some(buf) = self.prof.as_ref() else {
+            bail!("profiling is not enabled");
+        };
+        let v = self.stream.memcpy_dtov(buf)?;
+        let g = self.grid as usize;
+        Ok((0..self.ninstr)
+            .map(|i| InstrProfile {
+                op: self.enc.instrs[i].op,
+                blocks: (0..g)
+                    .map(|b| {
+                        let r = &v[(i * g + b) * 3..(i * g + b) * 3 + 3];
+                        (r[0], r[1], r[2])
+                    })
+                    .collect(),
+            })
+            .collect())
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -358,6 +358,18 @@ fn run(cli: Cli) -> Result<()> {
                     100.0 * row.floor_frac
                 );
             }
+            for pr in &r.profile {
+                println!(
+                    "profile T={}: {:.0} us in-kernel; by kind (span / busy / wait us, instrs):",
+                    pr.tokens, pr.total_us
+                );
+                for o in &pr.ops {
+                    println!(
+                        "  {:>10} {:>9.1} {:>9.1} {:>9.1} {:>5}",
+                        o.op, o.span_us, o.busy_us, o.wait_us, o.instrs
+                    );
+                }
+            }
             if let Some(j) = json {
                 std::fs::write(j, serde_json::to_string_pretty(&r)?)?;
             }

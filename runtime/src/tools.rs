@@ -132,6 +132,98 @@ pub struct BenchReport {
     pub context: usize,
     pub rows: Vec<BenchRow>,
     pub weight_bytes_total: u64,
+    /// Where one profiled forward of each token count spends its time, by instruction kind.
+    pub profile: Vec<ProfileReport>,
+}
+
+#[derive(Serialize)]
+pub struct ProfileReport {
+    pub tokens: usize,
+    /// First wait start to last completion, microseconds.
+    pub total_us: f64,
+    pub ops: Vec<OpProfile>,
+}
+
+#[derive(Serialize)]
+pub struct OpProfile {
+    pub op: &'static str,
+    pub instrs: usize,
+    /// Sum over this kind's instructions of the mean (over working blocks) time from work start to completion.
+    pub busy_us: f64,
+    /// Sum over instructions of the mean time working blocks waited for producers.
+    pub wait_us: f64,
+    /// Sum over instructions of (last block's completion - first block's work start).
+    pub span_us: f64,
+}
+
+const OP_NAMES: [&str; 13] = [
+    "embed",
+    "rmsnorm",
+    "matmul",
+    "rope",
+    "kvwrite",
+    "attention",
+    "router",
+    "moe_up",
+    "moe_down",
+    "swiglu",
+    "scale",
+    "add",
+    "argmax",
+];
+
+/// Aggregate one profiled forward by instruction kind.
+pub fn summarize_profile(tokens: usize, prof: &[crate::cuda::InstrProfile]) -> ProfileReport {
+    let mut ops: Vec<OpProfile> = vec![];
+    let mut t_min = u64::MAX;
+    let mut t_max = 0u64;
+    for ins in prof {
+        let name = OP_NAMES.get(ins.op as usize).copied().unwrap_or("?");
+        let working: Vec<&(u64, u64, u64)> =
+            ins.blocks.iter().filter(|b| b.2 > b.1 && b.1 > 0).collect();
+        for b in &ins.blocks {
+            if b.0 > 0 {
+                t_min = t_min.min(b.0);
+            }
+            t_max = t_max.max(b.2);
+        }
+        let n = working.len().max(1) as f64;
+        let busy = working.iter().map(|b| (b.2 - b.1) as f64).sum::<f64>() / n / 1e3;
+        let wait = working
+            .iter()
+            .map(|b| b.1.saturating_sub(b.0) as f64)
+            .sum::<f64>()
+            / n
+            / 1e3;
+        let span = match (
+            working.iter().map(|b| b.1).min(),
+            working.iter().map(|b| b.2).max(),
+        ) {
+            (Some(a), Some(z)) => (z - a) as f64 / 1e3,
+            _ => 0.0,
+        };
+        match ops.iter_mut().find(|o| o.op == name) {
+            Some(o) => {
+                o.instrs += 1;
+                o.busy_us += busy;
+                o.wait_us += wait;
+                o.span_us += span;
+            }
+            None => ops.push(OpProfile {
+                op: name,
+                instrs: 1,
+                busy_us: busy,
+                wait_us: wait,
+                span_us: span,
+            }),
+        }
+    }
+    ops.sort_by(|a, b| b.span_us.total_cmp(&a.span_us));
+    ProfileReport {
+        tokens,
+        total_us: t_max.saturating_sub(t_min) as f64 / 1e3,
+        ops,
+    }
 }
 
 /// Bytes one forward of `t` tokens must read from HBM at `context`: every non-expert weight once (embedding:
@@ -249,6 +341,15 @@ pub fn bench_gpu(
             floor_frac: floor_ms / med,
         });
     }
+    // One profiled forward per token count (timestamps cost a little, so they stay out of the timed runs).
+    gpu.enable_profile()?;
+    let mut profile = vec![];
+    for &t in tokens {
+        let toks = random_tokens(t, model.plan.model.vocab, 7 + t as u64);
+        gpu.launch(&toks, context)?;
+        gpu.synchronize()?;
+        profile.push(summarize_profile(t, &gpu.read_profile()?));
+    }
     Ok(BenchReport {
         device: gpu.device_name(),
         sms: gpu.num_sms(),
@@ -256,5 +357,6 @@ pub fn bench_gpu(
         context,
         rows,
         weight_bytes_total: model.plan.weights.iter().map(|w| w.total_bytes()).sum(),
+        profile,
     })
 }
