@@ -5,7 +5,7 @@
 # Binaries are built on the CI-like machine and carried (see bench/README.md):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
-# Stages (default all): env verify sanitize hf bench peer
+# Stages (default all): env verify sanitize hf bench bigverify peer
 set -uo pipefail
 OUT=${OUT:-/tmp/mimo-out}
 mkdir -p "$OUT"
@@ -14,7 +14,7 @@ W=${MIMO_WORK:-/tmp/mimo-work}
 mkdir -p "$W"
 export PATH=/usr/local/cuda/bin:$PATH
 export PYTHONUNBUFFERED=1
-STAGES=${*:-env verify sanitize hf bench peer}
+STAGES=${*:-env verify sanitize hf bench bigverify peer}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 
@@ -77,6 +77,14 @@ if has bench; then
   rm -rf "$W/bench"
   /usr/bin/time -f "make-bench %es" $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
   timeout 300 $B/mimort bench "$W/bench" --tokens ${MIMO_BENCH_TOKENS:-1,4,8,16} --context 512 --json "$OUT/bench_mimo.json" 2>&1 | tee -a "$OUT/summary.txt"
+fi
+
+if has bigverify; then
+  log "verify: GPU megakernel vs CPU interpreter on the bench plan (real shapes: ring scale copies, chunked K)"
+  [ -d "$W/bench" ] || $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8 > /dev/null 2>&1
+  timeout ${MIMO_BIGVERIFY_TIMEOUT:-300} $B/mimort verify-gpu "$W/bench" --prefill 20 --decode 3 --json "$OUT/verify_bench.json" \
+    > "$W/verify_bench.log" 2>&1
+  echo "verify bench: rc=$? $(tr -d '\n ' < "$OUT/verify_bench.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
 fi
 
 if has peer; then

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 #ifndef MK_THREADS
-#define MK_THREADS 288
+#define MK_THREADS 256
 #endif
 #ifndef MK_MAX_T
 #define MK_MAX_T 16
@@ -152,10 +152,13 @@ struct RowMap {
 //   mode 1 (MoE up):    as mode 0 inside one expert, with n = that expert's member count (x rows packed).
 //   mode 2 (MoE down):  rows rr = u * cols + c span every routed expert u; x rows are the expert's (token, slot)
 //                       pairs p at xs[p * xstride]; output stage[p * sstride + c].
+//   mode 3 (MoE up, batched): as mode 1 over several column tiles of one expert, tile j at columns
+//                       c0 + j * jstride (gate rows then up rows of each tile).
 
 struct TileRows {
   int mode;
   int c0, cols, split;  // map(rr) = rr < cols ? c0 + rr : split + c0 + rr - cols
+  int jstride;          // mode 3: column stride between the batched tiles
   long long w, ws;      // weight / scale base (modes 0, 1); mode 2: expert 0 of [E, erows, K]
   int erows, K, n;      // rows per expert (mode 2); row length; x rows (modes 0, 1)
   int xstride, sstride;
@@ -163,8 +166,23 @@ struct TileRows {
   const int* cnt;
   const int* mst;
   const int* ml;
-  __device__ __forceinline__ int map(int rr) const { return rr < cols ? c0 + rr : split + c0 + (rr - cols); }
+  __device__ __forceinline__ int map(int rr) const {
+    if (mode == 3) {
+      const int j = rr / (2 * cols), r = rr - j * 2 * cols;
+      const int c = c0 + j * jstride + (r < cols ? r : r - cols);
+      return r < cols ? c : split + c;
+    }
+    return rr < cols ? c0 + rr : split + c0 + (rr - cols);
+  }
+  // Mode 3 rows past the last column (a partial final tile) do nothing.
+  __device__ __forceinline__ bool valid(int rr) const {
+    if (mode != 3) return true;
+    const int j = rr / (2 * cols), r = rr - j * 2 * cols;
+    return c0 + j * jstride + (r < cols ? r : r - cols) < split;
+  }
 };
+__shared__ TileRows mk_tile;  // the tile being streamed (written by thread 0 in rows_dot)
+
 
 template <int FMT> struct Piece;  // elements per 16-byte piece
 template <> struct Piece<FMT_BF16> { static constexpr int E = 8; };
@@ -298,7 +316,7 @@ __device__ __noinline__ void warp_rows(const uint8_t* W, const TileRows& dref, i
       xl = -1;
 #pragma unroll
       for (int i = 0; i < NR; i++) {
-        ok[i] = col0 + i < nrows;
+        ok[i] = col0 + i < nrows && d.valid(col0 + i);
         int row = d.map(ok[i] ? col0 + i : col0);
         rp[i] = row_ptr<FMT>(W, d.w, row, d.K);
         sp[i] = srow_ptr<FMT>(W, d.ws, row, d.K);
@@ -366,6 +384,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
       expert_offsets(fmt, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
       wb = we; row = d.c0 + col; n = d.cnt[u]; xl = d.mst[u];
     } else {
+      if (!d.valid(rr)) continue;
       wb = d.w; row = d.map(rr); n = d.n; xl = -1; col = rr;
     }
     for (int t = 0; t < n; t++) {
@@ -387,15 +406,32 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 // v5 GEMV core: warp-specialized. Warp MK_CW (the producer) streams weight row segments HBM -> shared memory with
 // the bulk-copy engine (cp.async.bulk, completion counted in bytes on an mbarrier) into a RING_NS-slot ring;
 // warps 0..MK_CW-1 (consumers) wait on a slot's "full" barrier, dequantize in registers, and release the slot on
-// its "empty" barrier. A slot holds one chunk: RING_ROWS rows x one RING_SEG-byte segment along K. Consumer warp w
-// owns rows 2w and 2w+1 of each chunk (they share activation reads) and accumulates across the row's segments.
+// its "empty" barrier. A slot holds one chunk: RING_ROWS rows x one RING_SEG-byte segment along K (and, for MXFP4
+// rows whose scales are 16-byte aligned, the segment's scale bytes, so no load is left on the consumers' critical
+// path). Consumer warp w
+// owns 4 rows of each chunk (they share activation reads) and accumulates across the row's segments.
 // Both sides walk the same chunk sequence and keep the same running chunk counter, which gives slot and phase.
 
-#define MK_CW 8
-#define RING_NS 4
-#define RING_ROWS 16
+#define MK_CW 7
+
+__device__ __forceinline__ unsigned long long gtimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define RING_NS 3
+#define RING_ROWS 28
 #define RING_SEG 1024
-#define RING_SLOT (RING_ROWS * RING_SEG)
+#define RING_SCALES (RING_SEG / 16)  // MXFP4 scale bytes of one row segment
+#define RING_SLOT (RING_ROWS * (RING_SEG + RING_SCALES))
+
+extern __shared__ __align__(128) float mk_smem[];            // dynamic: [ring | xs | stage | red | inv | iv]
+__shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
+__shared__ int mk_meta[RING_NS];                              // row stride of the chunk in each slot
+__shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_rows)
+__shared__ int mk_prof_on;
+__shared__ __align__(64) float mk_lut[16];                    // E2M1 values (64-byte aligned: lut | idx)
+__shared__ int mk_flags[4];                                   // [0]: the instruction's activations are in xs
 
 __device__ __forceinline__ unsigned int smem_u32(const void* p) {
   return (unsigned int)__cvta_generic_to_shared(p);
@@ -426,11 +462,7 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
       : "memory");
 }
 
-struct Ring {
-  uint8_t* buf;               // [RING_NS][RING_SLOT]
-  unsigned long long* full;   // [RING_NS]
-  unsigned long long* empty;  // [RING_NS]
-};
+
 
 __device__ __forceinline__ unsigned int sel_word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -441,93 +473,82 @@ template <int FMT> __device__ __forceinline__ int el_bytes(int el) {
   return FMT == FMT_BF16 ? el * 2 : FMT == FMT_F8 ? el : el / 2;
 }
 
-// Resolve ring row r of the call: weight row pointer and scale row pointer; group-wide x rows (mode 2: the
-// row's expert members). Returns false for rows past nrows or padding.
+// Resolve ring row r of the call: weight row pointer, scale row pointer, activation rows (mode 2: the row's
+// expert members) and output column. ok is false for rows past nrows or padding.
+struct RowInfo {
+  const uint8_t* rp;
+  const uint8_t* sp;
+  int n, xl, col;
+  bool ok;
+};
+
 template <int FMT>
-__device__ __forceinline__ bool ring_row(const uint8_t* W, const TileRows& d, int r, int nrows, const uint8_t** rp,
-                                         const uint8_t** sp, int* n, int* xl, int* col) {
-  if (r >= nrows) return false;
+__device__ __forceinline__ RowInfo ring_row(const uint8_t* W, const TileRows& d, int r, int nrows) {
+  RowInfo o;
+  o.rp = W; o.sp = W; o.n = 0; o.xl = -1; o.col = 0; o.ok = false;
+  if (r >= nrows) return o;
   if (d.mode == 2) {
     const int colsp = (d.cols + 3) & ~3;
     const int u = r / colsp, c = r - u * colsp;
-    if (c >= d.cols) return false;
+    if (c >= d.cols) return o;
     long long we, wse;
     expert_offsets(FMT, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
-    *rp = row_ptr<FMT>(W, we, d.c0 + c, d.K);
-    *sp = srow_ptr<FMT>(W, wse, d.c0 + c, d.K);
-    *n = d.cnt[u];
-    *xl = d.mst[u];
-    *col = c;
+    o.rp = row_ptr<FMT>(W, we, d.c0 + c, d.K);
+    o.sp = srow_ptr<FMT>(W, wse, d.c0 + c, d.K);
+    o.n = d.cnt[u];
+    o.xl = d.mst[u];
+    o.col = c;
   } else {
+    if (!d.valid(r)) return o;
     const int row = d.map(r);
-    *rp = row_ptr<FMT>(W, d.w, row, d.K);
-    *sp = srow_ptr<FMT>(W, d.ws, row, d.K);
-    *n = d.n;
-    *xl = -1;
-    *col = r;
+    o.rp = row_ptr<FMT>(W, d.w, row, d.K);
+    o.sp = srow_ptr<FMT>(W, d.ws, row, d.K);
+    o.n = d.n;
+    o.col = r;
   }
-  return true;
+  o.ok = true;
+  return o;
 }
 
-// acc[i][t] += dot(piece of row i, x[t]) for two rows sharing activation rows. The 4-element groups of a piece
-// are visited in a lane-rotated order so that the lanes of a shared-memory phase read different banks.
-template <int FMT, int TM>
-__device__ __forceinline__ void piece2(const uint4 (&v)[2], const float (&sc)[2], const bool (&ok)[2],
-                                       const float* xs, const int (&xo)[TM], int n, int kk, float (&acc)[2][TM],
-                                       const float* lut, int lane) {
-  constexpr int PE = Piece<FMT>::E;
-  constexpr int NQ = PE / 4;
-  float part[2][TM];
-#pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int t = 0; t < TM; t++) part[i][t] = 0.f;
-#pragma unroll
-  for (int q0 = 0; q0 < NQ; q0++) {
-    const int q = (q0 + lane) & (NQ - 1);
-    float w4[2][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      if (FMT == FMT_MXFP4) {
-        unsigned int wd = sel_word(v[i], q >> 1) >> ((q & 1) * 16);
-        w4[i][0] = lut[wd & 0xfu]; w4[i][1] = lut[(wd >> 4) & 0xfu];
-        w4[i][2] = lut[(wd >> 8) & 0xfu]; w4[i][3] = lut[(wd >> 12) & 0xfu];
-      } else if (FMT == FMT_F8) {
-        unsigned int wd = sel_word(v[i], q);
-        __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd & 0xffffu), __NV_E4M3);
-        __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd >> 16), __NV_E4M3);
-        float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
-        float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
-        w4[i][0] = f0.x; w4[i][1] = f0.y; w4[i][2] = f1.x; w4[i][3] = f1.y;
-      } else {
-        unsigned int w0 = sel_word(v[i], 2 * q), w1 = sel_word(v[i], 2 * q + 1);
-        w4[i][0] = bf16lo(w0); w4[i][1] = bf16hi(w0); w4[i][2] = bf16lo(w1); w4[i][3] = bf16hi(w1);
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < TM; t++) {
-      if (t < n) {
-        float4 xv = *reinterpret_cast<const float4*>(xs + xo[t] + kk + 4 * q);
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-          part[i][t] += w4[i][0] * xv.x + w4[i][1] * xv.y + w4[i][2] * xv.z + w4[i][3] * xv.w;
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int t = 0; t < TM; t++)
-      if (ok[i]) acc[i][t] += (FMT == FMT_BF16) ? part[i][t] : part[i][t] * sc[i];
+// Shared-memory loads by 32-bit address (keeps the hot loop free of generic 64-bit address arithmetic). volatile:
+// they stay after the mbarrier wait that publishes the slot.
+__device__ __forceinline__ unsigned int lds32(unsigned int a) {
+  unsigned int v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ unsigned int lds8(unsigned int a) {
+  unsigned short v;
+  asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float ldsf(unsigned int a) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float2 lds2f(unsigned int a) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float4 lds4f(unsigned int a) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a));
+  return v;
 }
 
 // stage[out(r, j)] += dot(W[row(r)], x[j]) for r < nrows over k in [k0, k0 + kc), through the ring. Every thread
 // of the block calls it; `it` is the block's running chunk counter (the same on every thread).
 template <int FMT, int TM>
-__device__ __noinline__ void ring_rows(const uint8_t* W, const TileRows& dref, int k0, int kc, const float* xs,
-                                       int nrows, float* stage, const float* lut, const Ring& ring, unsigned int it) {
+__device__ __noinline__ void ring_rows(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
+                                       unsigned int it) {
   constexpr int PE = Piece<FMT>::E;
-  const TileRows d = dref;
+  const TileRows& d = mk_tile;
+  unsigned long long* const full = mk_bars;
+  unsigned long long* const empty = mk_bars + RING_NS;
+  uint8_t* const rbuf = reinterpret_cast<uint8_t*>(mk_smem);
+  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int kbytes = el_bytes<FMT>(kc);
   const int seg = min(RING_SEG, kbytes);
@@ -536,82 +557,185 @@ __device__ __noinline__ void ring_rows(const uint8_t* W, const TileRows& dref, i
   const int ngroups = (nrows + RING_ROWS - 1) / RING_ROWS;
   const int nchunks = ngroups * nseg;
   const int kb0 = el_bytes<FMT>(k0);
+  // MXFP4 scales travel with the weights when every copy is 16-byte sized and aligned.
+  const bool sring = FMT == FMT_MXFP4 && ((d.K / 32) & 15) == 0 && (d.ws & 15) == 0 && (kbytes & 255) == 0 &&
+                     (k0 & 511) == 0 && (reinterpret_cast<uintptr_t>(W) & 15) == 0;
+  const long long tstart = clock64();
+  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
+  long long twait = 0;
   if (warp == MK_CW) {
     // Producer: lanes 0..RING_ROWS-1 each copy one row segment of the chunk.
     for (int c = 0; c < nchunks; c++) {
       const int g = c / nseg, sg = c - g * nseg;
       const unsigned int u = it + c;
       const int slot = u % RING_NS;
-      if (u >= RING_NS) mbar_wait(ring.empty + slot, ((u / RING_NS) - 1) & 1);
+      if (u >= RING_NS) {
+        const long long t0 = clock64();
+        mbar_wait(empty + slot, ((u / RING_NS) - 1) & 1);
+        twait += clock64() - t0;
+      }
       const int bytes = min(seg, kbytes - sg * seg);
-      const uint8_t* rp = nullptr;
-      const uint8_t* sp;
-      int n, xl, col;
-      bool ok = lane < RING_ROWS && ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows, &rp, &sp, &n, &xl, &col);
+      const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
+      const uint8_t* rp = ri.rp;
+      const uint8_t* sp = ri.sp;
+      const bool ok = lane < RING_ROWS && ri.ok;
       const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
-      if (lane == 0) mbar_arrive_expect(ring.full + slot, cnt * bytes);
+      const int sbytes = sring ? bytes / 16 : 0;
+      // Whole rows that follow each other in memory go as one copy (and their scales as another).
+      const uint8_t* rp0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(rp), 0));
+      const uint8_t* sp0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(sp), 0));
+      const bool contig = nseg == 1 &&
+                          __all_sync(0xffffffffu, lane >= RING_ROWS || (ok && rp == rp0 + lane * seg &&
+                                                                        (!sring || sp == sp0 + lane * (seg / 16))));
+      if (lane == 0) {
+        mk_meta[slot] = contig ? seg : RING_SEG;  // row stride inside the slot (ordered by the arrive below)
+        mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
+      }
       __syncwarp();
-      if (ok) bulk_g2s(ring.buf + slot * RING_SLOT + lane * RING_SEG, rp + kb0 + sg * seg, bytes, ring.full + slot);
+      if (contig) {
+        if (lane == 0) {
+          bulk_g2s(rbuf + slot * RING_SLOT, rp0 + kb0, RING_ROWS * bytes, full + slot);
+          if (sring)
+            bulk_g2s(rbuf + slot * RING_SLOT + RING_ROWS * RING_SEG, sp0 + k0 / 32, RING_ROWS * sbytes,
+                     full + slot);
+        }
+      } else if (ok) {
+        bulk_g2s(rbuf + slot * RING_SLOT + lane * RING_SEG, rp + kb0 + sg * seg, bytes, full + slot);
+        if (sring)
+          bulk_g2s(rbuf + slot * RING_SLOT + RING_ROWS * RING_SEG + lane * RING_SCALES,
+                   sp + (k0 + sg * segel) / 32, sbytes, full + slot);
+      }
+    }
+    if (stat && lane == 0) {
+      stat[2] += twait;
+      stat[3] += clock64() - tstart;
     }
     return;
   }
   if (warp > MK_CW) return;
-  // Consumers.
-  const uint8_t* rp[2];
-  const uint8_t* sp[2];
-  bool ok[2];
-  int n = 0, xl = -1, col[2] = {0, 0};
-  int xo[TM];
-  float acc[2][TM];
+  // Consumers: warp w owns rows NRW*w .. NRW*w + NRW - 1 of every chunk.
+  constexpr int NRW = RING_ROWS / MK_CW;
+  const uint8_t* sp[NRW];
+  bool ok[NRW];
+  int n = 0, xl = -1, col[NRW];
+  unsigned int xa[TM];  // shared-memory byte address of each activation row
+  float acc[NRW][TM];
+  const unsigned int lutb = smem_u32(mk_lut);
+  const unsigned int ringb = smem_u32(rbuf);
+  const unsigned int xsb = smem_u32(xs);
   for (int c = 0; c < nchunks; c++) {
     const int g = c / nseg, sg = c - g * nseg;
     const unsigned int u = it + c;
     const int slot = u % RING_NS;
     if (sg == 0) {
+      n = 0;
 #pragma unroll
-      for (int i = 0; i < 2; i++) {
-        int nn, xx;
-        ok[i] = ring_row<FMT>(W, d, g * RING_ROWS + 2 * warp + i, nrows, &rp[i], &sp[i], &nn, &xx, &col[i]);
-        if (ok[i]) { n = nn; xl = xx; }
+      for (int i = 0; i < NRW; i++) {
+        const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + NRW * warp + i, nrows);
+        ok[i] = ri.ok;
+        sp[i] = ri.sp;
+        col[i] = ri.col;
+        if (ri.ok) { n = ri.n; xl = ri.xl; }
       }
-      if (!ok[0] && !ok[1]) n = 0;
 #pragma unroll
-      for (int t = 0; t < TM; t++) xo[t] = t < n ? (xl >= 0 ? d.ml[xl + t] : t) * d.xstride : 0;
+      for (int t = 0; t < TM; t++) xa[t] = xsb + 4u * (unsigned int)((t < n ? (xl >= 0 ? d.ml[xl + t] : t) : 0) * d.xstride);
 #pragma unroll
-      for (int i = 0; i < 2; i++)
+      for (int i = 0; i < NRW; i++)
 #pragma unroll
         for (int t = 0; t < TM; t++) acc[i][t] = 0.f;
     }
     const int bytes = min(seg, kbytes - sg * seg);
-    // Scales for this chunk's pieces, loaded before waiting for the weights.
     constexpr int PPL = RING_SEG / 16 / 32;  // pieces per lane per row
-    float sc[PPL][2];
-#pragma unroll
+    const long long tw0 = clock64();
+    mbar_wait(full + slot, (u / RING_NS) & 1);
+    twait += clock64() - tw0;
+    const int rs = mk_meta[slot];  // row stride of this chunk in the slot
+    const unsigned int wb = ringb + slot * RING_SLOT + (NRW * warp) * rs;
+    const unsigned int sb = ringb + slot * RING_SLOT + RING_ROWS * RING_SEG + (NRW * warp) * (rs / 16);
+    // One piece per row at a time (not unrolled: keeps the accumulators in registers).
+#pragma unroll 1
     for (int j = 0; j < PPL; j++) {
       const int pc = lane + 32 * j;
+      if (pc * 16 >= bytes) continue;
+      float sc[NRW];
 #pragma unroll
-      for (int i = 0; i < 2; i++)
-        sc[j][i] = (ok[i] && pc * 16 < bytes) ? scale_at<FMT>(sp[i], k0 + sg * segel + pc * PE) : 0.f;
-    }
-    mbar_wait(ring.full + slot, (u / RING_NS) & 1);
-    const uint8_t* base = ring.buf + slot * RING_SLOT + (2 * warp) * RING_SEG;
+      for (int i = 0; i < NRW; i++)
+        sc[i] = sring ? e8m0_to_f32(lds8(sb + i * (rs / 16) + pc))
+                      : (ok[i] ? scale_at<FMT>(sp[i], k0 + sg * segel + pc * PE) : 1.f);
+      const unsigned int kx = 4u * (unsigned int)(sg * segel + pc * PE);  // byte offset of the piece in an x row
+      float part[NRW][TM];
 #pragma unroll
-    for (int j = 0; j < PPL; j++) {
-      const int pc = lane + 32 * j;
-      if (pc * 16 < bytes) {
-        uint4 v[2];
+      for (int i = 0; i < NRW; i++)
 #pragma unroll
-        for (int i = 0; i < 2; i++)
-          v[i] = ok[i] ? *reinterpret_cast<const uint4*>(base + i * RING_SEG + pc * 16) : make_uint4(0, 0, 0, 0);
-        float scj[2] = {sc[j][0], sc[j][1]};
-        piece2<FMT, TM>(v, scj, ok, xs, xo, n, sg * segel + pc * PE, acc, lut, lane);
+        for (int t = 0; t < TM; t++) part[i][t] = 0.f;
+      // The piece's 4 words, visited in a lane-rotated order (activation reads of a phase spread over banks).
+#pragma unroll
+      for (int w0 = 0; w0 < 4; w0++) {
+        const int w = (w0 + lane) & 3;
+        unsigned int wd[NRW];
+#pragma unroll
+        for (int i = 0; i < NRW; i++) wd[i] = lds32(wb + i * rs + pc * 16 + 4 * w);
+        if (FMT == FMT_MXFP4) {
+          // Word w = elements 8w .. 8w + 7.
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            float4 xv[TM];
+#pragma unroll
+            for (int t = 0; t < TM; t++)
+              if (TM == 1 || t < n) xv[t] = lds4f(xa[t] + kx + 32 * w + 16 * h);
+#pragma unroll
+            for (int i = 0; i < NRW; i++) {
+              float wv[4];
+#pragma unroll
+              for (int e = 0; e < 4; e++) {
+                const int sh = 4 * (4 * h + e) - 2;
+                const unsigned int idx = (sh >= 0 ? (wd[i] >> sh) : (wd[i] << 2)) & 0x3cu;
+                wv[e] = ldsf(lutb | idx);
+              }
+#pragma unroll
+              for (int t = 0; t < TM; t++)
+                if (TM == 1 || t < n)
+                  part[i][t] += wv[0] * xv[t].x + wv[1] * xv[t].y + wv[2] * xv[t].z + wv[3] * xv[t].w;
+            }
+          }
+        } else if (FMT == FMT_F8) {
+          float4 xv[TM];
+#pragma unroll
+          for (int t = 0; t < TM; t++)
+            if (TM == 1 || t < n) xv[t] = lds4f(xa[t] + kx + 16 * w);
+#pragma unroll
+          for (int i = 0; i < NRW; i++) {
+            __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd[i] & 0xffffu), __NV_E4M3);
+            __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd[i] >> 16), __NV_E4M3);
+            float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
+            float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
+#pragma unroll
+            for (int t = 0; t < TM; t++)
+              if (TM == 1 || t < n)
+                part[i][t] += f0.x * xv[t].x + f0.y * xv[t].y + f1.x * xv[t].z + f1.y * xv[t].w;
+          }
+        } else {
+          float2 xv[TM];
+#pragma unroll
+          for (int t = 0; t < TM; t++)
+            if (TM == 1 || t < n) xv[t] = lds2f(xa[t] + kx + 8 * w);
+#pragma unroll
+          for (int i = 0; i < NRW; i++)
+#pragma unroll
+            for (int t = 0; t < TM; t++)
+              if (TM == 1 || t < n) part[i][t] += bf16lo(wd[i]) * xv[t].x + bf16hi(wd[i]) * xv[t].y;
+        }
       }
+#pragma unroll
+      for (int i = 0; i < NRW; i++)
+#pragma unroll
+        for (int t = 0; t < TM; t++) acc[i][t] += part[i][t] * sc[i];
     }
     __syncwarp();
-    if (lane == 0) mbar_arrive(ring.empty + slot);
+    if (lane == 0) mbar_arrive(empty + slot);
     if (sg == nseg - 1) {
 #pragma unroll
-      for (int i = 0; i < 2; i++) {
+      for (int i = 0; i < NRW; i++) {
 #pragma unroll
         for (int t = 0; t < TM; t++) {
           if (t < n) {
@@ -624,6 +748,11 @@ __device__ __noinline__ void ring_rows(const uint8_t* W, const TileRows& dref, i
         }
       }
     }
+  }
+  if (stat && threadIdx.x == 0) {
+    stat[0] += twait;
+    stat[1] += clock64() - tstart;
+    stat[4] += gtimer() - gstart;
   }
 }
 
@@ -645,32 +774,35 @@ __device__ __forceinline__ void rows_dispatch_t(const uint8_t* W, const TileRows
 }
 
 template <int FMT>
-__device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
-                                                int nrows, float* stage, const float* lut, int T, const Ring& ring,
-                                                unsigned int* it) {
-  if (T <= 1) ring_rows<FMT, 1>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
-  else if (T <= 4) ring_rows<FMT, 4>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
-  else if (T <= 8) ring_rows<FMT, 8>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
-  else ring_rows<FMT, MK_MAX_T>(W, d, k0, kc, xs, nrows, stage, lut, ring, *it);
+__device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
+                                                float* stage, int T, unsigned int* it) {
+  if (T <= 1) ring_rows<FMT, 1>(W, k0, kc, xs, nrows, stage, *it);
+  else if (T <= 4) ring_rows<FMT, 4>(W, k0, kc, xs, nrows, stage, *it);
+  else if (T <= 8) ring_rows<FMT, 8>(W, k0, kc, xs, nrows, stage, *it);
+  else ring_rows<FMT, MK_MAX_T>(W, k0, kc, xs, nrows, stage, *it);
   *it += ring_chunks<FMT>(kc, nrows);
 }
 
-// Accumulate a tile's dot products into stage (which the caller zeroes). T bounds the member counts. Weights whose
-// rows are 16-byte aligned stream through the bulk-copy ring; others take the register path.
-__device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs, int nrows,
-                         float* stage, const float* lut, int T, const Ring& ring, unsigned int* it) {
+// Accumulate a tile's dot products into stage (which the caller zeroes). T bounds the member counts. The tile
+// descriptor is published in shared memory first. Weights whose rows are 16-byte aligned stream through the
+// bulk-copy ring; others take the register path.
+__device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& dl, int k0, int kc, const float* xs, int nrows,
+                         float* stage, const float* lut, int T, unsigned int* it) {
+  if (threadIdx.x == 0) mk_tile = dl;
+  __syncthreads();
+  const TileRows& d = mk_tile;
   const bool ring_ok = (d.w & 15) == 0 && (reinterpret_cast<uintptr_t>(W) & 15) == 0;
   switch (fmt) {
     case FMT_BF16:
-      if (ring_ok) ring_dispatch_t<FMT_BF16>(W, d, k0, kc, xs, nrows, stage, lut, T, ring, it);
+      if (ring_ok) ring_dispatch_t<FMT_BF16>(W, k0, kc, xs, nrows, stage, T, it);
       else rows_dispatch_t<FMT_BF16>(W, d, k0, kc, xs, nrows, stage, lut, T);
       break;
     case FMT_F8:
-      if (ring_ok) ring_dispatch_t<FMT_F8>(W, d, k0, kc, xs, nrows, stage, lut, T, ring, it);
+      if (ring_ok) ring_dispatch_t<FMT_F8>(W, k0, kc, xs, nrows, stage, T, it);
       else rows_dispatch_t<FMT_F8>(W, d, k0, kc, xs, nrows, stage, lut, T);
       break;
     case FMT_MXFP4:
-      if (ring_ok) ring_dispatch_t<FMT_MXFP4>(W, d, k0, kc, xs, nrows, stage, lut, T, ring, it);
+      if (ring_ok) ring_dispatch_t<FMT_MXFP4>(W, k0, kc, xs, nrows, stage, T, it);
       else rows_dispatch_t<FMT_MXFP4>(W, d, k0, kc, xs, nrows, stage, lut, T);
       break;
     default: warp_rows_scalar(fmt, W, d, k0, kc, xs, nrows, stage); break;
@@ -684,16 +816,16 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
   return max(32, (MK_XS / max(rows, 1)) / 32 * 32);
 }
 
+// Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors and the
+// routing lists, all at compile-time offsets of the dynamic shared memory (no pointers kept in local memory).
+#define SM_XS (mk_smem + RING_NS * RING_SLOT / 4)
+#define SM_STAGE (SM_XS + MK_XS)
+#define SM_RED (SM_STAGE + MK_STAGE)
+#define SM_INV (SM_RED + MK_THREADS)
+#define SM_IV (reinterpret_cast<int*>(SM_INV + MK_MAX_T))
+
 struct Smem {
-  float* xs;     // [MK_XS] activation rows (whole instruction when they fit, else a K chunk)
-  float* stage;  // [MK_STAGE] tile outputs
-  float* red;    // reductions scratch [MK_THREADS]
-  float* inv;    // [MK_MAX_T] norm factors
-  int* iv;       // routing lists (see IV_*)
-  float* lut;    // E2M1 value table [16]
-  int* flags;    // [0]: activations of the whole instruction are resident in xs
-  Ring ring;     // weight ring (see ring_rows)
-  unsigned int ring_it;  // chunks this block has streamed through the ring so far
+  unsigned int ring_it;  // chunks this block has streamed through the weight ring so far (same on every thread)
 };
 
 // Routing lists in iv (ints): U, routed expert ids (ascending), member counts, member starts, member pair lists
@@ -759,14 +891,14 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int t = warp; t < T; t += MK_WARPS) {
     float a = 0.f;
-    for (int k = lane; k < K; k += 32) { float v = s.xs[t * xstride + k]; a += v * v; }
+    for (int k = lane; k < K; k += 32) { float v = SM_XS[t * xstride + k]; a += v * v; }
     a = warp_sum(a);
-    if (lane == 0) s.inv[t] = rsqrtf(a / K + eps);
+    if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < T * K; i += MK_THREADS) {
     int t = i / K, k = i - t * K;
-    s.xs[t * xstride + k] *= s.inv[t] * __ldg(normw + k);
+    SM_XS[t * xstride + k] *= SM_INV[t] * __ldg(normw + k);
   }
 }
 
@@ -784,7 +916,7 @@ __device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw
       for (int u = 0; u < 8; u++) a += v[u] * v[u];
     }
     a = warp_sum(a);
-    if (lane == 0) s.inv[t] = rsqrtf(a / K + eps);
+    if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
   }
   __syncthreads();
 }
@@ -825,20 +957,20 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   TileRows d{};
   d.mode = 0; d.c0 = c0; d.cols = cols; d.split = rm.split; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
   d.sstride = sstride;
-  for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) s.stage[i] = 0.f;
-  if (s.flags[0]) {
+  for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+  if (mk_flags[0]) {
     d.xstride = I.k;
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.k, s.xs, nrows, s.stage, s.lut, p.T, s.ring, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, mk_lut, p.T, &s.ring_it);
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
     for (int k0 = 0; k0 < I.k; k0 += kcw) {
       int kc = min(kcw, I.k - k0);
       __syncthreads();
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, s.xs, s.inv, normw);
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw);
       __syncthreads();
-      rows_dot(I.fmt, p.weights, d, k0, kc, s.xs, nrows, s.stage, s.lut, p.T, s.ring, &s.ring_it);
+      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, mk_lut, p.T, &s.ring_it);
     }
   }
   __syncthreads();
@@ -847,7 +979,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
     for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
       int t = i / nrows, rr = i - t * nrows;
-      s.stage[t * sstride + rr] += __ldg(b + rm(rr));
+      SM_STAGE[t * sstride + rr] += __ldg(b + rm(rr));
     }
     __syncthreads();
   }
@@ -858,29 +990,29 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     if (e == EPI_SCALE) {
       for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
-        s.stage[t * sstride + c] *= I.scale;
+        SM_STAGE[t * sstride + c] *= I.scale;
       }
     } else if (e == EPI_ROPE) {
-      apply_rope_stage(s.stage, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
+      apply_rope_stage(SM_STAGE, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
     } else if (e == EPI_KVWRITE) {
       float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
       int rowlen = I.heads * I.hd;
       for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
         int slot = p.pos[t] % I.kv_cap;
-        base[(long long)slot * rowlen + c0 + c] = s.stage[t * sstride + c];
+        base[(long long)slot * rowlen + c0 + c] = SM_STAGE[t * sstride + c];
       }
     } else if (e == EPI_SWIGLU) {
       for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
         int t = i / cols, c = i - t * cols;
-        float g = s.stage[t * sstride + c], u = s.stage[t * sstride + cols + c];
-        s.stage[t * sstride + c] = silu_f(g) * u;
+        float g = SM_STAGE[t * sstride + c], u = SM_STAGE[t * sstride + cols + c];
+        SM_STAGE[t * sstride + c] = silu_f(g) * u;
       }
       width = cols;
     } else if (e == EPI_RESIDUAL) {
       for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
-        s.stage[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + c0 + c);
+        SM_STAGE[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + c0 + c);
       }
     }
     __syncthreads();
@@ -888,7 +1020,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   if (I.out >= 0) {
     for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
       int t = i / cols, c = i - t * cols;
-      p.arena[I.out + (long long)t * I.outw + c0 + c] = s.stage[t * sstride + c];
+      p.arena[I.out + (long long)t * I.outw + c0 + c] = SM_STAGE[t * sstride + c];
     }
   }
 }
@@ -902,7 +1034,7 @@ __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, 
   const int lo = I.window > 0 ? max(0, P + 1 - I.window) : 0;
   const int kvh = h / (I.nh / I.nkv);
   const int qd = I.qd, vd = I.vd;
-  float* q = s.xs;  // [qd]
+  float* q = SM_XS;  // [qd]
   for (int i = threadIdx.x; i < qd; i += MK_THREADS) q[i] = ldcg(p.arena + I.x + (long long)t * I.xw + h * qd + i);
   __syncthreads();
   const float* K = p.kv + I.kv_k;
@@ -942,10 +1074,10 @@ __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, 
       m = mn;
     }
   }
-  // Combine warps: s.red holds per-warp (m, l); stage holds per-warp o.
-  float* wm = s.red;
-  float* wl = s.red + MK_WARPS;
-  float* wo = s.xs + 1024;  // [MK_WARPS][vd], after q
+  // Combine warps: SM_RED holds per-warp (m, l); stage holds per-warp o.
+  float* wm = SM_RED;
+  float* wl = SM_RED + MK_WARPS;
+  float* wo = SM_XS + 1024;  // [MK_WARPS][vd], after q
   if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
   for (int jj = 0; jj < 8; jj++) {
@@ -972,20 +1104,20 @@ __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, 
 __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int H = I.k, E = I.E;
-  const float* xrow = s.xs + (long long)t * H;
-  if (!s.flags[0]) {
+  const float* xrow = SM_XS + (long long)t * H;
+  if (!mk_flags[0]) {
     __syncthreads();
-    load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, s.xs, nullptr, nullptr);
-    xrow = s.xs;
+    load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, SM_XS, nullptr, nullptr);
+    xrow = SM_XS;
   }
-  float* sc = s.stage;       // scores [E]
-  float* ch = s.stage + E;   // choice scores [E]
+  float* sc = SM_STAGE;       // scores [E]
+  float* ch = SM_STAGE + E;   // choice scores [E]
   for (int i = threadIdx.x; i < E; i += MK_THREADS) sc[i] = 0.f;
   __syncthreads();
   TileRows d{};
   d.mode = 0; d.c0 = 0; d.cols = E; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = H; d.n = 1; d.xstride = H;
   d.sstride = 0;
-  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, s.lut, 1, s.ring, &s.ring_it);
+  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, mk_lut, 1, &s.ring_it);
   __syncthreads();
   if (warp == 0) {
     // Scores.
@@ -1007,7 +1139,7 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
     // Group limit: group score = sum of its top-2 choice scores; keep the best topk_group groups.
     if (I.ngroup > 1) {
       int per = E / I.ngroup;
-      float* gs = s.red;
+      float* gs = SM_RED;
       if (lane < I.ngroup) {
         float b1 = -INFINITY, b2 = -INFINITY;
         for (int e = lane * per; e < (lane + 1) * per; e++) {
@@ -1069,13 +1201,13 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
 // per MoE instruction per block in parallel (see IV_*). Returns U.
 __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I) {
   const int n = p.T * I.topk, E = I.E;
-  int* raw = s.iv + IV_RAW;
-  int* ids = s.iv + IV_IDS;
-  int* cnt = s.iv + IV_CNT;
-  int* mst = s.iv + IV_MST;
-  int* ml = s.iv + IV_ML;
-  float* rw = reinterpret_cast<float*>(s.iv + IV_RW);
-  unsigned int* bits = reinterpret_cast<unsigned int*>(s.iv + IV_BITS);
+  int* raw = SM_IV + IV_RAW;
+  int* ids = SM_IV + IV_IDS;
+  int* cnt = SM_IV + IV_CNT;
+  int* mst = SM_IV + IV_MST;
+  int* ml = SM_IV + IV_ML;
+  float* rw = reinterpret_cast<float*>(SM_IV + IV_RW);
+  unsigned int* bits = reinterpret_cast<unsigned int*>(SM_IV + IV_BITS);
   const int nw = (E + 31) / 32;
   for (int i = threadIdx.x; i < nw; i += MK_THREADS) bits[i] = 0u;
   __syncthreads();
@@ -1091,7 +1223,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   if (threadIdx.x == 0) {
     int U = 0;
     for (int w = 0; w < nw; w++) { mst[w] = U; U += __popc(bits[w]); }
-    s.iv[IV_U] = U;
+    SM_IV[IV_U] = U;
   }
   __syncthreads();
   for (int w = threadIdx.x; w < nw; w += MK_THREADS) {
@@ -1100,7 +1232,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     while (b) { int j = __ffs(b) - 1; ids[pos++] = w * 32 + j; b &= b - 1; }
   }
   __syncthreads();
-  const int U = s.iv[IV_U];
+  const int U = SM_IV[IV_U];
   for (int u = threadIdx.x; u < U; u += MK_THREADS) {
     int e = ids[u], c = 0;
     for (int i = 0; i < n; i++) c += raw[i] == e;
@@ -1111,7 +1243,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     int a = 0, mx = 0;
     for (int u = 0; u < U; u++) { mst[u] = a; a += cnt[u]; mx = max(mx, cnt[u]); }
     mst[U] = a;
-    s.iv[IV_U + 1] = mx;
+    SM_IV[IV_U + 1] = mx;
   }
   __syncthreads();
   for (int u = threadIdx.x; u < U; u += MK_THREADS) {
@@ -1123,16 +1255,16 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
 }
 
 // UP: the block's share of (routed expert, column tile) work. Blocks are split into contiguous groups, one group
-// per routed expert, so a block loads its expert's member activations once and runs several column tiles on
-// them. scratch[(t * topk + k) * inter + c] = silu(gate) * up for every member pair (t, k).
+// per routed expert, so a block loads its expert's member activations once and streams all of its column tiles
+// (batched as far as the stage holds them) through one pass of the weight ring. scratch[(t * topk + k) * inter + c] = silu(gate) * up for every member pair (t, k).
 __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I) {
   const int G = gridDim.x, b = blockIdx.x;
-  const int U = s.iv[IV_U];
+  const int U = SM_IV[IV_U];
   const int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
-  const int* ids = s.iv + IV_IDS;
-  const int* cnt = s.iv + IV_CNT;
-  const int* mst = s.iv + IV_MST;
-  const int* ml = s.iv + IV_ML;
+  const int* ids = SM_IV + IV_IDS;
+  const int* cnt = SM_IV + IV_CNT;
+  const int* mst = SM_IV + IV_MST;
+  const int* ml = SM_IV + IV_ML;
   int u0, ustep, q, nb;
   if (U <= G) {
     u0 = ((b + 1) * U - 1) / G;
@@ -1143,7 +1275,6 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   } else {
     u0 = b; ustep = G; q = 0; nb = 1;
   }
-  const int sstride = 2 * I.tile_rows;
   for (int u = u0; u < U; u += ustep) {
     const int m = cnt[u];
     const int* mem = ml + mst[u];
@@ -1151,31 +1282,38 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     expert_offsets(I.fmt, I.w, I.ws, ids[u], 2 * I.inter, I.k, &we, &wse);
     const int kcw = chunk_width(I.k, m);
     const bool full = kcw == I.k;
+    const int tr = I.tile_rows;
+    const int nt = q < ctiles ? (ctiles - q + nb - 1) / nb : 0;  // this block's column tiles of expert u
+    const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
     __syncthreads();
-    if (full && q < ctiles) load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, s.xs, nullptr, nullptr);
-    for (int ct = q; ct < ctiles; ct += nb) {
-      const int c0 = ct * I.tile_rows, cols = min(I.tile_rows, I.inter - c0);
+    if (full && nt > 0) load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, nullptr, nullptr);
+    for (int jb = 0; jb < nt; jb += B) {
+      const int nbt = min(B, nt - jb);
+      const int sstride = nbt * 2 * tr;
       TileRows d{};
-      d.mode = 1; d.c0 = c0; d.cols = cols; d.split = I.inter; d.w = we; d.ws = wse; d.K = I.k; d.n = m;
-      d.xstride = kcw; d.sstride = sstride;
-      for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) s.stage[i] = 0.f;
+      d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
+      d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
+      for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
       if (full) {
         __syncthreads();
-        rows_dot(I.fmt, p.weights, d, 0, I.k, s.xs, 2 * cols, s.stage, s.lut, m, s.ring, &s.ring_it);
+        rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, mk_lut, m, &s.ring_it);
       } else {
         for (int k0 = 0; k0 < I.k; k0 += kcw) {
           int kc = min(kcw, I.k - k0);
           __syncthreads();
-          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, s.xs, nullptr, nullptr);
+          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, nullptr, nullptr);
           __syncthreads();
-          rows_dot(I.fmt, p.weights, d, k0, kc, s.xs, 2 * cols, s.stage, s.lut, m, s.ring, &s.ring_it);
+          rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, mk_lut, m, &s.ring_it);
         }
       }
       __syncthreads();
-      for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
-        int j = i / cols, c = i - j * cols;
-        float g = s.stage[j * sstride + c], uu = s.stage[j * sstride + cols + c];
-        p.scratch[(long long)mem[j] * I.inter + c0 + c] = silu_f(g) * uu;
+      for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
+        const int jm = i / (nbt * tr), rem = i - jm * (nbt * tr);
+        const int j = rem / tr, c = rem - j * tr;
+        const int col = (q + (jb + j) * nb) * tr + c;
+        if (col >= I.inter) continue;
+        float g = SM_STAGE[jm * sstride + j * 2 * tr + c], uu = SM_STAGE[jm * sstride + j * 2 * tr + tr + c];
+        p.scratch[(long long)mem[jm] * I.inter + col] = silu_f(g) * uu;
       }
       __syncthreads();
     }
@@ -1185,34 +1323,34 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
 // DOWN: tile = output column tile over H; its rows span every routed expert, so one pipelined pass streams all
 // of the tile's expert rows. out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k] (k ascending).
 __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
-  const int U = s.iv[IV_U], P = p.T * I.topk, H = I.n;
+  const int U = SM_IV[IV_U], P = p.T * I.topk, H = I.n;
   const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
   const int sstride = I.tile_rows;
   TileRows d{};
   d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter; d.sstride = sstride;
-  d.ids = s.iv + IV_IDS; d.cnt = s.iv + IV_CNT; d.mst = s.iv + IV_MST; d.ml = s.iv + IV_ML;
-  const int maxm = s.iv[IV_U + 1];
-  for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) s.stage[i] = 0.f;
+  d.ids = SM_IV + IV_IDS; d.cnt = SM_IV + IV_CNT; d.mst = SM_IV + IV_MST; d.ml = SM_IV + IV_ML;
+  const int maxm = SM_IV[IV_U + 1];
+  for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   const int kcw = chunk_width(I.inter, P);
   d.xstride = kcw;
-  if (s.flags[0]) {
+  if (mk_flags[0]) {
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.inter, s.xs, U * ((cols + 3) & ~3), s.stage, s.lut, maxm, s.ring, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * ((cols + 3) & ~3), SM_STAGE, mk_lut, maxm, &s.ring_it);
   } else {
     for (int k0 = 0; k0 < I.inter; k0 += kcw) {
       int kc = min(kcw, I.inter - k0);
       __syncthreads();
-      load_rows(p.scratch, I.inter, nullptr, 1, P, k0, kc, kcw, s.xs, nullptr, nullptr);
+      load_rows(p.scratch, I.inter, nullptr, 1, P, k0, kc, kcw, SM_XS, nullptr, nullptr);
       __syncthreads();
-      rows_dot(I.fmt, p.weights, d, k0, kc, s.xs, U * ((cols + 3) & ~3), s.stage, s.lut, maxm, s.ring, &s.ring_it);
+      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, U * ((cols + 3) & ~3), SM_STAGE, mk_lut, maxm, &s.ring_it);
     }
   }
   __syncthreads();
-  const float* rw = reinterpret_cast<const float*>(s.iv + IV_RW);
+  const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
   for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
     int t = i / cols, c = i - t * cols;
     float a = 0.f;
-    for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * s.stage[(t * I.topk + k) * sstride + c];
+    for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * SM_STAGE[(t * I.topk + k) * sstride + c];
     p.arena[I.out + (long long)t * I.outw + c0 + c] = a;
   }
 }
@@ -1240,21 +1378,21 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       float a = 0.f;
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) { float v = ldcg(x + i); a += v * v; }
       a = warp_sum(a);
-      if (lane == 0) s.red[warp] = a;
+      if (lane == 0) SM_RED[warp] = a;
       __syncthreads();
       float tot = 0.f;
-      for (int w = 0; w < MK_WARPS; w++) tot += s.red[w];
+      for (int w = 0; w < MK_WARPS; w++) tot += SM_RED[w];
       float inv = rsqrtf(tot / I.k + I.eps);
       const float* g = reinterpret_cast<const float*>(p.weights + I.normw);
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) * inv * __ldg(g + i);
       break;
     }
     case OP_ROPE: {
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) s.xs[i] = ldcg(x + i);
+      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) SM_XS[i] = ldcg(x + i);
       __syncthreads();
-      apply_rope_stage(s.xs, 0, 1, I.k, 0, I.hd, I.rotary, I.theta, p.pos + t);
+      apply_rope_stage(SM_XS, 0, 1, I.k, 0, I.hd, I.rotary, I.theta, p.pos + t);
       __syncthreads();
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = s.xs[i];
+      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = SM_XS[i];
       break;
     }
     case OP_KVWRITE: {
@@ -1298,13 +1436,13 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
         int oi = __shfl_xor_sync(0xffffffffu, bi, o);
         if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
       }
-      if (lane == 0) { s.red[warp] = bv; s.iv[warp] = bi; }
+      if (lane == 0) { SM_RED[warp] = bv; SM_IV[warp] = bi; }
       __syncthreads();
       if (threadIdx.x == 0) {
         for (int w = 1; w < MK_WARPS; w++)
-          if (s.red[w] > bv || (s.red[w] == bv && s.iv[w] < bi)) { bv = s.red[w]; bi = s.iv[w]; }
+          if (SM_RED[w] > bv || (SM_RED[w] == bv && SM_IV[w] < bi)) { bv = SM_RED[w]; bi = SM_IV[w]; }
         // Lane 0 of warp 0 holds its own best already in (bv, bi).
-        float b0 = s.red[0]; int i0 = s.iv[0];
+        float b0 = SM_RED[0]; int i0 = SM_IV[0];
         if (b0 > bv || (b0 == bv && i0 < bi)) { bv = b0; bi = i0; }
         p.out_tokens[t] = bi;
       }
@@ -1318,23 +1456,23 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
 // block's tiles share are loaded into shared memory once (normalized in place for a fused RMSNorm), and the MoE
 // routing lists are built.
 __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
-  if (threadIdx.x == 0) s.flags[0] = 0;
+  if (threadIdx.x == 0) mk_flags[0] = 0;
   if (I.op == OP_MATMUL) {
     const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
     if ((long long)p.T * I.k <= MK_XS) {
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, s.xs, nullptr, nullptr);
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr);
       if (normw) {
         __syncthreads();
         rms_resident(s, p.T, I.k, I.k, I.eps, normw);
       }
-      if (threadIdx.x == 0) s.flags[0] = 1;
+      if (threadIdx.x == 0) mk_flags[0] = 1;
     } else if (normw) {
       rms_factors(p, s, I.x, I.xw, I.k, I.eps);
     }
   } else if (I.op == OP_ROUTER) {
     if ((long long)p.T * I.k <= MK_XS) {
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, s.xs, nullptr, nullptr);
-      if (threadIdx.x == 0) s.flags[0] = 1;
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr);
+      if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   } else if (I.op == OP_MOE_UP) {
     moe_unique(p, s, I);
@@ -1342,44 +1480,27 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     moe_unique(p, s, I);
     const int P = p.T * I.topk;
     if ((long long)P * I.inter <= MK_XS) {
-      load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, s.xs, nullptr, nullptr);
-      if (threadIdx.x == 0) s.flags[0] = 1;
+      load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr);
+      if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   }
   __syncthreads();
 }
 
-__device__ __forceinline__ unsigned long long gtimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
-  extern __shared__ __align__(128) float smem[];
   Smem s;
-  __shared__ __align__(8) unsigned long long ring_bars[2 * RING_NS];
-  s.ring.buf = reinterpret_cast<uint8_t*>(smem);
-  s.ring.full = ring_bars;
-  s.ring.empty = ring_bars + RING_NS;
   s.ring_it = 0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
-      mbar_init(s.ring.full + i, 1);
-      mbar_init(s.ring.empty + i, MK_CW);
+      mbar_init(mk_bars + i, 1);
+      mbar_init(mk_bars + RING_NS + i, MK_CW);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mk_prof_on = p.prof != nullptr;
   }
-  s.xs = smem + RING_NS * RING_SLOT / 4;
-  s.stage = s.xs + MK_XS;
-  s.red = s.stage + MK_STAGE;
-  s.inv = s.red + MK_THREADS;
-  s.iv = reinterpret_cast<int*>(s.inv + MK_MAX_T);
-  __shared__ float lut[16];
-  __shared__ int flags[4];
-  s.lut = lut;
-  s.flags = flags;
-  if (threadIdx.x < 16) lut[threadIdx.x] = c_e2m1[threadIdx.x];
+  if (threadIdx.x < 5) mk_stat[threadIdx.x] = 0;
+  if (threadIdx.x < 16) mk_lut[threadIdx.x] = c_e2m1[threadIdx.x];
   __shared__ DInstr cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;
@@ -1427,9 +1548,11 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       __threadfence();
       red_release(p.done + i, 1u);
       if (p.prof) {
-        unsigned long long* r = p.prof + ((long long)i * G + blockIdx.x) * 3;
-        r[0] = t0; r[1] = t1; r[2] = gtimer();
+        unsigned long long* r = p.prof + ((long long)i * G + blockIdx.x) * 4;
+        r[0] = t0; r[1] = t1; r[2] = gtimer(); r[3] = mk_stat[4];  // cumulative ns consumer 0 spent in the ring
       }
     }
   }
+  __syncthreads();
+  if (p.prof && threadIdx.x < 4) p.prof[(long long)p.ninstr * G * 4 + blockIdx.x * 4 + threadIdx.x] = mk_stat[threadIdx.x];
 }

@@ -8,10 +8,11 @@
 use mimo_ir::plan::{BufId, Instr, Plan, Program};
 use mimo_ir::{DType, Epilogue, KvKind};
 
-/// Threads per block: 8 consumer warps and 1 producer warp (the bulk-copy weight ring).
-pub const THREADS: usize = 288;
+/// Threads per block: 7 consumer warps and 1 producer warp (the bulk-copy weight ring). 8 warps, 2 per SM
+/// sub-partition, leave each thread 255 registers (9 warps would cap them at 168 and spill the hot loop).
+pub const THREADS: usize = 256;
 /// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu).
-pub const RING_BYTES: usize = 4 * 16 * 1024;
+pub const RING_BYTES: usize = 3 * 28 * (1024 + 64);
 pub const KC: usize = 1024;
 pub const TILE_MAX: usize = 128;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).

@@ -123,8 +123,8 @@ pub struct CudaSession {
 #[derive(Clone, Debug)]
 pub struct InstrProfile {
     pub op: i32,
-    /// [block] = (wait start, work start, end)
-    pub blocks: Vec<(u64, u64, u64)>,
+    /// [block] = (wait start, work start, end, cumulative ns consumer warp 0 has spent in the weight ring)
+    pub blocks: Vec<(u64, u64, u64, u64)>,
 }
 
 impl CudaSession {
@@ -305,9 +305,29 @@ impl CudaSession {
 
     /// Record per-instruction, per-block timestamps in every following forward.
     pub fn enable_profile(&mut self) -> Result<()> {
-        let n = self.ninstr * self.grid as usize * 3;
+        // Per (instruction, block) timestamps, then per block 4 weight-ring counters.
+        let n = self.ninstr * self.grid as usize * 4 + self.grid as usize * 4;
         self.prof = Some(self.stream.alloc_zeros::<u64>(n)?);
         Ok(())
+    }
+
+    /// Weight-ring counters of the last profiled forward, summed over blocks (SM cycles): consumer warp 0 waiting
+    /// for full slots, consumer warp 0 inside the ring, the producer waiting for free slots, the producer inside
+    /// the ring.
+    pub fn read_ring_stats(&self) -> Result<[u64; 4]> {
+        let Some(buf) = self.prof.as_ref() else {
+            bail!("profiling is not enabled");
+        };
+        let v = self.stream.memcpy_dtov(buf)?;
+        let g = self.grid as usize;
+        let mut out = [0u64; 4];
+        for b in 0..g {
+            let base = self.ninstr * g * 4 + b * 4;
+            for (k, o) in out.iter_mut().enumerate() {
+                *o += v[base + k];
+            }
+        }
+        Ok(out)
     }
 
     /// The timestamps of the last forward (after `enable_profile`), one entry per instruction.
@@ -322,8 +342,8 @@ impl CudaSession {
                 op: self.enc.instrs[i].op,
                 blocks: (0..g)
                     .map(|b| {
-                        let r = &v[(i * g + b) * 3..(i * g + b) * 3 + 3];
-                        (r[0], r[1], r[2])
+                        let r = &v[(i * g + b) * 4..(i * g + b) * 4 + 4];
+                        (r[0], r[1], r[2], r[3])
                     })
                     .collect(),
             })

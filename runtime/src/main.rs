@@ -360,13 +360,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             for pr in &r.profile {
                 println!(
-                    "profile T={}: {:.0} us in-kernel; by kind (span / busy / wait us, instrs):",
-                    pr.tokens, pr.total_us
+                    "profile T={}: {:.0} us in-kernel; ring: consumers wait {:.0}%, producer waits {:.0}%; by kind (span / busy / wait us, instrs):",
+                    pr.tokens,
+                    pr.total_us,
+                    100.0 * pr.ring_consumer_wait_frac,
+                    100.0 * pr.ring_producer_wait_frac
                 );
                 for o in &pr.ops {
                     println!(
-                        "  {:>10} {:>9.1} {:>9.1} {:>9.1} {:>5}",
-                        o.op, o.span_us, o.busy_us, o.wait_us, o.instrs
+                        "  {:>10} {:>9.1} {:>9.1} {:>9.1} {:>5}  ring {:>9.1}",
+                        o.op, o.span_us, o.busy_us, o.wait_us, o.instrs, o.ring_us
                     );
                 }
             }

@@ -142,6 +142,10 @@ pub struct ProfileReport {
     /// First wait start to last completion, microseconds.
     pub total_us: f64,
     pub ops: Vec<OpProfile>,
+    /// Weight ring, summed over blocks: fraction of the consumers' ring time spent waiting for weights, and of
+    /// the producer's spent waiting for a free slot.
+    pub ring_consumer_wait_frac: f64,
+    pub ring_producer_wait_frac: f64,
 }
 
 #[derive(Serialize)]
@@ -154,6 +158,8 @@ pub struct OpProfile {
     pub wait_us: f64,
     /// Sum over instructions of (last block's completion - first block's work start).
     pub span_us: f64,
+    /// Sum over instructions of the mean time consumer warp 0 spent streaming weights through the ring.
+    pub ring_us: f64,
 }
 
 const OP_NAMES: [&str; 13] = [
@@ -177,37 +183,44 @@ pub fn summarize_profile(tokens: usize, prof: &[crate::cuda::InstrProfile]) -> P
     let mut ops: Vec<OpProfile> = vec![];
     let mut t_min = u64::MAX;
     let mut t_max = 0u64;
+    let nblocks = prof.first().map(|p| p.blocks.len()).unwrap_or(0);
+    // Each block's cumulative ring time at the end of its previous instruction.
+    let mut ring_before = vec![0u64; nblocks];
     for ins in prof {
         let name = OP_NAMES.get(ins.op as usize).copied().unwrap_or("?");
-        let working: Vec<&(u64, u64, u64)> =
-            ins.blocks.iter().filter(|b| b.2 > b.1 && b.1 > 0).collect();
-        for b in &ins.blocks {
-            if b.0 > 0 {
-                t_min = t_min.min(b.0);
+        let mut n = 0usize;
+        let (mut busy, mut wait, mut ring) = (0f64, 0f64, 0f64);
+        let (mut first, mut last) = (u64::MAX, 0u64);
+        for (b, &(t0, t1, t2, r)) in ins.blocks.iter().enumerate() {
+            if t0 > 0 {
+                t_min = t_min.min(t0);
             }
-            t_max = t_max.max(b.2);
+            t_max = t_max.max(t2);
+            // A block that had no tile of this instruction records t1 == t0.
+            if t1 > t0 && t2 > t1 {
+                n += 1;
+                busy += (t2 - t1) as f64;
+                wait += (t1 - t0) as f64;
+                ring += r.saturating_sub(ring_before[b]) as f64;
+                first = first.min(t1);
+                last = last.max(t2);
+            }
+            ring_before[b] = r;
         }
-        let n = working.len().max(1) as f64;
-        let busy = working.iter().map(|b| (b.2 - b.1) as f64).sum::<f64>() / n / 1e3;
-        let wait = working
-            .iter()
-            .map(|b| b.1.saturating_sub(b.0) as f64)
-            .sum::<f64>()
-            / n
-            / 1e3;
-        let span = match (
-            working.iter().map(|b| b.1).min(),
-            working.iter().map(|b| b.2).max(),
-        ) {
-            (Some(a), Some(z)) => (z - a) as f64 / 1e3,
-            _ => 0.0,
+        let nf = n.max(1) as f64 * 1e3;
+        let span = if n > 0 {
+            (last - first) as f64 / 1e3
+        } else {
+            0.0
         };
+        let (busy, wait, ring) = (busy / nf, wait / nf, ring / nf);
         match ops.iter_mut().find(|o| o.op == name) {
             Some(o) => {
                 o.instrs += 1;
                 o.busy_us += busy;
                 o.wait_us += wait;
                 o.span_us += span;
+                o.ring_us += ring;
             }
             None => ops.push(OpProfile {
                 op: name,
@@ -215,14 +228,17 @@ pub fn summarize_profile(tokens: usize, prof: &[crate::cuda::InstrProfile]) -> P
                 busy_us: busy,
                 wait_us: wait,
                 span_us: span,
+                ring_us: ring,
             }),
         }
     }
-    ops.sort_by(|a, b| b.span_us.total_cmp(&a.span_us));
+    ops.sort_by(|a, b| b.busy_us.total_cmp(&a.busy_us));
     ProfileReport {
         tokens,
         total_us: t_max.saturating_sub(t_min) as f64 / 1e3,
         ops,
+        ring_consumer_wait_frac: 0.0,
+        ring_producer_wait_frac: 0.0,
     }
 }
 
@@ -348,7 +364,11 @@ pub fn bench_gpu(
         let toks = random_tokens(t, model.plan.model.vocab, 7 + t as u64);
         gpu.launch(&toks, context)?;
         gpu.synchronize()?;
-        profile.push(summarize_profile(t, &gpu.read_profile()?));
+        let mut pr = summarize_profile(t, &gpu.read_profile()?);
+        let rs = gpu.read_ring_stats()?;
+        pr.ring_consumer_wait_frac = rs[0] as f64 / rs[1].max(1) as f64;
+        pr.ring_producer_wait_frac = rs[2] as f64 / rs[3].max(1) as f64;
+        profile.push(pr);
     }
     Ok(BenchReport {
         device: gpu.device_name(),
