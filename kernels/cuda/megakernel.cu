@@ -159,6 +159,7 @@ struct TileRows {
   int mode;
   int c0, cols, split;  // map(rr) = rr < cols ? c0 + rr : split + c0 + rr - cols
   int jstride;          // mode 3: column stride between the batched tiles
+  int xpack;            // mode 2: >= 0 when xs holds only this call's member rows, packed from list index xpack
   long long w, ws;      // weight / scale base (modes 0, 1); mode 2: expert 0 of [E, erows, K]
   int erows, K, n;      // rows per expert (mode 2); row length; x rows (modes 0, 1)
   int xstride, sstride;
@@ -166,6 +167,8 @@ struct TileRows {
   const int* cnt;
   const int* mst;
   const int* ml;
+  // Activation row of member t of a mode-2 list starting at xl (packed or indexed by pair id).
+  __device__ __forceinline__ int xrow(int xl, int t) const { return xpack >= 0 ? xl + t - xpack : ml[xl + t]; }
   __device__ __forceinline__ int map(int rr) const {
     if (mode == 3) {
       const int j = rr / (2 * cols), r = rr - j * 2 * cols;
@@ -324,7 +327,7 @@ __device__ __noinline__ void warp_rows(const uint8_t* W, const TileRows& dref, i
     }
     int xo[TM];
 #pragma unroll
-    for (int t = 0; t < TM; t++) xo[t] = t < n ? (xl >= 0 ? d.ml[xl + t] : t) * d.xstride : 0;
+    for (int t = 0; t < TM; t++) xo[t] = t < n ? (xl >= 0 ? d.xrow(xl, t) : t) * d.xstride : 0;
     float acc[NR][TM];
 #pragma unroll
     for (int i = 0; i < NR; i++)
@@ -388,7 +391,8 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
       wb = d.w; row = d.map(rr); n = d.n; xl = -1; col = rr;
     }
     for (int t = 0; t < n; t++) {
-      int xr = xl >= 0 ? d.ml[xl + t] : t;
+      int xr = xl >= 0 ? d.xrow(xl, t) : t;
+      int orow = xl >= 0 ? d.ml[xl + t] : t;
       float a = 0.f;
       for (int kk = lane; kk < kc; kk += 32) {
         long long idx = (long long)row * d.K + k0 + kk;
@@ -397,7 +401,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
         a += wv * xs[xr * d.xstride + kk];
       }
       a = warp_sum(a);
-      if (lane == 0) stage[xr * d.sstride + col] += a;
+      if (lane == 0) stage[orow * d.sstride + col] += a;
     }
   }
 }
@@ -638,7 +642,8 @@ __device__ __noinline__ void ring_rows(const uint8_t* W, int k0, int kc, const f
         if (ri.ok) { n = ri.n; xl = ri.xl; }
       }
 #pragma unroll
-      for (int t = 0; t < TM; t++) xa[t] = xsb + 4u * (unsigned int)((t < n ? (xl >= 0 ? d.ml[xl + t] : t) : 0) * d.xstride);
+      for (int t = 0; t < TM; t++)
+        xa[t] = xsb + 4u * (unsigned int)((t < n ? (xl >= 0 ? d.xrow(xl, t) : t) : 0) * d.xstride);
 #pragma unroll
       for (int i = 0; i < NRW; i++)
 #pragma unroll
@@ -886,19 +891,48 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
   }
 }
 
-// inv[t] = rsqrt(mean(x[t]^2) + eps) for rows resident in xs; then scale them by inv[t] * normw[k].
+// inv[t] = rsqrt(mean(x[t]^2) + eps) for rows resident in xs; then scale them by inv[t] * normw[k]. Every thread
+// takes a share of each row (partial sums per warp, then one thread per row), and the scaling pass reads the
+// norm weights 16 bytes at a time.
 __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, float eps, const float* normw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int t = warp; t < T; t += MK_WARPS) {
+  const bool vec = ((K | xstride) & 3) == 0 && (reinterpret_cast<uintptr_t>(normw) & 15) == 0;
+  for (int t = 0; t < T; t++) {
     float a = 0.f;
-    for (int k = lane; k < K; k += 32) { float v = SM_XS[t * xstride + k]; a += v * v; }
+    if (vec) {
+      for (int k = 4 * threadIdx.x; k < K; k += 4 * MK_THREADS) {
+        float4 v = *reinterpret_cast<const float4*>(SM_XS + t * xstride + k);
+        a += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      }
+    } else {
+      for (int k = threadIdx.x; k < K; k += MK_THREADS) { float v = SM_XS[t * xstride + k]; a += v * v; }
+    }
     a = warp_sum(a);
-    if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
+    if (lane == 0) SM_RED[t * MK_WARPS + warp] = a;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < T * K; i += MK_THREADS) {
-    int t = i / K, k = i - t * K;
-    SM_XS[t * xstride + k] *= SM_INV[t] * __ldg(normw + k);
+  if (threadIdx.x < T) {
+    float a = 0.f;
+    for (int w = 0; w < MK_WARPS; w++) a += SM_RED[threadIdx.x * MK_WARPS + w];
+    SM_INV[threadIdx.x] = rsqrtf(a / K + eps);
+  }
+  __syncthreads();
+  if (vec) {
+    const int q = K / 4;
+    for (int i = threadIdx.x; i < T * q; i += MK_THREADS) {
+      const int t = i / q, c = i - t * q;
+      const float4 g = __ldg(reinterpret_cast<const float4*>(normw) + c);
+      float4* x = reinterpret_cast<float4*>(SM_XS + t * xstride) + c;
+      const float f = SM_INV[t];
+      float4 v = *x;
+      v.x *= f * g.x; v.y *= f * g.y; v.z *= f * g.z; v.w *= f * g.w;
+      *x = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < T * K; i += MK_THREADS) {
+      int t = i / K, k = i - t * K;
+      SM_XS[t * xstride + k] *= SM_INV[t] * __ldg(normw + k);
+    }
   }
 }
 
@@ -1320,29 +1354,47 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   }
 }
 
-// DOWN: tile = output column tile over H; its rows span every routed expert, so one pipelined pass streams all
-// of the tile's expert rows. out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k] (k ascending).
+// DOWN: tile = output column tile over H; its rows span the routed experts, so one pipelined pass streams the
+// tile's expert rows. When all (token, slot) activation rows do not fit in shared memory, the experts go in groups
+// whose member rows fit (packed), and only a single expert with too many members falls back to chunking K.
+// out[t, c] = sum_k w[t,k] * down_{e(t,k)}[c] . scratch[t,k] (k ascending).
 __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
   const int U = SM_IV[IV_U], P = p.T * I.topk, H = I.n;
   const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
+  const int colsp = (cols + 3) & ~3;
   const int sstride = I.tile_rows;
-  TileRows d{};
-  d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter; d.sstride = sstride;
-  d.ids = SM_IV + IV_IDS; d.cnt = SM_IV + IV_CNT; d.mst = SM_IV + IV_MST; d.ml = SM_IV + IV_ML;
+  const int* ids = SM_IV + IV_IDS;
+  const int* cnt = SM_IV + IV_CNT;
+  const int* mst = SM_IV + IV_MST;
+  const int* ml = SM_IV + IV_ML;
   const int maxm = SM_IV[IV_U + 1];
   for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
-  const int kcw = chunk_width(I.inter, P);
-  d.xstride = kcw;
+  TileRows d{};
+  d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter; d.sstride = sstride;
+  d.ml = ml;
   if (mk_flags[0]) {
+    // Every pair row is resident (prep), indexed by pair id.
+    d.ids = ids; d.cnt = cnt; d.mst = mst; d.xpack = -1; d.xstride = I.inter;
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * ((cols + 3) & ~3), SM_STAGE, mk_lut, maxm, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * colsp, SM_STAGE, mk_lut, maxm, &s.ring_it);
   } else {
-    for (int k0 = 0; k0 < I.inter; k0 += kcw) {
-      int kc = min(kcw, I.inter - k0);
-      __syncthreads();
-      load_rows(p.scratch, I.inter, nullptr, 1, P, k0, kc, kcw, SM_XS, nullptr, nullptr);
-      __syncthreads();
-      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, U * ((cols + 3) & ~3), SM_STAGE, mk_lut, maxm, &s.ring_it);
+    const int cap = MK_XS / I.inter;  // member rows that fit at full width
+    for (int ua = 0; ua < U;) {
+      int ub = ua + 1;
+      while (ub < U && mst[ub + 1] - mst[ua] <= cap) ub++;
+      const int m = mst[ub] - mst[ua];
+      int gm = 0;
+      for (int u = ua; u < ub; u++) gm = max(gm, cnt[u]);
+      const int kcw = chunk_width(I.inter, m);
+      d.ids = ids + ua; d.cnt = cnt + ua; d.mst = mst + ua; d.xpack = mst[ua]; d.xstride = kcw;
+      for (int k0 = 0; k0 < I.inter; k0 += kcw) {
+        const int kc = min(kcw, I.inter - k0);
+        __syncthreads();
+        load_rows(p.scratch, I.inter, ml + mst[ua], 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr);
+        __syncthreads();
+        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, mk_lut, gm, &s.ring_it);
+      }
+      ua = ub;
     }
   }
   __syncthreads();

@@ -678,6 +678,47 @@ pub fn encode(
 mod tests {
     use super::*;
 
+    /// Value of `#define NAME <int>` in the megakernel source.
+    fn cu_define(name: &str) -> usize {
+        let key = format!("#define {name} ");
+        let line = MEGAKERNEL_CU
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .unwrap_or_else(|| panic!("{name} not defined in megakernel.cu"));
+        line[key.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not an integer: {line}"))
+    }
+
+    #[test]
+    fn shared_memory_layout_matches_the_kernel_and_fits_the_sm() {
+        // The weight ring the encoder budgets for is the one the kernel declares.
+        let (ns, rows, seg) = (
+            cu_define("RING_NS"),
+            cu_define("RING_ROWS"),
+            cu_define("RING_SEG"),
+        );
+        assert_eq!(RING_BYTES, ns * rows * (seg + seg / 16));
+        // One producer warp plus the consumer warps, and the consumers split a chunk's rows evenly.
+        let cw = cu_define("MK_CW");
+        assert_eq!(THREADS, 32 * (cw + 1));
+        assert_eq!(rows % cw, 0);
+        assert_eq!(IV_LEN, cu_define("IV_LEN"));
+        for mt in 1..=16 {
+            let total = smem_bytes(mt);
+            assert!(
+                total <= 232_448 - 1024,
+                "mt {mt}: {total} bytes of shared memory"
+            );
+            // A decode token's activations fit whole; 256 routed pairs x one 32-wide chunk fit.
+            assert!(xs_floats(mt) >= 4096 && xs_floats(mt) >= 256 * 32);
+            // MoE down stages one row per routed pair: top_k <= 12 at 32 columns.
+            assert!(stage_floats(mt) >= mt * 12 * 32);
+        }
+    }
+
     #[test]
     fn dinstr_is_256_bytes_and_source_agrees() {
         assert_eq!(std::mem::size_of::<DInstr>(), 256);

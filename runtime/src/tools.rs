@@ -380,3 +380,51 @@ pub fn bench_gpu(
         profile,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::InstrProfile;
+
+    #[test]
+    fn profile_summary_counts_only_working_blocks_and_splits_ring_time() {
+        // Two blocks, three instructions: a matmul both blocks work on, an add only block 1 works on (block 0
+        // records work start == wait start), and a second matmul. Ring counters are cumulative per block.
+        let prof = vec![
+            InstrProfile {
+                op: 2,
+                blocks: vec![(1_000, 3_000, 13_000, 4_000), (1_000, 5_000, 11_000, 2_000)],
+            },
+            InstrProfile {
+                op: 11,
+                blocks: vec![
+                    (13_000, 13_000, 14_000, 4_000),
+                    (11_000, 12_000, 14_500, 2_000),
+                ],
+            },
+            InstrProfile {
+                op: 2,
+                blocks: vec![
+                    (14_000, 15_000, 21_000, 9_000),
+                    (14_500, 16_000, 20_000, 3_000),
+                ],
+            },
+        ];
+        let r = summarize_profile(1, &prof);
+        assert_eq!(r.tokens, 1);
+        assert!((r.total_us - 20.0).abs() < 1e-9, "{}", r.total_us);
+        let mm = r.ops.iter().find(|o| o.op == "matmul").unwrap();
+        assert_eq!(mm.instrs, 2);
+        // busy: (10 + 6) / 2 + (6 + 4) / 2 = 13 us; wait: (2 + 4) / 2 + (1 + 1.5) / 2 = 4.25 us
+        assert!((mm.busy_us - 13.0).abs() < 1e-9, "{}", mm.busy_us);
+        assert!((mm.wait_us - 4.25).abs() < 1e-9, "{}", mm.wait_us);
+        // ring: (4 + 2) / 2 + (5 + 1) / 2 = 6 us; span: (13 - 3) + (21 - 15) = 16 us
+        assert!((mm.ring_us - 6.0).abs() < 1e-9, "{}", mm.ring_us);
+        assert!((mm.span_us - 16.0).abs() < 1e-9, "{}", mm.span_us);
+        let add = r.ops.iter().find(|o| o.op == "add").unwrap();
+        assert!((add.busy_us - 2.5).abs() < 1e-9, "{}", add.busy_us);
+        assert!((add.wait_us - 1.0).abs() < 1e-9, "{}", add.wait_us);
+        // Sorted by busy time, largest first.
+        assert_eq!(r.ops[0].op, "matmul");
+    }
+}
