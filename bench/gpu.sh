@@ -17,6 +17,7 @@ export PYTHONUNBUFFERED=1
 STAGES=${*:-env verify sanitize hf bench bigverify peer}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+make_bench() { $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8; }
 
 if has env; then
   log "env"
@@ -75,13 +76,15 @@ fi
 if has bench; then
   log "decode benchmark: MiMo-V2-Flash shapes, 16 experts, MXFP4 experts + FP8 dense"
   rm -rf "$W/bench"
-  /usr/bin/time -f "make-bench %es" $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+  start=$SECONDS
+  make_bench 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+  echo "make-bench $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
   timeout 300 $B/mimort bench "$W/bench" --tokens ${MIMO_BENCH_TOKENS:-1,4,8,16} --context 512 --json "$OUT/bench_mimo.json" 2>&1 | tee -a "$OUT/summary.txt"
 fi
 
 if has bigverify; then
   log "verify: GPU megakernel vs CPU interpreter on the bench plan (real shapes: ring scale copies, chunked K)"
-  [ -d "$W/bench" ] || $B/mimoc make-bench -o "$W/bench" --n-experts 16 --dense fp8 > /dev/null 2>&1
+  [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
   timeout ${MIMO_BIGVERIFY_TIMEOUT:-300} $B/mimort verify-gpu "$W/bench" --prefill 20 --decode 3 --json "$OUT/verify_bench.json" \
     > "$W/verify_bench.log" 2>&1
   echo "verify bench: rc=$? $(tr -d '\n ' < "$OUT/verify_bench.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"

@@ -136,12 +136,6 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Maps a tile-local row rr to a weight row: rr < cols -> c0 + rr, else split + c0 + (rr - cols) (SwiGLU's up half).
-struct RowMap {
-  int c0, cols, split;
-  __device__ __forceinline__ int operator()(int rr) const { return rr < cols ? c0 + rr : split + c0 + (rr - cols); }
-};
-
 // ---------------------------------------------------------------------------------------------------------------
 // v4 GEMV core. A warp computes NR weight rows at once (NR x U = 8 16-byte loads in flight per lane, issued before
 // any arithmetic); the activations of a piece are read from shared memory once for all NR rows. MXFP4 decodes through a 16-entry
@@ -986,10 +980,9 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   const int cols = min(I.tile_rows, outn - c0);
   const int nrows = swiglu ? 2 * cols : cols;  // weight rows computed
   const int sstride = 2 * I.tile_rows;
-  const RowMap rm{c0, cols, swiglu ? I.n / 2 : 0};
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   TileRows d{};
-  d.mode = 0; d.c0 = c0; d.cols = cols; d.split = rm.split; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
+  d.mode = 0; d.c0 = c0; d.cols = cols; d.split = swiglu ? I.n / 2 : 0; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
   d.sstride = sstride;
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   if (mk_flags[0]) {
@@ -1013,7 +1006,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
     for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
       int t = i / nrows, rr = i - t * nrows;
-      SM_STAGE[t * sstride + rr] += __ldg(b + rm(rr));
+      SM_STAGE[t * sstride + rr] += __ldg(b + d.map(rr));
     }
     __syncthreads();
   }

@@ -19,7 +19,7 @@ pub const TILE_MAX: usize = 128;
 pub const IV_LEN: usize = 1600;
 /// Shared memory one block may use on sm_90 (the 227 KB opt-in limit) less 1 KB for the kernel's static
 /// shared variables.
-pub const SMEM_LIMIT: usize = 232_448 - 1024 - RING_BYTES;
+pub const SMEM_LIMIT: usize = 232_448 - 1024;
 pub const MAX_DEPS: usize = 8;
 /// The CUDA source of the megakernel body.
 pub const MEGAKERNEL_CU: &str = include_str!("../cuda/megakernel.cu");
@@ -201,8 +201,8 @@ pub fn stage_floats(max_tokens: usize) -> usize {
 /// weight ring and the other regions a block leaves part of the SM's 256 KB of L1/shared memory as L1 cache
 /// (register spills, the stack, scale bytes). Never more than the opt-in limit leaves.
 pub fn xs_floats(max_tokens: usize) -> usize {
-    let room =
-        (SMEM_LIMIT / 4 - stage_floats(max_tokens) - THREADS - max_tokens - IV_LEN) / 1024 * 1024;
+    let floats = (SMEM_LIMIT - RING_BYTES) / 4;
+    let room = (floats - stage_floats(max_tokens) - THREADS - max_tokens - IV_LEN) / 1024 * 1024;
     room.min(XS_TARGET)
 }
 const _: () = assert!(
@@ -709,7 +709,7 @@ mod tests {
         for mt in 1..=16 {
             let total = smem_bytes(mt);
             assert!(
-                total <= 232_448 - 1024,
+                total <= SMEM_LIMIT,
                 "mt {mt}: {total} bytes of shared memory"
             );
             // A decode token's activations fit whole; 256 routed pairs x one 32-wide chunk fit.

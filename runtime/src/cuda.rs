@@ -127,6 +127,15 @@ pub struct InstrProfile {
     pub blocks: Vec<(u64, u64, u64, u64)>,
 }
 
+/// One profiled forward: per-instruction timings, and the weight-ring counters summed over blocks (SM cycles):
+/// consumer warp 0 waiting for full slots, consumer warp 0 inside the ring, the producer waiting for free slots,
+/// the producer inside the ring.
+#[derive(Clone, Debug)]
+pub struct ForwardProfile {
+    pub instrs: Vec<InstrProfile>,
+    pub ring: [u64; 4],
+}
+
 impl CudaSession {
     pub fn new(
         model: Arc<Model>,
@@ -311,33 +320,14 @@ impl CudaSession {
         Ok(())
     }
 
-    /// Weight-ring counters of the last profiled forward, summed over blocks (SM cycles): consumer warp 0 waiting
-    /// for full slots, consumer warp 0 inside the ring, the producer waiting for free slots, the producer inside
-    /// the ring.
-    pub fn read_ring_stats(&self) -> Result<[u64; 4]> {
+    /// The timestamps and weight-ring counters of the last forward (after `enable_profile`).
+    pub fn read_profile(&self) -> Result<ForwardProfile> {
         let Some(buf) = self.prof.as_ref() else {
             bail!("profiling is not enabled");
         };
         let v = self.stream.memcpy_dtov(buf)?;
         let g = self.grid as usize;
-        let mut out = [0u64; 4];
-        for b in 0..g {
-            let base = self.ninstr * g * 4 + b * 4;
-            for (k, o) in out.iter_mut().enumerate() {
-                *o += v[base + k];
-            }
-        }
-        Ok(out)
-    }
-
-    /// The timestamps of the last forward (after `enable_profile`), one entry per instruction.
-    pub fn read_profile(&self) -> Result<Vec<InstrProfile>> {
-        let Some(buf) = self.prof.as_ref() else {
-            bail!("profiling is not enabled");
-        };
-        let v = self.stream.memcpy_dtov(buf)?;
-        let g = self.grid as usize;
-        Ok((0..self.ninstr)
+        let instrs = (0..self.ninstr)
             .map(|i| InstrProfile {
                 op: self.enc.instrs[i].op,
                 blocks: (0..g)
@@ -347,7 +337,15 @@ impl CudaSession {
                     })
                     .collect(),
             })
-            .collect())
+            .collect();
+        let mut ring = [0u64; 4];
+        for b in 0..g {
+            let base = self.ninstr * g * 4 + b * 4;
+            for (k, o) in ring.iter_mut().enumerate() {
+                *o += v[base + k];
+            }
+        }
+        Ok(ForwardProfile { instrs, ring })
     }
 
     pub fn synchronize(&self) -> Result<()> {

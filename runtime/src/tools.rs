@@ -179,7 +179,8 @@ const OP_NAMES: [&str; 13] = [
 ];
 
 /// Aggregate one profiled forward by instruction kind.
-pub fn summarize_profile(tokens: usize, prof: &[crate::cuda::InstrProfile]) -> ProfileReport {
+pub fn summarize_profile(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> ProfileReport {
+    let prof = &fwd.instrs;
     let mut ops: Vec<OpProfile> = vec![];
     let mut t_min = u64::MAX;
     let mut t_max = 0u64;
@@ -237,8 +238,8 @@ pub fn summarize_profile(tokens: usize, prof: &[crate::cuda::InstrProfile]) -> P
         tokens,
         total_us: t_max.saturating_sub(t_min) as f64 / 1e3,
         ops,
-        ring_consumer_wait_frac: 0.0,
-        ring_producer_wait_frac: 0.0,
+        ring_consumer_wait_frac: fwd.ring[0] as f64 / fwd.ring[1].max(1) as f64,
+        ring_producer_wait_frac: fwd.ring[2] as f64 / fwd.ring[3].max(1) as f64,
     }
 }
 
@@ -364,11 +365,7 @@ pub fn bench_gpu(
         let toks = random_tokens(t, model.plan.model.vocab, 7 + t as u64);
         gpu.launch(&toks, context)?;
         gpu.synchronize()?;
-        let mut pr = summarize_profile(t, &gpu.read_profile()?);
-        let rs = gpu.read_ring_stats()?;
-        pr.ring_consumer_wait_frac = rs[0] as f64 / rs[1].max(1) as f64;
-        pr.ring_producer_wait_frac = rs[2] as f64 / rs[3].max(1) as f64;
-        profile.push(pr);
+        profile.push(summarize_profile(t, &gpu.read_profile()?));
     }
     Ok(BenchReport {
         device: gpu.device_name(),
@@ -384,13 +381,13 @@ pub fn bench_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::InstrProfile;
+    use crate::cuda::{ForwardProfile, InstrProfile};
 
     #[test]
     fn profile_summary_counts_only_working_blocks_and_splits_ring_time() {
         // Two blocks, three instructions: a matmul both blocks work on, an add only block 1 works on (block 0
         // records work start == wait start), and a second matmul. Ring counters are cumulative per block.
-        let prof = vec![
+        let instrs = vec![
             InstrProfile {
                 op: 2,
                 blocks: vec![(1_000, 3_000, 13_000, 4_000), (1_000, 5_000, 11_000, 2_000)],
@@ -410,8 +407,14 @@ mod tests {
                 ],
             },
         ];
-        let r = summarize_profile(1, &prof);
+        let fwd = ForwardProfile {
+            instrs,
+            ring: [1, 4, 3, 6],
+        };
+        let r = summarize_profile(1, &fwd);
         assert_eq!(r.tokens, 1);
+        assert!((r.ring_consumer_wait_frac - 0.25).abs() < 1e-12);
+        assert!((r.ring_producer_wait_frac - 0.5).abs() < 1e-12);
         assert!((r.total_us - 20.0).abs() < 1e-9, "{}", r.total_us);
         let mm = r.ops.iter().find(|o| o.op == "matmul").unwrap();
         assert_eq!(mm.instrs, 2);
