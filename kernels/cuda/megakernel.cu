@@ -93,18 +93,8 @@ __device__ __forceinline__ void red_release(unsigned int* p, unsigned int v) {
 // Activations written by other blocks in this launch: read through L2, never a stale L1 line.
 __device__ __forceinline__ float ldcg(const float* p) { return __ldcg(p); }
 
-__device__ __forceinline__ uint4 ldg16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ float bf16lo(unsigned int u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16hi(unsigned int u) { return __uint_as_float(u & 0xffff0000u); }
-
-__constant__ float c_e2m1[16] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
-                                 -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
 
 __device__ __forceinline__ float e4m3_to_f32(unsigned int b) {
   unsigned int s = (b & 0x80u) << 24;
@@ -148,6 +138,9 @@ __device__ __forceinline__ float warp_max(float v) {
 //                       pairs p at xs[p * xstride]; output stage[p * sstride + c].
 //   mode 3 (MoE up, batched): as mode 1 over several column tiles of one expert, tile j at columns
 //                       c0 + j * jstride (gate rows then up rows of each tile).
+
+// Mode 2 rows per expert: the tile's columns padded to whole 16-row MMA tiles (a tile never straddles experts).
+__device__ __forceinline__ int moe_colsp(int cols) { return (cols + 15) & ~15; }
 
 struct TileRows {
   int mode;
@@ -224,148 +217,7 @@ __device__ __forceinline__ void expert_offsets(int fmt, long long w, long long w
   }
 }
 
-// Decode 4 weights of piece word group q.
-template <int FMT>
-__device__ __forceinline__ void decode4(const unsigned int* words, int q, float sc, const float* lut, float* w4) {
-  if (FMT == FMT_BF16) {
-    unsigned int w0 = words[(4 * q) / 2], w1 = words[(4 * q) / 2 + 1];
-    w4[0] = bf16lo(w0); w4[1] = bf16hi(w0); w4[2] = bf16lo(w1); w4[3] = bf16hi(w1);
-  } else if (FMT == FMT_F8) {
-    unsigned int wd = words[q];
-    __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd & 0xffffu), __NV_E4M3);
-    __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd >> 16), __NV_E4M3);
-    float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
-    float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
-    w4[0] = f0.x * sc; w4[1] = f0.y * sc; w4[2] = f1.x * sc; w4[3] = f1.y * sc;
-  } else {
-    unsigned int wd = words[q >> 1] >> ((q & 1) * 16);
-    w4[0] = lut[wd & 0xfu]; w4[1] = lut[(wd >> 4) & 0xfu]; w4[2] = lut[(wd >> 8) & 0xfu]; w4[3] = lut[(wd >> 12) & 0xfu];
-  }
-}
-
-// acc[i][t] += dot(row i piece, x[t]) for the NR rows of a group sharing activation rows xo[t] (t < n); the x
-// values of a piece are read from shared memory once and reused by all NR rows.
-template <int FMT, int NR, int TM>
-__device__ __forceinline__ void group_fma(const uint4 (&v)[NR], const float (&sc)[NR], const bool (&ok)[NR],
-                                          const float* xs, const int (&xo)[TM], int n, int k, float (&acc)[NR][TM],
-                                          const float* lut) {
-  constexpr int PE = Piece<FMT>::E;
-  float part[NR][TM];
-#pragma unroll
-  for (int i = 0; i < NR; i++)
-#pragma unroll
-    for (int t = 0; t < TM; t++) part[i][t] = 0.f;
-#pragma unroll
-  for (int q = 0; q < PE / 4; q++) {
-    float4 xv[TM];
-#pragma unroll
-    for (int t = 0; t < TM; t++)
-      if (t < n) xv[t] = *reinterpret_cast<const float4*>(xs + xo[t] + k + 4 * q);
-#pragma unroll
-    for (int i = 0; i < NR; i++) {
-      if (!ok[i]) continue;
-      const unsigned int words[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
-      float w4[4];
-      decode4<FMT>(words, q, sc[i], lut, w4);
-#pragma unroll
-      for (int t = 0; t < TM; t++)
-        if (t < n) part[i][t] += w4[0] * xv[t].x + w4[1] * xv[t].y + w4[2] * xv[t].z + w4[3] * xv[t].w;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < NR; i++)
-#pragma unroll
-    for (int t = 0; t < TM; t++) acc[i][t] += (FMT == FMT_MXFP4) ? part[i][t] * sc[i] : part[i][t];
-}
-
-// stage[out(rr, j)] += dot(W[row(rr)], x[j]) for rr in [0, nrows), over k in [k0, k0 + kc). A warp takes groups of
-// NR consecutive rows (same expert, same activation rows); each step keeps NR x U 16-byte loads per lane in
-// flight before any arithmetic (8 for one token, fewer as the per-piece arithmetic grows with the tokens).
-template <int FMT, int NR, int TM, int U>
-__device__ __noinline__ void warp_rows(const uint8_t* W, const TileRows& dref, int k0, int kc, const float* xs,
-                                       int nrows, float* stage, const float* lut) {
-  constexpr int PE = Piece<FMT>::E;
-  constexpr int STEP = 32 * PE * U;
-  const TileRows d = dref;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int colsp = (d.cols + 3) & ~3;  // mode 2: rows per expert, padded so groups never straddle experts
-  for (int g = warp; g * NR < nrows; g += MK_WARPS) {
-    const uint8_t* rp[NR];
-    const uint8_t* sp[NR];
-    bool ok[NR];
-    int n, xl, col0;
-    if (d.mode == 2) {
-      const int u = (g * NR) / colsp;
-      col0 = g * NR - u * colsp;
-      long long we, wse;
-      expert_offsets(FMT, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
-      n = d.cnt[u];
-      xl = d.mst[u];
-#pragma unroll
-      for (int i = 0; i < NR; i++) {
-        ok[i] = col0 + i < d.cols;
-        rp[i] = row_ptr<FMT>(W, we, d.c0 + col0 + i, d.K);
-        sp[i] = srow_ptr<FMT>(W, wse, d.c0 + col0 + i, d.K);
-      }
-    } else {
-      col0 = g * NR;
-      n = d.n;
-      xl = -1;
-#pragma unroll
-      for (int i = 0; i < NR; i++) {
-        ok[i] = col0 + i < nrows && d.valid(col0 + i);
-        int row = d.map(ok[i] ? col0 + i : col0);
-        rp[i] = row_ptr<FMT>(W, d.w, row, d.K);
-        sp[i] = srow_ptr<FMT>(W, d.ws, row, d.K);
-      }
-    }
-    int xo[TM];
-#pragma unroll
-    for (int t = 0; t < TM; t++) xo[t] = t < n ? (xl >= 0 ? d.xrow(xl, t) : t) * d.xstride : 0;
-    float acc[NR][TM];
-#pragma unroll
-    for (int i = 0; i < NR; i++)
-#pragma unroll
-      for (int t = 0; t < TM; t++) acc[i][t] = 0.f;
-    for (int kb = 0; kb < kc; kb += STEP) {
-      uint4 v[U][NR];
-      float sc[U][NR];
-#pragma unroll
-      for (int u = 0; u < U; u++) {
-        int kk = kb + (u * 32 + lane) * PE;
-#pragma unroll
-        for (int i = 0; i < NR; i++)
-          if (kk < kc && ok[i]) v[u][i] = ldg16(piece_at<FMT>(rp[i], k0 + kk));
-      }
-#pragma unroll
-      for (int u = 0; u < U; u++) {
-        int kk = kb + (u * 32 + lane) * PE;
-#pragma unroll
-        for (int i = 0; i < NR; i++) sc[u][i] = (kk < kc && ok[i]) ? scale_at<FMT>(sp[i], k0 + kk) : 0.f;
-      }
-#pragma unroll
-      for (int u = 0; u < U; u++) {
-        int kk = kb + (u * 32 + lane) * PE;
-        if (kk < kc) group_fma<FMT, NR, TM>(v[u], sc[u], ok, xs, xo, n, kk, acc, lut);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < NR; i++) {
-#pragma unroll
-      for (int t = 0; t < TM; t++) {
-        if (t < n) {
-          float r = warp_sum(acc[i][t]);
-          if (lane == 0 && ok[i]) {
-            int orow = xl >= 0 ? d.ml[xl + t] : t;
-            stage[orow * d.sstride + col0 + i] += r;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Scalar fallback for f32 / f16 weights (small tensors only).
+// Scalar path for f32 / f16 weights (small tensors only: the router). Reads plain float activations.
 __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
                                  int nrows, float* stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -373,7 +225,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
     long long wb;
     int row, n, xl, col;
     if (d.mode == 2) {
-      const int colsp = (d.cols + 3) & ~3;
+      const int colsp = moe_colsp(d.cols);
       int u = rr / colsp;
       col = rr - u * colsp;
       if (col >= d.cols) continue;
@@ -401,14 +253,29 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// v5 GEMV core: warp-specialized. Warp MK_CW (the producer) streams weight row segments HBM -> shared memory with
-// the bulk-copy engine (cp.async.bulk, completion counted in bytes on an mbarrier) into a RING_NS-slot ring;
-// warps 0..MK_CW-1 (consumers) wait on a slot's "full" barrier, dequantize in registers, and release the slot on
-// its "empty" barrier. A slot holds one chunk: RING_ROWS rows x one RING_SEG-byte segment along K (and, for MXFP4
-// rows whose scales are 16-byte aligned, the segment's scale bytes, so no load is left on the consumers' critical
-// path). Consumer warp w
-// owns 4 rows of each chunk (they share activation reads) and accumulates across the row's segments.
-// Both sides walk the same chunk sequence and keep the same running chunk counter, which gives slot and phase.
+// v8 GEMV / small-GEMM core: warp-specialized weight ring feeding tensor cores.
+//
+// Warp MK_CW (the producer) streams weight row segments HBM -> shared memory with the bulk-copy engine
+// (cp.async.bulk, completion counted in bytes on an mbarrier) into a RING_NS-slot ring; warps 0..MK_CW-1 (the
+// consumers) wait on a slot's "full" barrier, decode the weights to f16 in registers and multiply them on the
+// tensor cores (mma.sync m16n8k16, f32 accumulate), then release the slot on its "empty" barrier. A slot holds
+// one chunk: RING_ROWS = 32 rows (two 16-row MMA tiles) x one RING_SEG-byte segment along K, rows at a padded
+// pitch so the consumers' fragment loads hit distinct banks, plus (MXFP4 rows whose scales are 16-byte aligned)
+// the segment's scale bytes. Both sides walk the same chunk sequence and keep the same running chunk counter,
+// which gives slot and phase.
+//
+// The K steps (32 elements) of a row group are dealt round-robin to the consumer warps; each warp keeps f32
+// partial sums for both row tiles and up to 16 tokens, and at the end of the group the warps' partials are summed
+// in a fixed order (deterministic) into the stage.
+//
+// Activations: the MMA wants f16 operands. Each activation x is split into hi = f16(x) and lo = f16(x - hi) and
+// both are multiplied (weights are exact in f16: E2M1 and E4M3 values are, bf16 values are within f16's range
+// for weights), so the products keep ~22 bits of x: the result matches an f32 dot product to ~1e-6 relative.
+// xs_frag rewrites the activation rows in place into the B-fragment order, once per load.
+//
+// The K order inside a 32-element step is permuted identically for weights and activations (a dot product does not
+// care): lane quad t holds elements 8t .. 8t + 7, paired (8t + q, 8t + q + 4), q < 4, which is what makes the
+// MXFP4 decode cheap (the two nibbles of a pair sit 16 bits apart, like the two halves of an f16x2).
 
 #define MK_CW 7
 
@@ -418,18 +285,29 @@ __device__ __forceinline__ unsigned long long gtimer() {
   return t;
 }
 #define RING_NS 3
-#define RING_ROWS 28
+#define RING_ROWS 32
 #define RING_SEG 1024
-#define RING_SCALES (RING_SEG / 16)  // MXFP4 scale bytes of one row segment
-#define RING_SLOT (RING_ROWS * (RING_SEG + RING_SCALES))
+#define RING_PADMAX 64  // row pitch in a slot = RING_SEG + pad (MXFP4 16, FP8 32, bf16 64): conflict-free fragment loads
+#define RING_SSTR 80    // MXFP4 scale-row pitch (64 scale bytes, padded so 8 rows fall in 8 banks)
+#define RING_SLOT (RING_ROWS * (RING_SEG + RING_PADMAX + RING_SSTR))
+#define RING_SCALE_OFF (RING_ROWS * (RING_SEG + RING_PADMAX))
+#define RED_TOK (((MK_MAX_T + 7) / 8) * 8)
 
-extern __shared__ __align__(128) float mk_smem[];            // dynamic: [ring | xs | stage | red | inv | iv]
+extern __shared__ __align__(128) float mk_smem[];            // dynamic: [ring | xs | stage | red | inv | iv | mmr]
 __shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
-__shared__ int mk_meta[RING_NS];                              // row stride of the chunk in each slot
-__shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_rows)
+__shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_consume)
 __shared__ int mk_prof_on;
-__shared__ __align__(64) float mk_lut[16];                    // E2M1 values (64-byte aligned: lut | idx)
 __shared__ int mk_flags[4];                                   // [0]: the instruction's activations are in xs
+
+// Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
+// routing lists and the consumer warps' partial sums, all at compile-time offsets of the dynamic shared memory.
+#define SM_XS (mk_smem + RING_NS * RING_SLOT / 4)
+#define SM_STAGE (SM_XS + MK_XS)
+#define SM_RED (SM_STAGE + MK_STAGE)
+#define SM_INV (SM_RED + MK_THREADS)
+#define SM_IV (reinterpret_cast<int*>(SM_INV + MK_MAX_T))
+#define IV_LEN 1600
+#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [MK_CW][RING_ROWS][RED_TOK]
 
 __device__ __forceinline__ unsigned int smem_u32(const void* p) {
   return (unsigned int)__cvta_generic_to_shared(p);
@@ -459,17 +337,20 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
       "l"(src), "r"(bytes), "r"(smem_u32(bar))
       : "memory");
 }
-
-
-
-__device__ __forceinline__ unsigned int sel_word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+// Named barrier of the consumer warps only (the producer keeps streaming).
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(MK_CW * 32) : "memory");
 }
 
 // Elements <-> bytes of a weight format.
 template <int FMT> __device__ __forceinline__ int el_bytes(int el) {
   return FMT == FMT_BF16 ? el * 2 : FMT == FMT_F8 ? el : el / 2;
 }
+// Bytes of one row per 32-element K step, and the row pitch inside a ring slot.
+template <int FMT> struct RingFmt {
+  static constexpr int SB = FMT == FMT_MXFP4 ? 16 : FMT == FMT_F8 ? 32 : 64;
+  static constexpr int PITCH = RING_SEG + (FMT == FMT_MXFP4 ? 16 : FMT == FMT_F8 ? 32 : 64);
+};
 
 // Resolve ring row r of the call: weight row pointer, scale row pointer, activation rows (mode 2: the row's
 // expert members) and output column. ok is false for rows past nrows or padding.
@@ -486,7 +367,7 @@ __device__ __forceinline__ RowInfo ring_row(const uint8_t* W, const TileRows& d,
   o.rp = W; o.sp = W; o.n = 0; o.xl = -1; o.col = 0; o.ok = false;
   if (r >= nrows) return o;
   if (d.mode == 2) {
-    const int colsp = (d.cols + 3) & ~3;
+    const int colsp = moe_colsp(d.cols);
     const int u = r / colsp, c = r - u * colsp;
     if (c >= d.cols) return o;
     long long we, wse;
@@ -520,232 +401,318 @@ __device__ __forceinline__ unsigned int lds8(unsigned int a) {
   asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(a));
   return v;
 }
-__device__ __forceinline__ float ldsf(unsigned int a) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
+__device__ __forceinline__ uint2 lds64(unsigned int a) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
   return v;
 }
-__device__ __forceinline__ float2 lds2f(unsigned int a) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ float4 lds4f(unsigned int a) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a));
+__device__ __forceinline__ uint4 lds128(unsigned int a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
   return v;
 }
 
-// stage[out(r, j)] += dot(W[row(r)], x[j]) for r < nrows over k in [k0, k0 + kc), through the ring. Every thread
-// of the block calls it; `it` is the block's running chunk counter (the same on every thread).
-template <int FMT, int TM>
-__device__ __noinline__ void ring_rows(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
-                                       unsigned int it) {
-  constexpr int PE = Piece<FMT>::E;
+__device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int s) {
+  unsigned int d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+  return d;
+}
+__device__ __forceinline__ unsigned int pack_h2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned int*>(&h);
+}
+// D += A (16x16 f16, row) * B (16x8 f16, col), f32 accumulate.
+__device__ __forceinline__ void mma_f16(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                        unsigned int a3, unsigned int b0, unsigned int b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One lane's 8 weights of a K step (elements 8t .. 8t + 7 of its row) as the f16x2 pairs (8t + q, 8t + q + 4).
+// MXFP4 (one word, element e in nibble e): the magnitudes index a register table of E2M1 values (f16 high
+// bytes; the low bytes are zero) with one byte permute per four, a second permute places the pair, and the sign
+// bits (which sit 16 apart, like the pair) are or-ed in.
+__device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) {
+  const unsigned int m = w & 0x77777777u;
+  const unsigned int r0 = prmt(0x3E3C3800u, 0x46444240u, m);        // |e0..e3| as f16 high bytes
+  const unsigned int r1 = prmt(0x3E3C3800u, 0x46444240u, m >> 16);  // |e4..e7|
+  p[0] = prmt(r0, r1, 0x4808u) | ((w << 12) & 0x80008000u);
+  p[1] = prmt(r0, r1, 0x5818u) | ((w << 8) & 0x80008000u);
+  p[2] = prmt(r0, r1, 0x6828u) | ((w << 4) & 0x80008000u);
+  p[3] = prmt(r0, r1, 0x7838u) | (w & 0x80008000u);
+}
+__device__ __forceinline__ unsigned int e4m3x2_h2(unsigned int v) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
+  return (unsigned int)h.x | ((unsigned int)h.y << 16);
+}
+// FP8 (two words, bytes b0..b7): bytes regrouped (b0, b4, b1, b5), (b2, b6, b3, b7), then converted by pairs.
+__device__ __forceinline__ void fp8_pairs(uint2 w, unsigned int (&p)[4]) {
+  const unsigned int q0 = prmt(w.x, w.y, 0x5140u), q1 = prmt(w.x, w.y, 0x7362u);
+  p[0] = e4m3x2_h2(q0);
+  p[1] = e4m3x2_h2(q0 >> 16);
+  p[2] = e4m3x2_h2(q1);
+  p[3] = e4m3x2_h2(q1 >> 16);
+}
+// bf16 (four words): exact in f32, rounded to f16 (exact for |w| in [2^-14, 65504]).
+__device__ __forceinline__ void bf16_pairs(uint4 w, unsigned int (&p)[4]) {
+  p[0] = pack_h2(bf16lo(w.x), bf16lo(w.z));
+  p[1] = pack_h2(bf16hi(w.x), bf16hi(w.z));
+  p[2] = pack_h2(bf16lo(w.y), bf16lo(w.w));
+  p[3] = pack_h2(bf16hi(w.y), bf16hi(w.w));
+}
+
+// Rewrite activation rows (nrows x width floats at xstride, width a multiple of 32) in place into B fragments:
+// the 8 floats x[8t .. 8t + 7] of each 32-element step become hi pairs (8t + q, 8t + q + 4) then lo pairs.
+__device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int width) {
+  const int per = width / 8;
+  for (int i = threadIdx.x; i < nrows * per; i += MK_THREADS) {
+    const int j = i / per, c = i - j * per;
+    float4* p = reinterpret_cast<float4*>(xs + j * xstride + 8 * c);
+    const float4 a = p[0], b = p[1];
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    unsigned int h[4], l[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      const __half2 hh = __floats2half2_rn(v[q], v[q + 4]);
+      const float2 back = __half22float2(hh);
+      h[q] = *reinterpret_cast<const unsigned int*>(&hh);
+      l[q] = pack_h2(v[q] - back.x, v[q + 4] - back.y);
+    }
+    reinterpret_cast<uint4*>(p)[0] = make_uint4(h[0], h[1], h[2], h[3]);
+    reinterpret_cast<uint4*>(p)[1] = make_uint4(l[0], l[1], l[2], l[3]);
+  }
+}
+
+// Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
+// k in [k0, k0 + kc) for r < nrows.
+template <int FMT>
+__device__ __noinline__ void ring_produce(const uint8_t* W, int k0, int kc, int nrows, unsigned int it, bool sring) {
+  constexpr int PITCH = RingFmt<FMT>::PITCH;
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
   uint8_t* const rbuf = reinterpret_cast<uint8_t*>(mk_smem);
   unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31;
   const int kbytes = el_bytes<FMT>(kc);
   const int seg = min(RING_SEG, kbytes);
   const int nseg = (kbytes + seg - 1) / seg;
-  const int segel = seg * PE / 16;  // elements per full segment
-  const int ngroups = (nrows + RING_ROWS - 1) / RING_ROWS;
-  const int nchunks = ngroups * nseg;
+  const int segel = FMT == FMT_BF16 ? seg / 2 : FMT == FMT_F8 ? seg : seg * 2;
+  const int nchunks = ((nrows + RING_ROWS - 1) / RING_ROWS) * nseg;
   const int kb0 = el_bytes<FMT>(k0);
-  // MXFP4 scales travel with the weights when every copy is 16-byte sized and aligned.
-  const bool sring = FMT == FMT_MXFP4 && ((d.K / 32) & 15) == 0 && (d.ws & 15) == 0 && (kbytes & 255) == 0 &&
-                     (k0 & 511) == 0 && (reinterpret_cast<uintptr_t>(W) & 15) == 0;
   const long long tstart = clock64();
-  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
   long long twait = 0;
-  if (warp == MK_CW) {
-    // Producer: lanes 0..RING_ROWS-1 each copy one row segment of the chunk.
-    for (int c = 0; c < nchunks; c++) {
-      const int g = c / nseg, sg = c - g * nseg;
-      const unsigned int u = it + c;
-      const int slot = u % RING_NS;
-      if (u >= RING_NS) {
-        const long long t0 = clock64();
-        mbar_wait(empty + slot, ((u / RING_NS) - 1) & 1);
-        twait += clock64() - t0;
-      }
-      const int bytes = min(seg, kbytes - sg * seg);
-      const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
-      const uint8_t* rp = ri.rp;
-      const uint8_t* sp = ri.sp;
-      const bool ok = lane < RING_ROWS && ri.ok;
-      const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
-      const int sbytes = sring ? bytes / 16 : 0;
-      // Whole rows that follow each other in memory go as one copy (and their scales as another).
-      const uint8_t* rp0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(rp), 0));
-      const uint8_t* sp0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(sp), 0));
-      const bool contig = nseg == 1 &&
-                          __all_sync(0xffffffffu, lane >= RING_ROWS || (ok && rp == rp0 + lane * seg &&
-                                                                        (!sring || sp == sp0 + lane * (seg / 16))));
-      if (lane == 0) {
-        mk_meta[slot] = contig ? seg : RING_SEG;  // row stride inside the slot (ordered by the arrive below)
-        mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
-      }
-      __syncwarp();
-      if (contig) {
-        if (lane == 0) {
-          bulk_g2s(rbuf + slot * RING_SLOT, rp0 + kb0, RING_ROWS * bytes, full + slot);
-          if (sring)
-            bulk_g2s(rbuf + slot * RING_SLOT + RING_ROWS * RING_SEG, sp0 + k0 / 32, RING_ROWS * sbytes,
-                     full + slot);
-        }
-      } else if (ok) {
-        bulk_g2s(rbuf + slot * RING_SLOT + lane * RING_SEG, rp + kb0 + sg * seg, bytes, full + slot);
-        if (sring)
-          bulk_g2s(rbuf + slot * RING_SLOT + RING_ROWS * RING_SEG + lane * RING_SCALES,
-                   sp + (k0 + sg * segel) / 32, sbytes, full + slot);
-      }
-    }
-    if (stat && lane == 0) {
-      stat[2] += twait;
-      stat[3] += clock64() - tstart;
-    }
-    return;
-  }
-  if (warp > MK_CW) return;
-  // Consumers: warp w owns rows NRW*w .. NRW*w + NRW - 1 of every chunk.
-  constexpr int NRW = RING_ROWS / MK_CW;
-  const uint8_t* sp[NRW];
-  bool ok[NRW];
-  int n = 0, xl = -1, col[NRW];
-  unsigned int xa[TM];  // shared-memory byte address of each activation row
-  float acc[NRW][TM];
-  const unsigned int lutb = smem_u32(mk_lut);
-  const unsigned int ringb = smem_u32(rbuf);
-  const unsigned int xsb = smem_u32(xs);
+  const uint8_t* rp = W;
+  const uint8_t* sp = W;
+  bool ok = false;
   for (int c = 0; c < nchunks; c++) {
     const int g = c / nseg, sg = c - g * nseg;
     const unsigned int u = it + c;
     const int slot = u % RING_NS;
     if (sg == 0) {
-      n = 0;
-#pragma unroll
-      for (int i = 0; i < NRW; i++) {
-        const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + NRW * warp + i, nrows);
-        ok[i] = ri.ok;
-        sp[i] = ri.sp;
-        col[i] = ri.col;
-        if (ri.ok) { n = ri.n; xl = ri.xl; }
-      }
-#pragma unroll
-      for (int t = 0; t < TM; t++)
-        xa[t] = xsb + 4u * (unsigned int)((t < n ? (xl >= 0 ? d.xrow(xl, t) : t) : 0) * d.xstride);
-#pragma unroll
-      for (int i = 0; i < NRW; i++)
-#pragma unroll
-        for (int t = 0; t < TM; t++) acc[i][t] = 0.f;
+      const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
+      rp = ri.rp; sp = ri.sp; ok = ri.ok;
+    }
+    if (u >= RING_NS) {
+      const long long t0 = clock64();
+      mbar_wait(empty + slot, ((u / RING_NS) - 1) & 1);
+      twait += clock64() - t0;
     }
     const int bytes = min(seg, kbytes - sg * seg);
-    constexpr int PPL = RING_SEG / 16 / 32;  // pieces per lane per row
+    const int sbytes = sring ? bytes / 16 : 0;
+    const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
+    if (lane == 0) mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
+    __syncwarp();
+    if (ok) {
+      bulk_g2s(rbuf + slot * RING_SLOT + lane * PITCH, rp + kb0 + sg * seg, bytes, full + slot);
+      if (sring)
+        bulk_g2s(rbuf + slot * RING_SLOT + RING_SCALE_OFF + lane * RING_SSTR, sp + (k0 + sg * segel) / 32, sbytes,
+                 full + slot);
+    }
+  }
+  if (stat && lane == 0) {
+    stat[2] += twait;
+    stat[3] += clock64() - tstart;
+  }
+}
+
+// Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
+template <int FMT, int NT>
+__device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
+                                          unsigned int it, bool sring) {
+  constexpr int SB = RingFmt<FMT>::SB;
+  constexpr int PITCH = RingFmt<FMT>::PITCH;
+  const TileRows& d = mk_tile;
+  unsigned long long* const full = mk_bars;
+  unsigned long long* const empty = mk_bars + RING_NS;
+  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;  // MMA fragment row group and quad lane
+  const int kbytes = el_bytes<FMT>(kc);
+  const int seg = min(RING_SEG, kbytes);
+  const int nseg = (kbytes + seg - 1) / seg;
+  const int segel = FMT == FMT_BF16 ? seg / 2 : FMT == FMT_F8 ? seg : seg * 2;
+  const int nchunks = ((nrows + RING_ROWS - 1) / RING_ROWS) * nseg;
+  const unsigned int ringb = smem_u32(mk_smem);
+  const unsigned int xsb = smem_u32(xs);
+  const long long tstart = clock64();
+  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
+  long long twait = 0;
+  float acc[2][NT][4];
+#pragma unroll
+  for (int rt = 0; rt < 2; rt++)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
+  // Per row group: each tile's token count (warp-uniform), whether it has valid rows, this lane's activation row
+  // address per column tile (~0u: none), and the global scale rows of this lane's two rows.
+  int tn[2];
+  bool tv[2], same = true;
+  unsigned int xa[2][NT];
+  const uint8_t* spr[2][2];
+  unsigned int steps = 0;  // K steps of this call dealt so far (the round-robin position)
+  for (int c = 0; c < nchunks; c++) {
+    const int g = c / nseg, sg = c - g * nseg;
+    const unsigned int u = it + c;
+    const int slot = u % RING_NS;
+    if (sg == 0) {
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) {
+        const int r0 = g * RING_ROWS + rt * 16;
+        const RowInfo ra = ring_row<FMT>(W, d, r0 + gq, nrows);
+        const RowInfo rb = ring_row<FMT>(W, d, r0 + gq + 8, nrows);
+        spr[rt][0] = ra.sp;
+        spr[rt][1] = rb.sp;
+        tv[rt] = __any_sync(0xffffffffu, ra.ok || rb.ok);
+        int n = d.n, xl = -1;
+        if (d.mode == 2) {
+          const int uu = min(r0, nrows - 1) / moe_colsp(d.cols);
+          n = d.cnt[uu];
+          xl = d.mst[uu];
+        }
+        tn[rt] = tv[rt] ? n : 0;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          const int j = nt * 8 + gq;
+          xa[rt][nt] = j < tn[rt] ? xsb + 4u * (unsigned int)((xl >= 0 ? d.xrow(xl, j) : j) * d.xstride) + 32u * tq
+                                  : ~0u;
+        }
+      }
+      same = tn[0] == tn[1];
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) same = same && __all_sync(0xffffffffu, xa[0][nt] == xa[1][nt]);
+    }
+    const int bytes = min(seg, kbytes - sg * seg);
+    const int nks = bytes / SB;
     const long long tw0 = clock64();
     mbar_wait(full + slot, (u / RING_NS) & 1);
     twait += clock64() - tw0;
-    const int rs = mk_meta[slot];  // row stride of this chunk in the slot
-    const unsigned int wb = ringb + slot * RING_SLOT + (NRW * warp) * rs;
-    const unsigned int sb = ringb + slot * RING_SLOT + RING_ROWS * RING_SEG + (NRW * warp) * (rs / 16);
-    // One piece per row at a time (not unrolled: keeps the accumulators in registers).
+    const unsigned int wb = ringb + slot * RING_SLOT + gq * PITCH + tq * (SB / 4);
+    const unsigned int sb = ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
+    int ks = (int)((warp + MK_CW - steps % MK_CW) % MK_CW);
 #pragma unroll 1
-    for (int j = 0; j < PPL; j++) {
-      const int pc = lane + 32 * j;
-      if (pc * 16 >= bytes) continue;
-      float sc[NRW];
+    for (; ks < nks; ks += MK_CW) {
+      const int kk = sg * segel + ks * 32;  // element offset of the step inside [k0, k0 + kc)
+      unsigned int bh[NT][4], bl[NT][4];
 #pragma unroll
-      for (int i = 0; i < NRW; i++)
-        sc[i] = sring ? e8m0_to_f32(lds8(sb + i * (rs / 16) + pc))
-                      : (ok[i] ? scale_at<FMT>(sp[i], k0 + sg * segel + pc * PE) : 1.f);
-      const unsigned int kx = 4u * (unsigned int)(sg * segel + pc * PE);  // byte offset of the piece in an x row
-      float part[NRW][TM];
+      for (int rt = 0; rt < 2; rt++) {
+        if (!tv[rt]) continue;
+        if (rt == 0 || !same || !tv[0]) {
 #pragma unroll
-      for (int i = 0; i < NRW; i++)
+          for (int nt = 0; nt < NT; nt++) {
+            if (nt > 0 && tn[rt] <= 8) continue;
+            if (xa[rt][nt] != ~0u) {
+              const uint4 h = lds128(xa[rt][nt] + 4u * kk), l = lds128(xa[rt][nt] + 4u * kk + 16u);
+              bh[nt][0] = h.x; bh[nt][1] = h.y; bh[nt][2] = h.z; bh[nt][3] = h.w;
+              bl[nt][0] = l.x; bl[nt][1] = l.y; bl[nt][2] = l.z; bl[nt][3] = l.w;
+            } else {
 #pragma unroll
-        for (int t = 0; t < TM; t++) part[i][t] = 0.f;
-      // The piece's 4 words, visited in a lane-rotated order (activation reads of a phase spread over banks).
-#pragma unroll
-      for (int w0 = 0; w0 < 4; w0++) {
-        const int w = (w0 + lane) & 3;
-        unsigned int wd[NRW];
-#pragma unroll
-        for (int i = 0; i < NRW; i++) wd[i] = lds32(wb + i * rs + pc * 16 + 4 * w);
-        if (FMT == FMT_MXFP4) {
-          // Word w = elements 8w .. 8w + 7.
-#pragma unroll
-          for (int h = 0; h < 2; h++) {
-            float4 xv[TM];
-#pragma unroll
-            for (int t = 0; t < TM; t++)
-              if (TM == 1 || t < n) xv[t] = lds4f(xa[t] + kx + 32 * w + 16 * h);
-#pragma unroll
-            for (int i = 0; i < NRW; i++) {
-              float wv[4];
-#pragma unroll
-              for (int e = 0; e < 4; e++) {
-                const int sh = 4 * (4 * h + e) - 2;
-                const unsigned int idx = (sh >= 0 ? (wd[i] >> sh) : (wd[i] << 2)) & 0x3cu;
-                wv[e] = ldsf(lutb | idx);
-              }
-#pragma unroll
-              for (int t = 0; t < TM; t++)
-                if (TM == 1 || t < n)
-                  part[i][t] += wv[0] * xv[t].x + wv[1] * xv[t].y + wv[2] * xv[t].z + wv[3] * xv[t].w;
+              for (int q = 0; q < 4; q++) { bh[nt][q] = 0u; bl[nt][q] = 0u; }
             }
           }
+        }
+        // A fragments: this lane's rows gq and gq + 8 of the tile.
+        const unsigned int wa = wb + (rt * 16) * PITCH + ks * SB;
+        unsigned int pa[4], pb[4];
+        if (FMT == FMT_MXFP4) {
+          fp4_pairs(lds32(wa), pa);
+          fp4_pairs(lds32(wa + 8 * PITCH), pb);
         } else if (FMT == FMT_F8) {
-          float4 xv[TM];
-#pragma unroll
-          for (int t = 0; t < TM; t++)
-            if (TM == 1 || t < n) xv[t] = lds4f(xa[t] + kx + 16 * w);
-#pragma unroll
-          for (int i = 0; i < NRW; i++) {
-            __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd[i] & 0xffffu), __NV_E4M3);
-            __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wd[i] >> 16), __NV_E4M3);
-            float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
-            float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
-#pragma unroll
-            for (int t = 0; t < TM; t++)
-              if (TM == 1 || t < n)
-                part[i][t] += f0.x * xv[t].x + f0.y * xv[t].y + f1.x * xv[t].z + f1.y * xv[t].w;
-          }
+          fp8_pairs(lds64(wa), pa);
+          fp8_pairs(lds64(wa + 8 * PITCH), pb);
         } else {
-          float2 xv[TM];
+          bf16_pairs(lds128(wa), pa);
+          bf16_pairs(lds128(wa + 8 * PITCH), pb);
+        }
+        float sa = 1.f, sbv = 1.f;
+        if (FMT == FMT_MXFP4) {
+          if (sring) {
+            const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
+            sa = e8m0_to_f32(lds8(sr));
+            sbv = e8m0_to_f32(lds8(sr + 8 * RING_SSTR));
+          } else {
+            sa = e8m0_to_f32(__ldg(spr[rt][0] + (k0 + kk) / 32));
+            sbv = e8m0_to_f32(__ldg(spr[rt][1] + (k0 + kk) / 32));
+          }
+        } else if (FMT == FMT_F8) {
+          sa = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
+          sbv = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
+        }
 #pragma unroll
-          for (int t = 0; t < TM; t++)
-            if (TM == 1 || t < n) xv[t] = lds2f(xa[t] + kx + 8 * w);
-#pragma unroll
-          for (int i = 0; i < NRW; i++)
-#pragma unroll
-            for (int t = 0; t < TM; t++)
-              if (TM == 1 || t < n) part[i][t] += bf16lo(wd[i]) * xv[t].x + bf16hi(wd[i]) * xv[t].y;
+        for (int nt = 0; nt < NT; nt++) {
+          if (nt > 0 && tn[rt] <= 8) continue;
+          if (FMT == FMT_BF16) {
+            mma_f16(acc[rt][nt], pa[0], pb[0], pa[1], pb[1], bh[nt][0], bh[nt][1]);
+            mma_f16(acc[rt][nt], pa[2], pb[2], pa[3], pb[3], bh[nt][2], bh[nt][3]);
+            mma_f16(acc[rt][nt], pa[0], pb[0], pa[1], pb[1], bl[nt][0], bl[nt][1]);
+            mma_f16(acc[rt][nt], pa[2], pb[2], pa[3], pb[3], bl[nt][2], bl[nt][3]);
+          } else {
+            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+            mma_f16(tmp, pa[0], pb[0], pa[1], pb[1], bh[nt][0], bh[nt][1]);
+            mma_f16(tmp, pa[2], pb[2], pa[3], pb[3], bh[nt][2], bh[nt][3]);
+            mma_f16(tmp, pa[0], pb[0], pa[1], pb[1], bl[nt][0], bl[nt][1]);
+            mma_f16(tmp, pa[2], pb[2], pa[3], pb[3], bl[nt][2], bl[nt][3]);
+            acc[rt][nt][0] += tmp[0] * sa;
+            acc[rt][nt][1] += tmp[1] * sa;
+            acc[rt][nt][2] += tmp[2] * sbv;
+            acc[rt][nt][3] += tmp[3] * sbv;
+          }
         }
       }
-#pragma unroll
-      for (int i = 0; i < NRW; i++)
-#pragma unroll
-        for (int t = 0; t < TM; t++) acc[i][t] += part[i][t] * sc[i];
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + slot);
+    steps += nks;
     if (sg == nseg - 1) {
+      // Sum the warps' partials of this row group in warp order into the stage.
+      float* red = SM_MMR;
 #pragma unroll
-      for (int i = 0; i < NRW; i++) {
+      for (int rt = 0; rt < 2; rt++)
 #pragma unroll
-        for (int t = 0; t < TM; t++) {
-          if (t < n) {
-            float r = warp_sum(acc[i][t]);
-            if (lane == 0 && ok[i]) {
-              int orow = xl >= 0 ? d.ml[xl + t] : t;
-              stage[orow * d.sstride + col[i]] += r;
-            }
-          }
+        for (int nt = 0; nt < NT; nt++) {
+          float* r = red + (warp * RING_ROWS + rt * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
+          r[0] = acc[rt][nt][0];
+          r[1] = acc[rt][nt][1];
+          r[8 * RED_TOK] = acc[rt][nt][2];
+          r[8 * RED_TOK + 1] = acc[rt][nt][3];
+#pragma unroll
+          for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
+        }
+      consumers_sync();
+      for (int e = threadIdx.x; e < RING_ROWS * NT * 8; e += MK_CW * 32) {
+        const int row = e / (NT * 8), j = e - row * (NT * 8);
+        const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + row, nrows);
+        if (ri.ok && j < ri.n) {
+          float s = 0.f;
+#pragma unroll
+          for (int w = 0; w < MK_CW; w++) s += red[(w * RING_ROWS + row) * RED_TOK + j];
+          const int orow = ri.xl >= 0 ? d.ml[ri.xl + j] : j;
+          stage[orow * d.sstride + ri.col] += s;
         }
       }
+      consumers_sync();
     }
   }
   if (stat && threadIdx.x == 0) {
@@ -755,7 +722,7 @@ __device__ __noinline__ void ring_rows(const uint8_t* W, int k0, int kc, const f
   }
 }
 
-// Chunks a ring_rows call consumes (to advance the running counter).
+// Chunks a ring call consumes (to advance the running counter).
 template <int FMT>
 __device__ __forceinline__ unsigned int ring_chunks(int kc, int nrows) {
   const int kbytes = el_bytes<FMT>(kc);
@@ -764,46 +731,36 @@ __device__ __forceinline__ unsigned int ring_chunks(int kc, int nrows) {
 }
 
 template <int FMT>
-__device__ __forceinline__ void rows_dispatch_t(const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
-                                                int nrows, float* stage, const float* lut, int T) {
-  if (T <= 1) warp_rows<FMT, 4, 1, 4>(W, d, k0, kc, xs, nrows, stage, lut);
-  else if (T <= 4) warp_rows<FMT, 2, 4, 4>(W, d, k0, kc, xs, nrows, stage, lut);
-  else if (T <= 8) warp_rows<FMT, 1, 8, 4>(W, d, k0, kc, xs, nrows, stage, lut);
-  else warp_rows<FMT, 1, MK_MAX_T, 2>(W, d, k0, kc, xs, nrows, stage, lut);
-}
-
-template <int FMT>
 __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
                                                 float* stage, int T, unsigned int* it) {
-  if (T <= 1) ring_rows<FMT, 1>(W, k0, kc, xs, nrows, stage, *it);
-  else if (T <= 4) ring_rows<FMT, 4>(W, k0, kc, xs, nrows, stage, *it);
-  else if (T <= 8) ring_rows<FMT, 8>(W, k0, kc, xs, nrows, stage, *it);
-  else ring_rows<FMT, MK_MAX_T>(W, k0, kc, xs, nrows, stage, *it);
+  const TileRows& d = mk_tile;
+  const int kbytes = el_bytes<FMT>(kc);
+  // MXFP4 scales travel with the weights when every copy is 16-byte sized and aligned.
+  const bool sring = FMT == FMT_MXFP4 && ((d.K / 32) & 15) == 0 && (d.ws & 15) == 0 && (kbytes & 255) == 0 &&
+                     (k0 & 511) == 0;
+  const int warp = threadIdx.x >> 5;
+  if (warp == MK_CW) ring_produce<FMT>(W, k0, kc, nrows, *it, sring);
+  else if (T <= 8) ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, *it, sring);
+  else ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, *it, sring);
   *it += ring_chunks<FMT>(kc, nrows);
 }
 
+// Weight formats that go through the ring and the tensor cores (their activations must be in B-fragment order,
+// see xs_frag); f32 / f16 weights take the scalar path on plain floats.
+__device__ __forceinline__ bool mma_fmt(int fmt) { return fmt == FMT_BF16 || fmt == FMT_F8 || fmt == FMT_MXFP4; }
+
 // Accumulate a tile's dot products into stage (which the caller zeroes). T bounds the member counts. The tile
-// descriptor is published in shared memory first. Weights whose rows are 16-byte aligned stream through the
-// bulk-copy ring; others take the register path.
+// descriptor is published in shared memory first. The encoder guarantees K % 32 == 0 and 16-byte aligned rows
+// for the ring formats.
 __device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& dl, int k0, int kc, const float* xs, int nrows,
-                         float* stage, const float* lut, int T, unsigned int* it) {
+                         float* stage, int T, unsigned int* it) {
   if (threadIdx.x == 0) mk_tile = dl;
   __syncthreads();
   const TileRows& d = mk_tile;
-  const bool ring_ok = (d.w & 15) == 0 && (reinterpret_cast<uintptr_t>(W) & 15) == 0;
   switch (fmt) {
-    case FMT_BF16:
-      if (ring_ok) ring_dispatch_t<FMT_BF16>(W, k0, kc, xs, nrows, stage, T, it);
-      else rows_dispatch_t<FMT_BF16>(W, d, k0, kc, xs, nrows, stage, lut, T);
-      break;
-    case FMT_F8:
-      if (ring_ok) ring_dispatch_t<FMT_F8>(W, k0, kc, xs, nrows, stage, T, it);
-      else rows_dispatch_t<FMT_F8>(W, d, k0, kc, xs, nrows, stage, lut, T);
-      break;
-    case FMT_MXFP4:
-      if (ring_ok) ring_dispatch_t<FMT_MXFP4>(W, k0, kc, xs, nrows, stage, T, it);
-      else rows_dispatch_t<FMT_MXFP4>(W, d, k0, kc, xs, nrows, stage, lut, T);
-      break;
+    case FMT_BF16: ring_dispatch_t<FMT_BF16>(W, k0, kc, xs, nrows, stage, T, it); break;
+    case FMT_F8: ring_dispatch_t<FMT_F8>(W, k0, kc, xs, nrows, stage, T, it); break;
+    case FMT_MXFP4: ring_dispatch_t<FMT_MXFP4>(W, k0, kc, xs, nrows, stage, T, it); break;
     default: warp_rows_scalar(fmt, W, d, k0, kc, xs, nrows, stage); break;
   }
 }
@@ -814,14 +771,6 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
   if ((long long)rows * K <= MK_XS) return K;
   return max(32, (MK_XS / max(rows, 1)) / 32 * 32);
 }
-
-// Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors and the
-// routing lists, all at compile-time offsets of the dynamic shared memory (no pointers kept in local memory).
-#define SM_XS (mk_smem + RING_NS * RING_SLOT / 4)
-#define SM_STAGE (SM_XS + MK_XS)
-#define SM_RED (SM_STAGE + MK_STAGE)
-#define SM_INV (SM_RED + MK_THREADS)
-#define SM_IV (reinterpret_cast<int*>(SM_INV + MK_MAX_T))
 
 struct Smem {
   unsigned int ring_it;  // chunks this block has streamed through the weight ring so far (same on every thread)
@@ -837,7 +786,6 @@ struct Smem {
 #define IV_ML 1040
 #define IV_RW 1296
 #define IV_BITS 1552
-#define IV_LEN 1600
 
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
 // optionally scaled by inv[j] * normw[k0 + kk]. 16-byte loads, 8 in flight per thread.
@@ -988,7 +936,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   if (mk_flags[0]) {
     d.xstride = I.k;
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, mk_lut, p.T, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, &s.ring_it);
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
@@ -996,8 +944,12 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       int kc = min(kcw, I.k - k0);
       __syncthreads();
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw);
+      if (mma_fmt(I.fmt)) {
+        __syncthreads();
+        xs_frag(SM_XS, p.T, kcw, kc);
+      }
       __syncthreads();
-      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, mk_lut, p.T, &s.ring_it);
+      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, &s.ring_it);
     }
   }
   __syncthreads();
@@ -1135,6 +1087,10 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
   if (!mk_flags[0]) {
     __syncthreads();
     load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, SM_XS, nullptr, nullptr);
+    if (mma_fmt(I.fmt)) {
+      __syncthreads();
+      xs_frag(SM_XS, 1, H, H);
+    }
     xrow = SM_XS;
   }
   float* sc = SM_STAGE;       // scores [E]
@@ -1144,7 +1100,7 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
   TileRows d{};
   d.mode = 0; d.c0 = 0; d.cols = E; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = H; d.n = 1; d.xstride = H;
   d.sstride = 0;
-  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, mk_lut, 1, &s.ring_it);
+  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, 1, &s.ring_it);
   __syncthreads();
   if (warp == 0) {
     // Scores.
@@ -1313,7 +1269,13 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     const int nt = q < ctiles ? (ctiles - q + nb - 1) / nb : 0;  // this block's column tiles of expert u
     const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
     __syncthreads();
-    if (full && nt > 0) load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, nullptr, nullptr);
+    if (full && nt > 0) {
+      load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, nullptr, nullptr);
+      if (mma_fmt(I.fmt)) {
+        __syncthreads();
+        xs_frag(SM_XS, m, I.k, I.k);
+      }
+    }
     for (int jb = 0; jb < nt; jb += B) {
       const int nbt = min(B, nt - jb);
       const int sstride = nbt * 2 * tr;
@@ -1323,14 +1285,18 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
       for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
       if (full) {
         __syncthreads();
-        rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, mk_lut, m, &s.ring_it);
+        rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, &s.ring_it);
       } else {
         for (int k0 = 0; k0 < I.k; k0 += kcw) {
           int kc = min(kcw, I.k - k0);
           __syncthreads();
           load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, nullptr, nullptr);
+          if (mma_fmt(I.fmt)) {
+            __syncthreads();
+            xs_frag(SM_XS, m, kcw, kc);
+          }
           __syncthreads();
-          rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, mk_lut, m, &s.ring_it);
+          rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, &s.ring_it);
         }
       }
       __syncthreads();
@@ -1354,7 +1320,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
 __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr& I, int tile) {
   const int U = SM_IV[IV_U], P = p.T * I.topk, H = I.n;
   const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0);
-  const int colsp = (cols + 3) & ~3;
+  const int colsp = moe_colsp(cols);
   const int sstride = I.tile_rows;
   const int* ids = SM_IV + IV_IDS;
   const int* cnt = SM_IV + IV_CNT;
@@ -1369,7 +1335,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
     // Every pair row is resident (prep), indexed by pair id.
     d.ids = ids; d.cnt = cnt; d.mst = mst; d.xpack = -1; d.xstride = I.inter;
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * colsp, SM_STAGE, mk_lut, maxm, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * colsp, SM_STAGE, maxm, &s.ring_it);
   } else {
     const int cap = MK_XS / I.inter;  // member rows that fit at full width
     for (int ua = 0; ua < U;) {
@@ -1384,8 +1350,12 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
         const int kc = min(kcw, I.inter - k0);
         __syncthreads();
         load_rows(p.scratch, I.inter, ml + mst[ua], 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr);
+        if (mma_fmt(I.fmt)) {
+          __syncthreads();
+          xs_frag(SM_XS, m, kcw, kc);
+        }
         __syncthreads();
-        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, mk_lut, gm, &s.ring_it);
+        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, gm, &s.ring_it);
       }
       ua = ub;
     }
@@ -1510,6 +1480,10 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
         __syncthreads();
         rms_resident(s, p.T, I.k, I.k, I.eps, normw);
       }
+      if (mma_fmt(I.fmt)) {
+        __syncthreads();
+        xs_frag(SM_XS, p.T, I.k, I.k);
+      }
       if (threadIdx.x == 0) mk_flags[0] = 1;
     } else if (normw) {
       rms_factors(p, s, I.x, I.xw, I.k, I.eps);
@@ -1517,6 +1491,10 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   } else if (I.op == OP_ROUTER) {
     if ((long long)p.T * I.k <= MK_XS) {
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr);
+      if (mma_fmt(I.fmt)) {
+        __syncthreads();
+        xs_frag(SM_XS, p.T, I.k, I.k);
+      }
       if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   } else if (I.op == OP_MOE_UP) {
@@ -1526,6 +1504,10 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     const int P = p.T * I.topk;
     if ((long long)P * I.inter <= MK_XS) {
       load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr);
+      if (mma_fmt(I.fmt)) {
+        __syncthreads();
+        xs_frag(SM_XS, P, I.inter, I.inter);
+      }
       if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   }
@@ -1545,7 +1527,6 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     mk_prof_on = p.prof != nullptr;
   }
   if (threadIdx.x < 5) mk_stat[threadIdx.x] = 0;
-  if (threadIdx.x < 16) mk_lut[threadIdx.x] = c_e2m1[threadIdx.x];
   __shared__ DInstr cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;

@@ -11,8 +11,18 @@ use mimo_ir::{DType, Epilogue, KvKind};
 /// Threads per block: 7 consumer warps and 1 producer warp (the bulk-copy weight ring). 8 warps, 2 per SM
 /// sub-partition, leave each thread 255 registers (9 warps would cap them at 168 and spill the hot loop).
 pub const THREADS: usize = 256;
-/// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu).
-pub const RING_BYTES: usize = 3 * 28 * (1024 + 64);
+/// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu): 3 slots of 32 rows, each a
+/// 1 KB segment at a padded pitch plus its MXFP4 scale bytes.
+pub const RING_BYTES: usize = 3 * 32 * (1024 + 64 + 80);
+/// Rows of a ring chunk (two 16-row tensor-core tiles).
+pub const RING_ROWS: usize = 32;
+/// Consumer warps of a block.
+pub const CONSUMER_WARPS: usize = 7;
+
+/// Floats of the consumer warps' partial-sum buffer (`SM_MMR`: warps x ring rows x tokens rounded to 8).
+pub fn mmr_floats(max_tokens: usize) -> usize {
+    CONSUMER_WARPS * RING_ROWS * max_tokens.div_ceil(8) * 8
+}
 pub const KC: usize = 1024;
 pub const TILE_MAX: usize = 128;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
@@ -132,13 +142,13 @@ impl KvLayout {
     }
 }
 
-/// The megakernel reads weights in 16-byte pieces along K: rows must hold whole pieces.
+/// The megakernel feeds bf16 / FP8 / MXFP4 weights to the tensor cores in 32-element K steps: rows must hold
+/// whole steps (which also keeps every row 16-byte aligned for the bulk copies).
 fn check_k(w: &mimo_ir::plan::WeightDesc) -> Result<(), String> {
     let k = *w.dims.last().unwrap_or(&0);
     let piece = match w.dtype {
-        DType::BF16 | DType::F16 => 8,
-        DType::F8E4M3 => 16,
-        DType::MXFP4 => 32,
+        DType::BF16 | DType::F8E4M3 | DType::MXFP4 => 32,
+        DType::F16 => 8,
         _ => 1,
     };
     if !k.is_multiple_of(piece) {
@@ -202,7 +212,14 @@ pub fn stage_floats(max_tokens: usize) -> usize {
 /// (register spills, the stack, scale bytes). Never more than the opt-in limit leaves.
 pub fn xs_floats(max_tokens: usize) -> usize {
     let floats = (SMEM_LIMIT - RING_BYTES) / 4;
-    let room = (floats - stage_floats(max_tokens) - THREADS - max_tokens - IV_LEN) / 1024 * 1024;
+    let room = (floats
+        - stage_floats(max_tokens)
+        - THREADS
+        - max_tokens
+        - IV_LEN
+        - mmr_floats(max_tokens))
+        / 1024
+        * 1024;
     room.min(XS_TARGET)
 }
 const _: () = assert!(
@@ -216,7 +233,12 @@ pub const XS_TARGET: usize = 16_384;
 /// Dynamic shared memory bytes per block.
 pub fn smem_bytes(max_tokens: usize) -> usize {
     RING_BYTES
-        + 4 * (xs_floats(max_tokens) + stage_floats(max_tokens) + THREADS + max_tokens + IV_LEN)
+        + 4 * (xs_floats(max_tokens)
+            + stage_floats(max_tokens)
+            + THREADS
+            + max_tokens
+            + IV_LEN
+            + mmr_floats(max_tokens))
 }
 
 /// Encode `program` of `plan`. `argmax` appends an in-kernel argmax / Gumbel sampling of the logits.
@@ -700,11 +722,16 @@ mod tests {
             cu_define("RING_ROWS"),
             cu_define("RING_SEG"),
         );
-        assert_eq!(RING_BYTES, ns * rows * (seg + seg / 16));
-        // One producer warp plus the consumer warps, and the consumers split a chunk's rows evenly.
+        let (pad, sstr) = (cu_define("RING_PADMAX"), cu_define("RING_SSTR"));
+        assert_eq!(RING_BYTES, ns * rows * (seg + pad + sstr));
+        assert_eq!(RING_ROWS, rows);
+        // A segment's MXFP4 scale bytes fit their pitch, which keeps 16-byte copy alignment.
+        assert!(seg / 16 <= sstr && sstr % 16 == 0);
+        // One producer warp plus the consumer warps; a chunk is whole 16-row MMA tiles, one row per producer lane.
         let cw = cu_define("MK_CW");
+        assert_eq!(CONSUMER_WARPS, cw);
         assert_eq!(THREADS, 32 * (cw + 1));
-        assert_eq!(rows % cw, 0);
+        assert!(rows % 16 == 0 && rows <= 32);
         assert_eq!(IV_LEN, cu_define("IV_LEN"));
         for mt in 1..=16 {
             let total = smem_bytes(mt);
