@@ -239,13 +239,21 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
     for (int t = 0; t < n; t++) {
       int xr = xl >= 0 ? d.xrow(xl, t) : t;
       int orow = xl >= 0 ? d.ml[xl + t] : t;
-      float a = 0.f;
-      for (int kk = lane; kk < kc; kk += 32) {
-        long long idx = (long long)row * d.K + k0 + kk;
-        float wv = fmt == FMT_F32 ? __ldg(reinterpret_cast<const float*>(W + wb) + idx)
-                                  : __half2float(reinterpret_cast<const __half*>(W + wb)[idx]);
-        a += wv * xs[xr * d.xstride + kk];
+      // 8 independent loads per lane in flight, 8 partial sums.
+      float a8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int kb = 0; kb < kc; kb += 256) {
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const int kk = kb + 32 * u + lane;
+          if (kk < kc) {
+            long long idx = (long long)row * d.K + k0 + kk;
+            float wv = fmt == FMT_F32 ? __ldg(reinterpret_cast<const float*>(W + wb) + idx)
+                                      : __half2float(reinterpret_cast<const __half*>(W + wb)[idx]);
+            a8[u] += wv * xs[xr * d.xstride + kk];
+          }
+        }
       }
+      float a = ((a8[0] + a8[1]) + (a8[2] + a8[3])) + ((a8[4] + a8[5]) + (a8[6] + a8[7]));
       a = warp_sum(a);
       if (lane == 0) stage[orow * d.sstride + col] += a;
     }
@@ -484,12 +492,28 @@ __device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int widt
   }
 }
 
+struct Smem {
+  unsigned int ring_it;  // chunks this block has streamed through the weight ring so far (same on every thread)
+  // Producer warp only: chunks of the block's next ring call already issued ahead of it (see prefetch_matmul),
+  // and that call's identity (checked when it comes).
+  int pre, pre_c0, pre_rows, pre_kc;
+};
+
 // Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
 // k in [k0, k0 + kc) for r < nrows.
+// MXFP4 scales travel with the weights when every copy is 16-byte sized and aligned.
 template <int FMT>
-__device__ __noinline__ void ring_produce(const uint8_t* W, int k0, int kc, int nrows, unsigned int it, bool sring) {
+__device__ __forceinline__ bool ring_sring(const TileRows& d, int k0, int kc) {
+  return FMT == FMT_MXFP4 && ((d.K / 32) & 15) == 0 && (d.ws & 15) == 0 && (el_bytes<FMT>(kc) & 255) == 0 &&
+         (k0 & 511) == 0;
+}
+
+// Issues chunks [cb, ce) of the call (clamped to its chunk count) and returns how many it issued.
+template <int FMT>
+__device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, int k0, int kc, int nrows,
+                                         unsigned int it, int cb, int ce) {
   constexpr int PITCH = RingFmt<FMT>::PITCH;
-  const TileRows& d = mk_tile;
+  const bool sring = ring_sring<FMT>(d, k0, kc);
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
   uint8_t* const rbuf = reinterpret_cast<uint8_t*>(mk_smem);
@@ -506,11 +530,12 @@ __device__ __noinline__ void ring_produce(const uint8_t* W, int k0, int kc, int 
   const uint8_t* rp = W;
   const uint8_t* sp = W;
   bool ok = false;
-  for (int c = 0; c < nchunks; c++) {
+  ce = min(ce, nchunks);
+  for (int c = cb; c < ce; c++) {
     const int g = c / nseg, sg = c - g * nseg;
     const unsigned int u = it + c;
     const int slot = u % RING_NS;
-    if (sg == 0) {
+    if (sg == 0 || c == cb) {
       const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
       rp = ri.rp; sp = ri.sp; ok = ri.ok;
     }
@@ -534,6 +559,76 @@ __device__ __noinline__ void ring_produce(const uint8_t* W, int k0, int kc, int 
   if (stat && lane == 0) {
     stat[2] += twait;
     stat[3] += clock64() - tstart;
+  }
+  return max(0, ce - cb);
+}
+
+// This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
+// tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
+// lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
+template <int FMT, int NT, bool SAME, bool SRING>
+__device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, const unsigned int (&xa)[2][NT],
+                                          const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
+                                          float (&acc)[2][NT][4]) {
+  constexpr int SB = RingFmt<FMT>::SB;
+  constexpr int PITCH = RingFmt<FMT>::PITCH;
+#pragma unroll 2
+  for (int ks = ks0; ks < nks; ks += MK_CW) {
+    const int kk = kseg + ks * 32;  // element offset of the step inside [k0, k0 + kc)
+    unsigned int b[2][NT][8];
+#pragma unroll
+    for (int rt = 0; rt < (SAME ? 1 : 2); rt++)
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const bool on = xa[rt][nt] != ~0u;
+        const uint4 h = on ? lds128(xa[rt][nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 l = on ? lds128(xa[rt][nt] + 4u * kk + 16u) : make_uint4(0u, 0u, 0u, 0u);
+        b[rt][nt][0] = h.x; b[rt][nt][1] = h.y; b[rt][nt][2] = h.z; b[rt][nt][3] = h.w;
+        b[rt][nt][4] = l.x; b[rt][nt][5] = l.y; b[rt][nt][6] = l.z; b[rt][nt][7] = l.w;
+      }
+    unsigned int pa[2][4], pb[2][4];
+    float sa[2], sbv[2];
+#pragma unroll
+    for (int rt = 0; rt < 2; rt++) {
+      const unsigned int wa = wb + (rt * 16) * PITCH + ks * SB;
+      if (FMT == FMT_MXFP4) {
+        fp4_pairs(lds32(wa), pa[rt]);
+        fp4_pairs(lds32(wa + 8 * PITCH), pb[rt]);
+        if (SRING) {
+          const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
+          sa[rt] = e8m0_to_f32(lds8(sr));
+          sbv[rt] = e8m0_to_f32(lds8(sr + 8 * RING_SSTR));
+        } else {
+          sa[rt] = e8m0_to_f32(__ldg(spr[rt][0] + (k0 + kk) / 32));
+          sbv[rt] = e8m0_to_f32(__ldg(spr[rt][1] + (k0 + kk) / 32));
+        }
+      } else if (FMT == FMT_F8) {
+        fp8_pairs(lds64(wa), pa[rt]);
+        fp8_pairs(lds64(wa + 8 * PITCH), pb[rt]);
+        sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
+        sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
+      } else {
+        bf16_pairs(lds128(wa), pa[rt]);
+        bf16_pairs(lds128(wa + 8 * PITCH), pb[rt]);
+        sa[rt] = 1.f;
+        sbv[rt] = 1.f;
+      }
+    }
+#pragma unroll
+    for (int rt = 0; rt < 2; rt++)
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const unsigned int(&bb)[8] = b[SAME ? 0 : rt][nt];
+        float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_f16(th, pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[0], bb[1]);
+        mma_f16(tl, pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[4], bb[5]);
+        mma_f16(th, pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[2], bb[3]);
+        mma_f16(tl, pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[6], bb[7]);
+        acc[rt][nt][0] += (th[0] + tl[0]) * sa[rt];
+        acc[rt][nt][1] += (th[1] + tl[1]) * sa[rt];
+        acc[rt][nt][2] += (th[2] + tl[2]) * sbv[rt];
+        acc[rt][nt][3] += (th[3] + tl[3]) * sbv[rt];
+      }
   }
 }
 
@@ -611,76 +706,14 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     twait += clock64() - tw0;
     const unsigned int wb = ringb + slot * RING_SLOT + gq * PITCH + tq * (SB / 4);
     const unsigned int sb = ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
-    int ks = (int)((warp + MK_CW - steps % MK_CW) % MK_CW);
-#pragma unroll 1
-    for (; ks < nks; ks += MK_CW) {
-      const int kk = sg * segel + ks * 32;  // element offset of the step inside [k0, k0 + kc)
-      unsigned int bh[NT][4], bl[NT][4];
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++) {
-        if (!tv[rt]) continue;
-        if (rt == 0 || !same || !tv[0]) {
-#pragma unroll
-          for (int nt = 0; nt < NT; nt++) {
-            if (nt > 0 && tn[rt] <= 8) continue;
-            if (xa[rt][nt] != ~0u) {
-              const uint4 h = lds128(xa[rt][nt] + 4u * kk), l = lds128(xa[rt][nt] + 4u * kk + 16u);
-              bh[nt][0] = h.x; bh[nt][1] = h.y; bh[nt][2] = h.z; bh[nt][3] = h.w;
-              bl[nt][0] = l.x; bl[nt][1] = l.y; bl[nt][2] = l.z; bl[nt][3] = l.w;
-            } else {
-#pragma unroll
-              for (int q = 0; q < 4; q++) { bh[nt][q] = 0u; bl[nt][q] = 0u; }
-            }
-          }
-        }
-        // A fragments: this lane's rows gq and gq + 8 of the tile.
-        const unsigned int wa = wb + (rt * 16) * PITCH + ks * SB;
-        unsigned int pa[4], pb[4];
-        if (FMT == FMT_MXFP4) {
-          fp4_pairs(lds32(wa), pa);
-          fp4_pairs(lds32(wa + 8 * PITCH), pb);
-        } else if (FMT == FMT_F8) {
-          fp8_pairs(lds64(wa), pa);
-          fp8_pairs(lds64(wa + 8 * PITCH), pb);
-        } else {
-          bf16_pairs(lds128(wa), pa);
-          bf16_pairs(lds128(wa + 8 * PITCH), pb);
-        }
-        float sa = 1.f, sbv = 1.f;
-        if (FMT == FMT_MXFP4) {
-          if (sring) {
-            const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
-            sa = e8m0_to_f32(lds8(sr));
-            sbv = e8m0_to_f32(lds8(sr + 8 * RING_SSTR));
-          } else {
-            sa = e8m0_to_f32(__ldg(spr[rt][0] + (k0 + kk) / 32));
-            sbv = e8m0_to_f32(__ldg(spr[rt][1] + (k0 + kk) / 32));
-          }
-        } else if (FMT == FMT_F8) {
-          sa = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
-          sbv = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          if (nt > 0 && tn[rt] <= 8) continue;
-          if (FMT == FMT_BF16) {
-            mma_f16(acc[rt][nt], pa[0], pb[0], pa[1], pb[1], bh[nt][0], bh[nt][1]);
-            mma_f16(acc[rt][nt], pa[2], pb[2], pa[3], pb[3], bh[nt][2], bh[nt][3]);
-            mma_f16(acc[rt][nt], pa[0], pb[0], pa[1], pb[1], bl[nt][0], bl[nt][1]);
-            mma_f16(acc[rt][nt], pa[2], pb[2], pa[3], pb[3], bl[nt][2], bl[nt][3]);
-          } else {
-            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
-            mma_f16(tmp, pa[0], pb[0], pa[1], pb[1], bh[nt][0], bh[nt][1]);
-            mma_f16(tmp, pa[2], pb[2], pa[3], pb[3], bh[nt][2], bh[nt][3]);
-            mma_f16(tmp, pa[0], pb[0], pa[1], pb[1], bl[nt][0], bl[nt][1]);
-            mma_f16(tmp, pa[2], pb[2], pa[3], pb[3], bl[nt][2], bl[nt][3]);
-            acc[rt][nt][0] += tmp[0] * sa;
-            acc[rt][nt][1] += tmp[1] * sa;
-            acc[rt][nt][2] += tmp[2] * sbv;
-            acc[rt][nt][3] += tmp[3] * sbv;
-          }
-        }
-      }
+    const int ks0 = (int)((warp + MK_CW - steps % MK_CW) % MK_CW);
+    // Four specializations: activation rows shared by both tiles or not; MXFP4 scales in the ring or global.
+    if (FMT == FMT_MXFP4 && sring) {
+      if (same) mma_steps<FMT, NT, true, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
+      else mma_steps<FMT, NT, false, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
+    } else {
+      if (same) mma_steps<FMT, NT, true, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
+      else mma_steps<FMT, NT, false, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + slot);
@@ -732,17 +765,19 @@ __device__ __forceinline__ unsigned int ring_chunks(int kc, int nrows) {
 
 template <int FMT>
 __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
-                                                float* stage, int T, unsigned int* it) {
+                                                float* stage, int T, Smem& s) {
   const TileRows& d = mk_tile;
-  const int kbytes = el_bytes<FMT>(kc);
-  // MXFP4 scales travel with the weights when every copy is 16-byte sized and aligned.
-  const bool sring = FMT == FMT_MXFP4 && ((d.K / 32) & 15) == 0 && (d.ws & 15) == 0 && (kbytes & 255) == 0 &&
-                     (k0 & 511) == 0;
   const int warp = threadIdx.x >> 5;
-  if (warp == MK_CW) ring_produce<FMT>(W, k0, kc, nrows, *it, sring);
-  else if (T <= 8) ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, *it, sring);
-  else ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, *it, sring);
-  *it += ring_chunks<FMT>(kc, nrows);
+  if (warp == MK_CW) {
+    if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || k0 != 0)) __trap();
+    ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
+    s.pre = 0;
+  } else if (T <= 8) {
+    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
+  } else {
+    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
+  }
+  s.ring_it += ring_chunks<FMT>(kc, nrows);
 }
 
 // Weight formats that go through the ring and the tensor cores (their activations must be in B-fragment order,
@@ -753,14 +788,14 @@ __device__ __forceinline__ bool mma_fmt(int fmt) { return fmt == FMT_BF16 || fmt
 // descriptor is published in shared memory first. The encoder guarantees K % 32 == 0 and 16-byte aligned rows
 // for the ring formats.
 __device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& dl, int k0, int kc, const float* xs, int nrows,
-                         float* stage, int T, unsigned int* it) {
+                         float* stage, int T, Smem& s) {
   if (threadIdx.x == 0) mk_tile = dl;
   __syncthreads();
   const TileRows& d = mk_tile;
   switch (fmt) {
-    case FMT_BF16: ring_dispatch_t<FMT_BF16>(W, k0, kc, xs, nrows, stage, T, it); break;
-    case FMT_F8: ring_dispatch_t<FMT_F8>(W, k0, kc, xs, nrows, stage, T, it); break;
-    case FMT_MXFP4: ring_dispatch_t<FMT_MXFP4>(W, k0, kc, xs, nrows, stage, T, it); break;
+    case FMT_BF16: ring_dispatch_t<FMT_BF16>(W, k0, kc, xs, nrows, stage, T, s); break;
+    case FMT_F8: ring_dispatch_t<FMT_F8>(W, k0, kc, xs, nrows, stage, T, s); break;
+    case FMT_MXFP4: ring_dispatch_t<FMT_MXFP4>(W, k0, kc, xs, nrows, stage, T, s); break;
     default: warp_rows_scalar(fmt, W, d, k0, kc, xs, nrows, stage); break;
   }
 }
@@ -772,9 +807,6 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
   return max(32, (MK_XS / max(rows, 1)) / 32 * 32);
 }
 
-struct Smem {
-  unsigned int ring_it;  // chunks this block has streamed through the weight ring so far (same on every thread)
-};
 
 // Routing lists in iv (ints): U, routed expert ids (ascending), member counts, member starts, member pair lists
 // (pair p = t * topk + k, ascending inside each expert), routing weights per pair, expert bitmap.
@@ -920,23 +952,55 @@ __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0,
   }
 }
 
-__device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
+// Geometry of matmul tile `tile` (rows c0 .. c0 + cols of the output, gate and up rows with SwiGLU) and the K
+// width of its first ring call (the whole row when the activations are resident, see prep).
+__device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, int tile, TileRows& d, int& nrows,
+                                            int& kc1) {
   bool swiglu = false;
   for (int q = 0; q < I.nepi; q++) swiglu |= ((I.epi >> (4 * q)) & 15) == EPI_SWIGLU;
   const int outn = swiglu ? I.n / 2 : I.n;  // output columns
   const int c0 = tile * I.tile_rows;
   const int cols = min(I.tile_rows, outn - c0);
-  const int nrows = swiglu ? 2 * cols : cols;  // weight rows computed
-  const int sstride = 2 * I.tile_rows;
-  const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
-  TileRows d{};
+  nrows = swiglu ? 2 * cols : cols;  // weight rows computed
+  d = TileRows{};
   d.mode = 0; d.c0 = c0; d.cols = cols; d.split = swiglu ? I.n / 2 : 0; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
-  d.sstride = sstride;
+  d.sstride = 2 * I.tile_rows;
+  kc1 = (long long)p.T * I.k <= MK_XS ? I.k : min(I.k, chunk_width(I.k, p.T));
+}
+
+// Producer warp: issue the first chunks of matmul tile `tile`'s first ring call ahead of it. Weights do not depend
+// on activations, so this runs while the block waits for the instruction's producers (or finishes the previous
+// tile's epilogue); the slots it fills were released by the block's previous ring call.
+__device__ __noinline__ void prefetch_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
+  TileRows d;
+  int nrows, kc;
+  matmul_geom(p, I, tile, d, nrows, kc);
+  int n = 0;
+  switch (I.fmt) {
+    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    default: break;
+  }
+  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc;
+}
+
+__device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
+  TileRows d;
+  int nrows, kc1;
+  matmul_geom(p, I, tile, d, nrows, kc1);
+  const int c0 = d.c0, cols = d.cols, sstride = d.sstride;
+  const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+  // The block's next tile of this instruction, whose first chunks the producer issues once this tile's are out.
+  const int ntiles = I.ntiles < 0 ? -I.ntiles * p.T : I.ntiles;
+  const int next = tile + (int)gridDim.x < ntiles && mma_fmt(I.fmt) ? tile + (int)gridDim.x : -1;
+  const bool producer = (threadIdx.x >> 5) == MK_CW;
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   if (mk_flags[0]) {
     d.xstride = I.k;
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, s);
+    if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
@@ -949,8 +1013,9 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
         xs_frag(SM_XS, p.T, kcw, kc);
       }
       __syncthreads();
-      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, &s.ring_it);
+      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
+    if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
   __syncthreads();
   // Bias.
@@ -1023,34 +1088,47 @@ __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, 
   float o[8];  // vd <= 256
 #pragma unroll
   for (int j = 0; j < 8; j++) o[j] = 0.f;
-  // Each warp takes 4 positions per step (loads for all 4 in flight before the reductions).
+  // Each warp takes 4 positions per step; the K and V rows of all 4 are loaded (up to 8 values per lane each)
+  // before any arithmetic, so a step costs one memory latency.
   for (int j0 = lo + warp; j0 <= P; j0 += 4 * MK_WARPS) {
+    float kr[4][8], vr[4][8];
+#pragma unroll
+    for (int q4 = 0; q4 < 4; q4++) {
+      const int j = j0 + q4 * MK_WARPS;
+      const int slot = (j <= P ? j : P) % I.kv_cap;
+      const float* kp = K + (long long)slot * krow + kvh * qd;
+      const float* vp = V + (long long)slot * vrow + kvh * vd;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int i = lane + 32 * u;
+        kr[q4][u] = i < qd && j <= P ? __ldcg(kp + i) : 0.f;
+        vr[q4][u] = i < vd && j <= P ? __ldcg(vp + i) : 0.f;
+      }
+    }
     float d[4];
 #pragma unroll
     for (int q4 = 0; q4 < 4; q4++) {
-      int j = j0 + q4 * MK_WARPS;
-      d[q4] = 0.f;
-      if (j <= P) {
-        const float* kp = K + (long long)(j % I.kv_cap) * krow + kvh * qd;
-        for (int i = lane; i < qd; i += 32) d[q4] += q[i] * __ldcg(kp + i);
+      float a = 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int i = lane + 32 * u;
+        if (i < qd) a += q[i] * kr[q4][u];
       }
+      d[q4] = a;
     }
 #pragma unroll
     for (int q4 = 0; q4 < 4; q4++) d[q4] = warp_sum(d[q4]) * I.scale;
 #pragma unroll
     for (int q4 = 0; q4 < 4; q4++) {
-      int j = j0 + q4 * MK_WARPS;
-      if (j > P) break;
-      float mn = fmaxf(m, d[q4]);
-      float c = __expf(m - mn), e = __expf(d[q4] - mn);
-      l = l * c + e;
-      const float* vp = V + (long long)(j % I.kv_cap) * vrow + kvh * vd;
+      const int j = j0 + q4 * MK_WARPS;
+      if (j <= P) {
+        const float mn = fmaxf(m, d[q4]);
+        const float c = __expf(m - mn), e = __expf(d[q4] - mn);
+        l = l * c + e;
 #pragma unroll
-      for (int jj = 0; jj < 8; jj++) {
-        int i = lane + 32 * jj;
-        if (i < vd) o[jj] = o[jj] * c + e * __ldcg(vp + i);
+        for (int u = 0; u < 8; u++) o[u] = o[u] * c + e * vr[q4][u];
+        m = mn;
       }
-      m = mn;
     }
   }
   // Combine warps: SM_RED holds per-warp (m, l); stage holds per-warp o.
@@ -1100,7 +1178,7 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
   TileRows d{};
   d.mode = 0; d.c0 = 0; d.cols = E; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = H; d.n = 1; d.xstride = H;
   d.sstride = 0;
-  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, 1, &s.ring_it);
+  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, 1, s);
   __syncthreads();
   if (warp == 0) {
     // Scores.
@@ -1285,7 +1363,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
       for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
       if (full) {
         __syncthreads();
-        rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, &s.ring_it);
+        rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, s);
       } else {
         for (int k0 = 0; k0 < I.k; k0 += kcw) {
           int kc = min(kcw, I.k - k0);
@@ -1296,7 +1374,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
             xs_frag(SM_XS, m, kcw, kc);
           }
           __syncthreads();
-          rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, &s.ring_it);
+          rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
         }
       }
       __syncthreads();
@@ -1335,7 +1413,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
     // Every pair row is resident (prep), indexed by pair id.
     d.ids = ids; d.cnt = cnt; d.mst = mst; d.xpack = -1; d.xstride = I.inter;
     __syncthreads();
-    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * colsp, SM_STAGE, maxm, &s.ring_it);
+    rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * colsp, SM_STAGE, maxm, s);
   } else {
     const int cap = MK_XS / I.inter;  // member rows that fit at full width
     for (int ua = 0; ua < U;) {
@@ -1355,7 +1433,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
           xs_frag(SM_XS, m, kcw, kc);
         }
         __syncthreads();
-        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, gm, &s.ring_it);
+        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, gm, s);
       }
       ua = ub;
     }
@@ -1379,6 +1457,7 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
     case OP_EMBED: {
       int tok = p.tokens[t];
       long long base = (long long)tok * I.k;
+#pragma unroll 4
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) {
         float v;
         if (I.fmt == FMT_BF16) v = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.weights + I.w)[base + i]);
@@ -1391,6 +1470,8 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
     case OP_RMSNORM: {
       const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
       float a = 0.f;
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) { float v = ldcg(x + i); a += v * v; }
       a = warp_sum(a);
       if (lane == 0) SM_RED[warp] = a;
@@ -1399,10 +1480,14 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       for (int w = 0; w < MK_WARPS; w++) tot += SM_RED[w];
       float inv = rsqrtf(tot / I.k + I.eps);
       const float* g = reinterpret_cast<const float*>(p.weights + I.normw);
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) * inv * __ldg(g + i);
       break;
     }
     case OP_ROPE: {
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) SM_XS[i] = ldcg(x + i);
       __syncthreads();
       apply_rope_stage(SM_XS, 0, 1, I.k, 0, I.hd, I.rotary, I.theta, p.pos + t);
@@ -1413,19 +1498,27 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
     case OP_KVWRITE: {
       float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
       int slot = p.pos[t] % I.kv_cap;
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) base[(long long)slot * I.k + i] = ldcg(x + i);
       break;
     }
     case OP_SWIGLU: {
       int h = I.k / 2;
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < h; i += MK_THREADS) out[i] = silu_f(ldcg(x + i)) * ldcg(x + h + i);
       break;
     }
     case OP_SCALE:
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) * I.scale;
       break;
     case OP_ADD: {
       const float* y = p.arena + I.res + (long long)t * I.resw;
+      // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
+#pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) + ldcg(y + i);
       break;
     }
@@ -1434,6 +1527,7 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
       float bv = -INFINITY;
       int bi = 0x7fffffff;
+#pragma unroll 4
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) {
         float v = ldcg(x + i);
         if (p.temperature > 0.f) {
@@ -1518,6 +1612,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
   Smem s;
   s.ring_it = 0;
+  s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
       mbar_init(mk_bars + i, 1);
@@ -1548,6 +1643,8 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
           while (ld_acquire(c) < target) __nanosleep(32);
         }
         if (p.prof) t1 = gtimer();
+      } else if ((threadIdx.x >> 5) == MK_CW && cur.op == OP_MATMUL && mma_fmt(cur.fmt)) {
+        prefetch_matmul(p, s, cur, first);
       }
       __syncthreads();
       prep(p, s, cur);

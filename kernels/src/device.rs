@@ -23,7 +23,6 @@ pub const CONSUMER_WARPS: usize = 7;
 pub fn mmr_floats(max_tokens: usize) -> usize {
     CONSUMER_WARPS * RING_ROWS * max_tokens.div_ceil(8) * 8
 }
-pub const KC: usize = 1024;
 pub const TILE_MAX: usize = 128;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
 pub const IV_LEN: usize = 1600;
@@ -462,9 +461,9 @@ pub fn encode(
                 d.nkv = spec.n_kv_heads as i32;
                 d.qd = spec.head_dim as i32;
                 d.vd = spec.v_head_dim as i32;
-                if spec.v_head_dim > 256 || spec.head_dim > KC {
+                if spec.v_head_dim > 256 || spec.head_dim > 256 {
                     return Err(
-                        "attention head dims exceed the megakernel limits (v <= 256, qk <= 1024)"
+                        "attention head dims exceed the megakernel limits (v <= 256, qk <= 256)"
                             .into(),
                     );
                 }
