@@ -7,9 +7,11 @@
 // block does a release-increment of done[i]; before instruction j a block acquire-waits until done[d] reaches
 // epoch * G for every producer d of j. No kernel boundary inside a forward.
 //
-// Warp roles inside a block: warp 0 lane 0 fetches the next instruction descriptor into shared memory and spins on
-// the dependency counters (the control role); all warps then stream weight rows with 16-byte non-coherent loads,
-// several in flight per lane, dequantizing MXFP4 / FP8 / bf16 in registers (the data roles).
+// Warp roles inside a block: thread 0 fetches the next instruction descriptor into shared memory and spins on the
+// dependency counters (the control role); the last warp is the producer, streaming weight row segments into a
+// shared-memory ring with the bulk-copy engine; the other warps are consumers, decoding MXFP4 / FP8 / bf16 to f16
+// in registers and multiplying on the tensor cores (see "v8 GEMV / small-GEMM core"), and share the activation
+// loads, attention, routing and epilogues.
 //
 // The generated file that includes this body defines MK_THREADS, MK_MAX_T, MK_TILE_MAX, MK_XS (floats of the
 // shared activation buffer) and MK_STAGE (floats of the tile-output stage); see compiler/src/codegen.rs.
@@ -285,7 +287,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 // care): lane quad t holds elements 8t .. 8t + 7, paired (8t + q, 8t + q + 4), q < 4, which is what makes the
 // MXFP4 decode cheap (the two nibbles of a pair sit 16 bits apart, like the two halves of an f16x2).
 
-#define MK_CW 7
+#define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
   unsigned long long t;
@@ -315,7 +317,7 @@ __shared__ int mk_flags[4];                                   // [0]: the instru
 #define SM_INV (SM_RED + MK_THREADS)
 #define SM_IV (reinterpret_cast<int*>(SM_INV + MK_MAX_T))
 #define IV_LEN 1600
-#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [MK_CW][RING_ROWS][RED_TOK]
+#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [MK_CW][16][RED_TOK]: one MMA tile's partials
 
 __device__ __forceinline__ unsigned int smem_u32(const void* p) {
   return (unsigned int)__cvta_generic_to_shared(p);
@@ -395,6 +397,23 @@ __device__ __forceinline__ RowInfo ring_row(const uint8_t* W, const TileRows& d,
   }
   o.ok = true;
   return o;
+}
+
+// The output side of ring row r (ring_row without the weight pointers): false for rows past nrows or padding.
+__device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int& col, int& n, int& xl) {
+  if (r >= nrows) return false;
+  if (d.mode == 2) {
+    const int colsp = moe_colsp(d.cols);
+    const int u = r / colsp;
+    col = r - u * colsp;
+    n = d.cnt[u];
+    xl = d.mst[u];
+    return col < d.cols;
+  }
+  col = r;
+  n = d.n;
+  xl = -1;
+  return d.valid(r);
 }
 
 // Shared-memory loads by 32-bit address (keeps the hot loop free of generic 64-bit address arithmetic). volatile:
@@ -719,13 +738,13 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     if (lane == 0) mbar_arrive(empty + slot);
     steps += nks;
     if (sg == nseg - 1) {
-      // Sum the warps' partials of this row group in warp order into the stage.
+      // Sum the warps' partials of this row group in warp order into the stage, one 16-row tile at a time.
       float* red = SM_MMR;
 #pragma unroll
-      for (int rt = 0; rt < 2; rt++)
+      for (int rt = 0; rt < 2; rt++) {
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-          float* r = red + (warp * RING_ROWS + rt * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
+          float* r = red + (warp * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
           r[0] = acc[rt][nt][0];
           r[1] = acc[rt][nt][1];
           r[8 * RED_TOK] = acc[rt][nt][2];
@@ -733,19 +752,20 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
           for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
         }
-      consumers_sync();
-      for (int e = threadIdx.x; e < RING_ROWS * NT * 8; e += MK_CW * 32) {
-        const int row = e / (NT * 8), j = e - row * (NT * 8);
-        const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + row, nrows);
-        if (ri.ok && j < ri.n) {
-          float s = 0.f;
+        consumers_sync();
+        for (int e = threadIdx.x; e < 16 * NT * 8; e += MK_CW * 32) {
+          const int row = e / (NT * 8), j = e - row * (NT * 8);
+          int col, n, xl;
+          if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl) && j < n) {
+            float sum = 0.f;
 #pragma unroll
-          for (int w = 0; w < MK_CW; w++) s += red[(w * RING_ROWS + row) * RED_TOK + j];
-          const int orow = ri.xl >= 0 ? d.ml[ri.xl + j] : j;
-          stage[orow * d.sstride + ri.col] += s;
+            for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
+            const int orow = xl >= 0 ? d.ml[xl + j] : j;
+            stage[orow * d.sstride + col] += sum;
+          }
         }
+        consumers_sync();
       }
-      consumers_sync();
     }
   }
   if (stat && threadIdx.x == 0) {

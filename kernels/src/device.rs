@@ -9,19 +9,21 @@ use mimo_ir::plan::{BufId, Instr, Plan, Program};
 use mimo_ir::{DType, Epilogue, KvKind};
 
 /// Threads per block: 7 consumer warps and 1 producer warp (the bulk-copy weight ring). 8 warps, 2 per SM
-/// sub-partition, leave each thread 255 registers (9 warps would cap them at 168 and spill the hot loop).
+/// sub-partition, leave each thread 255 registers. (12 warps, tried with the tensor-core consumers, were 10 %
+/// slower: see bench/NOTES.md.)
 pub const THREADS: usize = 256;
 /// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu): 3 slots of 32 rows, each a
 /// 1 KB segment at a padded pitch plus its MXFP4 scale bytes.
 pub const RING_BYTES: usize = 3 * 32 * (1024 + 64 + 80);
 /// Rows of a ring chunk (two 16-row tensor-core tiles).
 pub const RING_ROWS: usize = 32;
-/// Consumer warps of a block.
-pub const CONSUMER_WARPS: usize = 7;
+/// Consumer warps of a block (`MK_CW`: all warps but the producer).
+pub const CONSUMER_WARPS: usize = THREADS / 32 - 1;
 
-/// Floats of the consumer warps' partial-sum buffer (`SM_MMR`: warps x ring rows x tokens rounded to 8).
+/// Floats of the consumer warps' partial-sum buffer (`SM_MMR`: warps x one 16-row MMA tile x tokens rounded
+/// to 8).
 pub fn mmr_floats(max_tokens: usize) -> usize {
-    CONSUMER_WARPS * RING_ROWS * max_tokens.div_ceil(8) * 8
+    CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8
 }
 pub const TILE_MAX: usize = 128;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
@@ -727,9 +729,8 @@ mod tests {
         // A segment's MXFP4 scale bytes fit their pitch, which keeps 16-byte copy alignment.
         assert!(seg / 16 <= sstr && sstr % 16 == 0);
         // One producer warp plus the consumer warps; a chunk is whole 16-row MMA tiles, one row per producer lane.
-        let cw = cu_define("MK_CW");
-        assert_eq!(CONSUMER_WARPS, cw);
-        assert_eq!(THREADS, 32 * (cw + 1));
+        assert!(MEGAKERNEL_CU.contains("#define MK_CW (MK_WARPS - 1)"));
+        assert_eq!(THREADS, 32 * (CONSUMER_WARPS + 1));
         assert!(rows % 16 == 0 && rows <= 32);
         assert_eq!(IV_LEN, cu_define("IV_LEN"));
         for mt in 1..=16 {
