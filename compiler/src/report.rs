@@ -13,7 +13,7 @@
 
 use crate::passes::{run_pipeline, PassOptions};
 use anyhow::Result;
-use mimo_ir::plan::{expected_bytes, Instr, KvDesc, ModelInfo, Plan, WeightDesc};
+use mimo_ir::plan::{expected_bytes, Instr, KvDesc, Plan, WeightDesc};
 use mimo_ir::{DType, Op, WeightClass};
 use mimo_models::build::{build_graph, BuildOptions};
 use mimo_models::config::ModelConfig;
@@ -268,15 +268,7 @@ pub fn plan_from_config(cfg: &ModelConfig, passes: &PassOptions) -> Result<Plan>
         });
     }
     Ok(Plan {
-        model: ModelInfo {
-            arch: cfg.arch.model_type().to_string(),
-            vocab: cfg.vocab,
-            hidden: cfg.hidden,
-            n_layers: cfg.n_layers(),
-            bos: cfg.bos,
-            eos: cfg.eos.clone(),
-            max_position: cfg.max_position,
-        },
+        model: crate::model_info(cfg),
         max_tokens: 1,
         arena_len: lowered.arena_len,
         buffers: lowered.buffers,
@@ -303,7 +295,7 @@ pub fn decode_bytes_from_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mimo_ir::plan::Program;
+    use mimo_ir::plan::{ModelInfo, Program};
     use mimo_ir::RouterSpec;
 
     fn w(name: &str, dtype: DType, dims: &[usize], class: WeightClass) -> WeightDesc {
