@@ -219,24 +219,39 @@ __device__ __forceinline__ void expert_offsets(int fmt, long long w, long long w
   }
 }
 
+// The output side of tile row r: output column, activation rows (n of them; mode 2: the members of routed expert
+// u starting at list index xl, else xl = -1 and u = 0). False for rows past nrows or padding.
+__device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int& col, int& n, int& xl, int& u) {
+  u = 0;
+  if (r >= nrows) return false;
+  if (d.mode == 2) {
+    const int colsp = moe_colsp(d.cols);
+    u = r / colsp;
+    col = r - u * colsp;
+    n = d.cnt[u];
+    xl = d.mst[u];
+    return col < d.cols;
+  }
+  col = r;
+  n = d.n;
+  xl = -1;
+  return d.valid(r);
+}
+
 // Scalar path for f32 / f16 weights (small tensors only: the router). Reads plain float activations.
 __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
                                  int nrows, float* stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int rr = warp; rr < nrows; rr += MK_WARPS) {
-    long long wb;
-    int row, n, xl, col;
+    long long wb = d.w;
+    int row, n, xl, col, u;
+    if (!row_out(d, rr, nrows, col, n, xl, u)) continue;
     if (d.mode == 2) {
-      const int colsp = moe_colsp(d.cols);
-      int u = rr / colsp;
-      col = rr - u * colsp;
-      if (col >= d.cols) continue;
-      long long we, wse;
-      expert_offsets(fmt, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
-      wb = we; row = d.c0 + col; n = d.cnt[u]; xl = d.mst[u];
+      long long wse;
+      expert_offsets(fmt, d.w, d.ws, d.ids[u], d.erows, d.K, &wb, &wse);
+      row = d.c0 + col;
     } else {
-      if (!d.valid(rr)) continue;
-      wb = d.w; row = d.map(rr); n = d.n; xl = -1; col = rr;
+      row = d.map(rr);
     }
     for (int t = 0; t < n; t++) {
       int xr = xl >= 0 ? d.xrow(xl, t) : t;
@@ -374,47 +389,24 @@ struct RowInfo {
 template <int FMT>
 __device__ __forceinline__ RowInfo ring_row(const uint8_t* W, const TileRows& d, int r, int nrows) {
   RowInfo o;
-  o.rp = W; o.sp = W; o.n = 0; o.xl = -1; o.col = 0; o.ok = false;
-  if (r >= nrows) return o;
+  o.rp = W; o.sp = W; o.n = 0; o.xl = -1; o.col = 0;
+  int u;
+  o.ok = row_out(d, r, nrows, o.col, o.n, o.xl, u);
+  if (!o.ok) return o;
   if (d.mode == 2) {
-    const int colsp = moe_colsp(d.cols);
-    const int u = r / colsp, c = r - u * colsp;
-    if (c >= d.cols) return o;
     long long we, wse;
     expert_offsets(FMT, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
-    o.rp = row_ptr<FMT>(W, we, d.c0 + c, d.K);
-    o.sp = srow_ptr<FMT>(W, wse, d.c0 + c, d.K);
-    o.n = d.cnt[u];
-    o.xl = d.mst[u];
-    o.col = c;
+    o.rp = row_ptr<FMT>(W, we, d.c0 + o.col, d.K);
+    o.sp = srow_ptr<FMT>(W, wse, d.c0 + o.col, d.K);
   } else {
-    if (!d.valid(r)) return o;
     const int row = d.map(r);
     o.rp = row_ptr<FMT>(W, d.w, row, d.K);
     o.sp = srow_ptr<FMT>(W, d.ws, row, d.K);
-    o.n = d.n;
-    o.col = r;
   }
-  o.ok = true;
   return o;
 }
 
 // The output side of ring row r (ring_row without the weight pointers): false for rows past nrows or padding.
-__device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int& col, int& n, int& xl) {
-  if (r >= nrows) return false;
-  if (d.mode == 2) {
-    const int colsp = moe_colsp(d.cols);
-    const int u = r / colsp;
-    col = r - u * colsp;
-    n = d.cnt[u];
-    xl = d.mst[u];
-    return col < d.cols;
-  }
-  col = r;
-  n = d.n;
-  xl = -1;
-  return d.valid(r);
-}
 
 // Shared-memory loads by 32-bit address (keeps the hot loop free of generic 64-bit address arithmetic). volatile:
 // they stay after the mbarrier wait that publishes the slot.
@@ -755,8 +747,8 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         consumers_sync();
         for (int e = threadIdx.x; e < 16 * NT * 8; e += MK_CW * 32) {
           const int row = e / (NT * 8), j = e - row * (NT * 8);
-          int col, n, xl;
-          if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl) && j < n) {
+          int col, n, xl, u;
+          if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, u) && j < n) {
             float sum = 0.f;
 #pragma unroll
             for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
@@ -840,9 +832,10 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
 #define IV_BITS 1552
 
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
-// optionally scaled by inv[j] * normw[k0 + kk]. 16-byte loads, 8 in flight per thread.
+// optionally scaled by inv[j] * normw[k0 + kk]; with frag, rewritten into B-fragment order. 16-byte loads, 8 in
+// flight per thread.
 __device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
-                          int xstride, float* xs, const float* inv, const float* normw) {
+                          int xstride, float* xs, const float* inv, const float* normw, bool frag) {
   bool vec = ((rs | k0 | kc | xstride) & 3) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
              (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
   if (vec) {
@@ -882,6 +875,11 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
       if (normw) v *= inv[j] * __ldg(normw + k0 + k);
       xs[j * xstride + k] = v;
     }
+  }
+  // Rows for the tensor-core ring go into B-fragment order (see xs_frag).
+  if (frag) {
+    __syncthreads();
+    xs_frag(xs, nrows, xstride, kc);
   }
 }
 
@@ -1027,11 +1025,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     for (int k0 = 0; k0 < I.k; k0 += kcw) {
       int kc = min(kcw, I.k - k0);
       __syncthreads();
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw);
-      if (mma_fmt(I.fmt)) {
-        __syncthreads();
-        xs_frag(SM_XS, p.T, kcw, kc);
-      }
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
@@ -1184,11 +1178,7 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
   const float* xrow = SM_XS + (long long)t * H;
   if (!mk_flags[0]) {
     __syncthreads();
-    load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, SM_XS, nullptr, nullptr);
-    if (mma_fmt(I.fmt)) {
-      __syncthreads();
-      xs_frag(SM_XS, 1, H, H);
-    }
+    load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
     xrow = SM_XS;
   }
   float* sc = SM_STAGE;       // scores [E]
@@ -1368,11 +1358,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
     __syncthreads();
     if (full && nt > 0) {
-      load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, nullptr, nullptr);
-      if (mma_fmt(I.fmt)) {
-        __syncthreads();
-        xs_frag(SM_XS, m, I.k, I.k);
-      }
+      load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
     }
     for (int jb = 0; jb < nt; jb += B) {
       const int nbt = min(B, nt - jb);
@@ -1388,11 +1374,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
         for (int k0 = 0; k0 < I.k; k0 += kcw) {
           int kc = min(kcw, I.k - k0);
           __syncthreads();
-          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, nullptr, nullptr);
-          if (mma_fmt(I.fmt)) {
-            __syncthreads();
-            xs_frag(SM_XS, m, kcw, kc);
-          }
+          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
           __syncthreads();
           rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
         }
@@ -1447,11 +1429,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
       for (int k0 = 0; k0 < I.inter; k0 += kcw) {
         const int kc = min(kcw, I.inter - k0);
         __syncthreads();
-        load_rows(p.scratch, I.inter, ml + mst[ua], 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr);
-        if (mma_fmt(I.fmt)) {
-          __syncthreads();
-          xs_frag(SM_XS, m, kcw, kc);
-        }
+        load_rows(p.scratch, I.inter, ml + mst[ua], 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
         __syncthreads();
         rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, gm, s);
       }
@@ -1589,7 +1567,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   if (I.op == OP_MATMUL) {
     const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
     if ((long long)p.T * I.k <= MK_XS) {
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr);
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, false);
       if (normw) {
         __syncthreads();
         rms_resident(s, p.T, I.k, I.k, I.eps, normw);
@@ -1604,11 +1582,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     }
   } else if (I.op == OP_ROUTER) {
     if ((long long)p.T * I.k <= MK_XS) {
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr);
-      if (mma_fmt(I.fmt)) {
-        __syncthreads();
-        xs_frag(SM_XS, p.T, I.k, I.k);
-      }
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
       if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   } else if (I.op == OP_MOE_UP) {
@@ -1617,11 +1591,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     moe_unique(p, s, I);
     const int P = p.T * I.topk;
     if ((long long)P * I.inter <= MK_XS) {
-      load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr);
-      if (mma_fmt(I.fmt)) {
-        __syncthreads();
-        xs_frag(SM_XS, P, I.inter, I.inter);
-      }
+      load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
       if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   }
