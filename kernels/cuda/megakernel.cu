@@ -322,7 +322,7 @@ extern __shared__ __align__(128) float mk_smem[];            // dynamic: [ring |
 __shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
 __shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_consume)
 __shared__ int mk_prof_on;
-__shared__ int mk_flags[4];                                   // [0]: the instruction's activations are in xs
+__shared__ int mk_flags[4];  // [0]: the instruction's activations are in xs; [1]: SM_IV holds the routing of this buffer
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
 // routing lists and the consumer warps' partial sums, all at compile-time offsets of the dynamic shared memory.
@@ -745,8 +745,10 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
           for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
         }
         consumers_sync();
-        for (int e = threadIdx.x; e < 16 * NT * 8; e += MK_CW * 32) {
-          const int row = e / (NT * 8), j = e - row * (NT * 8);
+        // Only the tile's tokens (tn: 0 when it has no valid rows), not all of its MMA columns.
+        const int nn = tn[rt];
+        for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
+          const int row = e / nn, j = e - row * nn;
           int col, n, xl, u;
           if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, u) && j < n) {
             float sum = 0.f;
@@ -832,7 +834,7 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
 #define IV_BITS 1552
 
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
-// optionally scaled by inv[j] * normw[k0 + kk]; with frag, rewritten into B-fragment order. 16-byte loads, 8 in
+// optionally scaled by inv[row(j)] * normw[k0 + kk] (inv is per source row: per token); with frag, rewritten into B-fragment order. 16-byte loads, 8 in
 // flight per thread.
 __device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
                           int xstride, float* xs, const float* inv, const float* normw, bool frag) {
@@ -860,7 +862,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
           float4 x = v[u];
           if (normw) {
             float4 g = __ldg(reinterpret_cast<const float4*>(normw + k0) + c);
-            float f = inv[j];
+            float f = inv[list ? list[j] / div : j];
             x.x *= f * g.x; x.y *= f * g.y; x.z *= f * g.z; x.w *= f * g.w;
           }
           *reinterpret_cast<float4*>(xs + j * xstride + 4 * c) = x;
@@ -872,7 +874,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
       int j = i / kc, k = i - j * kc;
       int row = list ? list[j] / div : j;
       float v = ldcg(src + row * rs + k0 + k);
-      if (normw) v *= inv[j] * __ldg(normw + k0 + k);
+      if (normw) v *= inv[row] * __ldg(normw + k0 + k);
       xs[j * xstride + k] = v;
     }
   }
@@ -945,6 +947,22 @@ __device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw
     if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
   }
   __syncthreads();
+}
+
+// Argmax / Gumbel-max key of logit v at vocabulary index i for token t: v itself at temperature 0, else
+// v / temperature + Gumbel noise from a hash of (seed, position, index) (exact sampling from softmax(v / temp)).
+__device__ __forceinline__ float sample_key(const Params& p, int t, int i, float v) {
+  if (p.temperature <= 0.f) return v;
+  unsigned long long h = p.seed ^ (0x9E3779B97F4A7C15ull * (unsigned long long)(p.pos[t] + 1)) ^
+                         (0xD1B54A32D192ED03ull * (unsigned long long)(i + 1));
+  h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ull; h ^= h >> 33;
+  const float uu = ((h >> 40) + 0.5f) * (1.0f / 16777216.0f);
+  return v / p.temperature - __logf(-__logf(uu));
+}
+
+// Better (key, index) of two candidates: larger key, ties to the lower index.
+__device__ __forceinline__ void best_of(float& bv, int& bi, float ov, int oi) {
+  if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1081,6 +1099,24 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       p.arena[I.out + (long long)t * I.outw + c0 + c] = SM_STAGE[t * sstride + c];
     }
   }
+  // LM head with in-kernel sampling: each tile leaves its best (key, index) per token in scratch[aux], so the
+  // argmax instruction only compares one candidate per tile.
+  if (I.aux >= 0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int t = warp; t < p.T; t += MK_WARPS) {
+      float bv = -INFINITY;
+      int bi = 0x7fffffff;
+      for (int c = lane; c < cols; c += 32) best_of(bv, bi, sample_key(p, t, c0 + c, SM_STAGE[t * sstride + c]), c0 + c);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+        best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+      if (lane == 0) {
+        float* r = p.scratch + I.aux + 2ll * ((long long)t * I.ntiles + tile);
+        r[0] = bv;
+        r[1] = __int_as_float(bi);
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1171,98 +1207,138 @@ __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Router for one token: logits over E experts (warp per expert), sigmoid/softmax, group-limited top-k on warp 0.
-__device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int t) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int H = I.k, E = I.E;
-  const float* xrow = SM_XS + (long long)t * H;
+// Router logits, spread over blocks. Tile = (row tile rt, K split ks): the logits of experts
+// [rt * tile_rows, + tile_rows) over columns [ks * n, + n) for every token, written as partial sums to
+// scratch[w2 + (ks * T + t) * E + e]. The MoE instructions add the splits in order and pick the experts
+// themselves (route_tokens), so routing costs no single-block step on the critical path. A fused RMSNorm
+// prologue normalizes the activations as they load (prep computed each token's factor).
+__device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int tile) {
+  const int nks = (int)I.ws2;
+  const int rt = tile / nks, ks = tile - rt * nks;
+  const int k0 = ks * I.n, kc = min(I.n, I.k - k0);
+  const int r0 = rt * I.tile_rows, rows = min(I.tile_rows, I.E - r0);
+  const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+  const float* xs = SM_XS + k0;  // resident rows (prep): row t at t * I.k, this split's columns from k0
+  int xstride = I.k;
   if (!mk_flags[0]) {
     __syncthreads();
-    load_rows(p.arena + I.x + (long long)t * I.xw, I.xw, nullptr, 1, 1, 0, H, H, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
-    xrow = SM_XS;
+    load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kc, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
+    xs = SM_XS;
+    xstride = kc;
   }
-  float* sc = SM_STAGE;       // scores [E]
-  float* ch = SM_STAGE + E;   // choice scores [E]
-  for (int i = threadIdx.x; i < E; i += MK_THREADS) sc[i] = 0.f;
+  for (int i = threadIdx.x; i < p.T * I.tile_rows; i += MK_THREADS) SM_STAGE[i] = 0.f;
   __syncthreads();
   TileRows d{};
-  d.mode = 0; d.c0 = 0; d.cols = E; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = H; d.n = 1; d.xstride = H;
-  d.sstride = 0;
-  rows_dot(I.fmt, p.weights, d, 0, H, xrow, E, sc, 1, s);
+  d.mode = 0; d.c0 = r0; d.cols = rows; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
+  d.xstride = xstride; d.sstride = I.tile_rows;
+  rows_dot(I.fmt, p.weights, d, k0, kc, xs, rows, SM_STAGE, p.T, s);
   __syncthreads();
-  if (warp == 0) {
-    // Scores.
-    if (I.sigmoid) {
-      for (int e = lane; e < E; e += 32) sc[e] = 1.f / (1.f + __expf(-sc[e]));
-    } else {
-      float mx = -INFINITY;
-      for (int e = lane; e < E; e += 32) mx = fmaxf(mx, sc[e]);
-      mx = warp_max(mx);
-      float sum = 0.f;
-      for (int e = lane; e < E; e += 32) { sc[e] = __expf(sc[e] - mx); sum += sc[e]; }
-      sum = warp_sum(sum);
-      for (int e = lane; e < E; e += 32) sc[e] /= sum;
+  float* part = p.scratch + I.w2 + (long long)ks * p.T * I.E;
+  for (int i = threadIdx.x; i < p.T * rows; i += MK_THREADS) {
+    const int t = i / rows, r = i - t * rows;
+    part[t * I.E + r0 + r] = SM_STAGE[t * I.tile_rows + r];
+  }
+}
+
+// Routing of token t by one warp from its logits lg[E] (overwritten with the scores); ch[E] is scratch. Scores:
+// sigmoid or softmax; choice = score + correction bias; group limit (a group's score is the sum of its top-2
+// choices; the best topk_group groups stay); top-k by choice (ties: lowest index); weights are the chosen scores,
+// normalized if norm_topk and scaled. raw[k] = expert, rw[k] = weight.
+__device__ void route_token(const DInstr& I, const float* bias, float* lg, float* ch, float* gs, int* raw, float* rw) {
+  const int lane = threadIdx.x & 31, E = I.E;
+  if (I.sigmoid) {
+    for (int e = lane; e < E; e += 32) lg[e] = 1.f / (1.f + __expf(-lg[e]));
+  } else {
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32) { lg[e] = __expf(lg[e] - mx); sum += lg[e]; }
+    sum = warp_sum(sum);
+    for (int e = lane; e < E; e += 32) lg[e] /= sum;
+  }
+  __syncwarp();
+  for (int e = lane; e < E; e += 32) ch[e] = lg[e] + (bias ? __ldg(bias + e) : 0.f);
+  __syncwarp();
+  if (I.ngroup > 1) {
+    const int per = E / I.ngroup;
+    if (lane < I.ngroup) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      for (int e = lane * per; e < (lane + 1) * per; e++) {
+        const float v = ch[e];
+        if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) b2 = v;
+      }
+      gs[lane] = b1 + b2;
     }
     __syncwarp();
-    const float* bias = I.bias >= 0 ? reinterpret_cast<const float*>(p.weights + I.bias) : nullptr;
-    for (int e = lane; e < E; e += 32) ch[e] = sc[e] + (bias ? __ldg(bias + e) : 0.f);
-    __syncwarp();
-    // Group limit: group score = sum of its top-2 choice scores; keep the best topk_group groups.
-    if (I.ngroup > 1) {
-      int per = E / I.ngroup;
-      float* gs = SM_RED;
-      if (lane < I.ngroup) {
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int e = lane * per; e < (lane + 1) * per; e++) {
-          float v = ch[e];
-          if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) b2 = v;
-        }
-        gs[lane] = b1 + b2;
-      }
-      __syncwarp();
-      if (lane == 0) {
-        unsigned int keep = 0;  // bit g set: group g kept (ties: lowest index)
-        for (int k = 0; k < I.topkg; k++) {
-          int best = -1;
-          for (int g = 0; g < I.ngroup; g++)
-            if (!((keep >> g) & 1u) && (best < 0 || gs[g] > gs[best])) best = g;
-          keep |= 1u << best;
-        }
+    if (lane == 0) {
+      unsigned int keep = 0;  // bit g set: group g kept (ties: lowest index)
+      for (int k = 0; k < I.topkg; k++) {
+        int best = -1;
         for (int g = 0; g < I.ngroup; g++)
-          if (!((keep >> g) & 1u)) for (int e = g * per; e < (g + 1) * per; e++) ch[e] = -INFINITY;
+          if (!((keep >> g) & 1u) && (best < 0 || gs[g] > gs[best])) best = g;
+        keep |= 1u << best;
       }
-      __syncwarp();
+      for (int g = 0; g < I.ngroup; g++)
+        if (!((keep >> g) & 1u)) for (int e = g * per; e < (g + 1) * per; e++) ch[e] = -INFINITY;
     }
-    // Top-k by choice score (ties: lowest index), weights from the raw scores.
-    float wsum = 0.f;
-    float* outrow = p.arena + I.out + (long long)t * I.outw;
-    for (int k = 0; k < I.topk; k++) {
-      float bv = -INFINITY;
-      int bi = 0x7fffffff;
-      for (int e = lane; e < E; e += 32) {
-        float v = ch[e];
-        if (v > bv || (v == bv && e < bi)) { bv = v; bi = e; }
-      }
+    __syncwarp();
+  }
+  float wsum = 0.f;
+  for (int k = 0; k < I.topk; k++) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int e = lane; e < E; e += 32) {
+      const float v = ch[e];
+      if (v > bv || (v == bv && e < bi)) { bv = v; bi = e; }
+    }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-      }
-      if (lane == 0) {
-        outrow[k] = (float)bi;
-        outrow[I.topk + k] = sc[bi];
-        wsum += sc[bi];
-        ch[bi] = -INFINITY;
-      }
-      __syncwarp();
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
     if (lane == 0) {
-      for (int k = 0; k < I.topk; k++) {
-        float v = outrow[I.topk + k];
-        if (I.normtopk) v /= (wsum + 1e-20f);
-        outrow[I.topk + k] = v * I.rscale;
-      }
+      raw[k] = bi;
+      rw[k] = lg[bi];
+      wsum += lg[bi];
+      ch[bi] = -INFINITY;
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    for (int k = 0; k < I.topk; k++) {
+      float v = rw[k];
+      if (I.normtopk) v /= (wsum + 1e-20f);
+      rw[k] = v * I.rscale;
+    }
+  }
+  __syncwarp();
+}
+
+// Every token's routing from the router's partial logits (splits added in order), a warp per token; block 0 also
+// writes the routing buffer (expert ids as floats, then weights), as the CPU interpreter's router does.
+__device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int* raw, float* rw) {
+  const int warp = threadIdx.x >> 5, E = I.E, T = p.T, nks = (int)I.ws2;
+  float* lg = SM_XS;          // [T][E] logits, then scores
+  float* ch = SM_XS + T * E;  // [T][E] choice scores
+  const float* part = p.scratch + I.w2;
+  const float* bias = I.bias >= 0 ? reinterpret_cast<const float*>(p.weights + I.bias) : nullptr;
+  for (int i = threadIdx.x; i < T * E; i += MK_THREADS) {
+    float a = 0.f;
+    for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * T * E + i);
+    lg[i] = a;
+  }
+  __syncthreads();
+  for (int t = warp; t < T; t += MK_WARPS)
+    route_token(I, bias, lg + t * E, ch + t * E, SM_RED + warp * 32, raw + t * I.topk, rw + t * I.topk);
+  __syncthreads();
+  if (blockIdx.x == 0 && I.aux >= 0) {
+    for (int i = threadIdx.x; i < T * I.topk; i += MK_THREADS) {
+      const int t = i / I.topk, k = i - t * I.topk;
+      float* row = p.arena + I.aux + (long long)t * (2 * I.topk);
+      row[k] = (float)raw[i];
+      row[I.topk + k] = rw[i];
     }
   }
 }
@@ -1281,13 +1357,9 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   unsigned int* bits = reinterpret_cast<unsigned int*>(SM_IV + IV_BITS);
   const int nw = (E + 31) / 32;
   for (int i = threadIdx.x; i < nw; i += MK_THREADS) bits[i] = 0u;
-  __syncthreads();
+  route_tokens(p, I, raw, rw);
   for (int i = threadIdx.x; i < n; i += MK_THREADS) {
-    int t = i / I.topk, k = i - t * I.topk;
-    const float* rr = p.arena + I.aux + (long long)t * (2 * I.topk);
-    int e = (int)ldcg(rr + k);
-    raw[i] = e;
-    rw[i] = ldcg(rr + I.topk + k);
+    const int e = raw[i];
     if ((unsigned int)e < (unsigned int)E) atomicOr(&bits[e >> 5], 1u << (e & 31));
   }
   __syncthreads();
@@ -1336,6 +1408,8 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   const int* cnt = SM_IV + IV_CNT;
   const int* mst = SM_IV + IV_MST;
   const int* ml = SM_IV + IV_ML;
+  // Fused RMSNorm prologue: prep left each token's 1 / rms in SM_INV.
+  const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   int u0, ustep, q, nb;
   if (U <= G) {
     u0 = ((b + 1) * U - 1) / G;
@@ -1358,7 +1432,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
     __syncthreads();
     if (full && nt > 0) {
-      load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
+      load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
     }
     for (int jb = 0; jb < nt; jb += B) {
       const int nbt = min(B, nt - jb);
@@ -1374,7 +1448,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
         for (int k0 = 0; k0 < I.k; k0 += kcw) {
           int kc = min(kcw, I.k - k0);
           __syncthreads();
-          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
+          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
           __syncthreads();
           rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
         }
@@ -1442,6 +1516,8 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
     int t = i / cols, c = i - t * cols;
     float a = 0.f;
     for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * SM_STAGE[(t * I.topk + k) * sstride + c];
+    // Fused residual: out = residual + experts (the unfused add's operand order).
+    if (I.res >= 0) a = ldcg(p.arena + I.res + (long long)t * I.resw + c0 + c) + a;
     p.arena[I.out + (long long)t * I.outw + c0 + c] = a;
   }
 }
@@ -1521,36 +1597,28 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       break;
     }
     case OP_ARGMAX: {
-      // Greedy argmax, or Gumbel-max sampling at temperature > 0 (exact sampling from softmax(logits / T)).
+      // Greedy argmax, or Gumbel-max sampling at temperature > 0: the LM head tiles' candidates (aux >= 0) or the
+      // logits row itself. Ties go to the lowest index.
       const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
       float bv = -INFINITY;
       int bi = 0x7fffffff;
-#pragma unroll 4
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) {
-        float v = ldcg(x + i);
-        if (p.temperature > 0.f) {
-          unsigned long long h = p.seed ^ (0x9E3779B97F4A7C15ull * (unsigned long long)(p.pos[t] + 1)) ^
-                                 (0xD1B54A32D192ED03ull * (unsigned long long)(i + 1));
-          h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ull; h ^= h >> 33;
-          float uu = ((h >> 40) + 0.5f) * (1.0f / 16777216.0f);
-          v = v / p.temperature - __logf(-__logf(uu));
+      if (I.aux >= 0) {
+        const float2* c = reinterpret_cast<const float2*>(p.scratch + I.aux) + (long long)t * I.n;
+        for (int i = threadIdx.x; i < I.n; i += MK_THREADS) {
+          const float2 v = __ldcg(c + i);
+          best_of(bv, bi, v.x, __float_as_int(v.y));
         }
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+      } else {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < I.k; i += MK_THREADS) best_of(bv, bi, sample_key(p, t, i, ldcg(x + i)), i);
       }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-      }
+      for (int o = 16; o > 0; o >>= 1)
+        best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
       if (lane == 0) { SM_RED[warp] = bv; SM_IV[warp] = bi; }
       __syncthreads();
       if (threadIdx.x == 0) {
-        for (int w = 1; w < MK_WARPS; w++)
-          if (SM_RED[w] > bv || (SM_RED[w] == bv && SM_IV[w] < bi)) { bv = SM_RED[w]; bi = SM_IV[w]; }
-        // Lane 0 of warp 0 holds its own best already in (bv, bi).
-        float b0 = SM_RED[0]; int i0 = SM_IV[0];
-        if (b0 > bv || (b0 == bv && i0 < bi)) { bv = b0; bi = i0; }
+        for (int w = 0; w < MK_WARPS; w++) best_of(bv, bi, SM_RED[w], SM_IV[w]);
         p.out_tokens[t] = bi;
       }
       break;
@@ -1564,8 +1632,8 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
 // routing lists are built.
 __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   if (threadIdx.x == 0) mk_flags[0] = 0;
-  if (I.op == OP_MATMUL) {
-    const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+  const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+  if (I.op == OP_MATMUL || I.op == OP_ROUTER) {
     if ((long long)p.T * I.k <= MK_XS) {
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, false);
       if (normw) {
@@ -1580,15 +1648,12 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     } else if (normw) {
       rms_factors(p, s, I.x, I.xw, I.k, I.eps);
     }
-  } else if (I.op == OP_ROUTER) {
-    if ((long long)p.T * I.k <= MK_XS) {
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
-      if (threadIdx.x == 0) mk_flags[0] = 1;
-    }
   } else if (I.op == OP_MOE_UP) {
     moe_unique(p, s, I);
+    if (normw) rms_factors(p, s, I.x, I.xw, I.k, I.eps);
   } else if (I.op == OP_MOE_DOWN) {
-    moe_unique(p, s, I);
+    // The routing lists of the MoE up this block ran just before (same routing buffer) are still in SM_IV.
+    if (mk_flags[1] != (int)I.aux) moe_unique(p, s, I);
     const int P = p.T * I.topk;
     if ((long long)P * I.inter <= MK_XS) {
       load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
@@ -1612,15 +1677,20 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     mk_prof_on = p.prof != nullptr;
   }
   if (threadIdx.x < 5) mk_stat[threadIdx.x] = 0;
+  if (threadIdx.x == 0) mk_flags[1] = -1;
   __shared__ DInstr cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;
+  // Descriptor words of the next instruction, loaded one instruction ahead (the load's latency hides behind the
+  // current instruction's work).
+  int nxt = threadIdx.x < 64 && p.ninstr > 0 ? reinterpret_cast<const int*>(p.instrs)[threadIdx.x] : 0;
   for (int i = 0; i < p.ninstr; i++) {
     unsigned long long t0 = 0, t1 = 0;
     if (p.prof && threadIdx.x == 0) t0 = gtimer();
-    // Control: fetch the descriptor, wait for producers.
-    if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = reinterpret_cast<const int*>(p.instrs + i)[threadIdx.x];
+    // Control: publish the descriptor, fetch the next one, wait for producers.
+    if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
     __syncthreads();
+    if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
     // Negative tile counts scale with the tokens of this forward: -n means n * T tiles.
     const int ntiles = cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles;
     int first = ((int)blockIdx.x - cur.rot) % (int)G;
@@ -1658,6 +1728,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     // Completion: publish this block's share of instruction i (release orders all prior writes of the block).
     __syncthreads();
     if (threadIdx.x == 0) {
+      mk_flags[1] = cur.op == OP_MOE_UP ? (int)cur.aux : -1;  // SM_IV holds this MoE's routing lists
       __threadfence();
       red_release(p.done + i, 1u);
       if (p.prof) {

@@ -235,6 +235,17 @@ pub fn smem_bytes(max_tokens: usize) -> usize {
     RING_BYTES + 4 * (xs_floats(max_tokens) + other_floats(max_tokens))
 }
 
+/// K splits of a router's logits (split width in elements, count): 512-column splits (one 1 KB bf16 ring
+/// segment) spread the router over blocks; a narrow router is one split.
+fn router_splits(k: usize) -> (usize, usize) {
+    let kw = if k >= 1024 && k.is_multiple_of(512) {
+        512
+    } else {
+        k
+    };
+    (kw, k.div_ceil(kw))
+}
+
 /// Encode `program` of `plan`. `argmax` appends an in-kernel argmax / Gumbel sampling of the logits.
 pub fn encode(
     plan: &Plan,
@@ -268,7 +279,23 @@ pub fn encode(
         }
     }
     let mut out: Vec<(DInstr, Vec<Res>, Vec<Res>)> = vec![];
-    let mut scratch_len = 0usize;
+    // Scratch (f32): [MoE up -> down activations | router partial logits | LM-head sampling candidates].
+    let mut moe_len = 0usize;
+    let mut router_len = 0usize;
+    for ins in &program.instrs {
+        match ins {
+            Instr::Moe { top_k, inter, .. } => moe_len = moe_len.max(mt * top_k * inter),
+            Instr::Router { w, spec, .. } => {
+                let k = wd(*w).dims[1];
+                router_len = router_len.max(router_splits(k).1 * mt * spec.n_experts);
+            }
+            _ => {}
+        }
+    }
+    let router_off = moe_len;
+    let cand_off = router_off + router_len;
+    let mut scratch_len = cand_off;
+    let mut lm_tiles = 0i32;
     let base = |op: i32| DInstr {
         op,
         bias: -1,
@@ -475,21 +502,20 @@ pub fn encode(
                 x,
                 w,
                 bias,
-                out: o,
+                out: _,
                 spec,
             } => {
+                // Partial logits over K splits into scratch; the MoE instructions finish the routing.
                 let wt = wd(*w);
                 let mut d = base(op::ROUTER);
                 d.x = bufs[*x as usize].offset as i32;
                 d.xw = bufs[*x as usize].width as i32;
-                d.out = bufs[*o as usize].offset as i32;
-                d.outw = bufs[*o as usize].width as i32;
                 d.w = wt.offset as i64;
                 d.ws = wt.scale_offset as i64;
                 d.fmt = fmt_of(wt.dtype);
                 d.k = wt.dims[1] as i32;
                 d.e = spec.n_experts as i32;
-                if 2 * spec.n_experts > stage_floats(mt)
+                if 2 * mt * spec.n_experts > xs_floats(mt)
                     || spec.n_group > 32
                     || wt.dims[1] > xs_floats(mt)
                 {
@@ -498,17 +524,16 @@ pub fn encode(
                         spec.n_experts, spec.n_group, wt.dims[1]
                     ));
                 }
-                d.topk = spec.top_k as i32;
-                d.ngroup = spec.n_group as i32;
-                d.topkg = spec.topk_group as i32;
-                d.normtopk = spec.norm_topk_prob as i32;
-                d.sigmoid = spec.sigmoid as i32;
-                d.rscale = spec.scaling;
                 if let Some(b) = bias {
                     d.bias = wd(*b).offset as i64;
                 }
-                d.ntiles = -1;
-                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+                let (kw, nks) = router_splits(wt.dims[1]);
+                d.n = kw as i32;
+                d.ws2 = nks as i64;
+                d.w2 = router_off as i64;
+                d.tile_rows = if spec.n_experts >= 32 { 32 } else { 16 };
+                d.ntiles = (spec.n_experts.div_ceil(d.tile_rows as usize) * nks) as i32;
+                out.push((d, vec![arena(*x)], vec![Res::Scratch]));
             }
             Instr::Moe {
                 x,
@@ -522,6 +547,30 @@ pub fn encode(
                 let gu = wd(*gate_up);
                 let dn = wd(*down);
                 let h = gu.dims[2];
+                // The router that fills `routing`: its partial logits are where the MoE instructions route from.
+                let rins = program
+                    .instrs
+                    .iter()
+                    .find_map(|i| match i {
+                        Instr::Router {
+                            w, bias, out, spec, ..
+                        } if out == routing => Some((w, bias, spec)),
+                        _ => None,
+                    })
+                    .ok_or("MoE routing buffer is not written by a router in this program")?;
+                let route = |d: &mut DInstr| {
+                    let (w, bias, spec) = rins;
+                    d.e = spec.n_experts as i32;
+                    d.topk = spec.top_k as i32;
+                    d.ngroup = spec.n_group as i32;
+                    d.topkg = spec.topk_group as i32;
+                    d.normtopk = spec.norm_topk_prob as i32;
+                    d.sigmoid = spec.sigmoid as i32;
+                    d.rscale = spec.scaling;
+                    d.bias = bias.map(|b| wd(b).offset as i64).unwrap_or(-1);
+                    d.w2 = router_off as i64;
+                    d.ws2 = router_splits(wd(*w).dims[1]).1 as i64;
+                };
                 // The kernel dedupes the routed experts in a 256-entry shared-memory list.
                 if mt * top_k > 256 || mt * top_k * 32 > stage_floats(mt) {
                     return Err(format!(
@@ -534,7 +583,12 @@ pub fn encode(
                         "{n_experts} experts exceed the megakernel's routing bitmap (1536)"
                     ));
                 }
-                scratch_len = scratch_len.max(mt * top_k * inter);
+                if rins.2.n_experts != n_experts {
+                    return Err(format!(
+                        "router has {} experts, MoE weights have {n_experts}",
+                        rins.2.n_experts
+                    ));
+                }
                 let mut up = base(op::MOE_UP);
                 up.x = bufs[*x as usize].offset as i32;
                 up.xw = bufs[*x as usize].width as i32;
@@ -546,10 +600,15 @@ pub fn encode(
                 up.inter = *inter as i32;
                 up.topk = *top_k as i32;
                 up.tile_rows = 32;
-                up.e = n_experts as i32;
+                route(&mut up);
                 let ctiles = inter.div_ceil(32);
                 up.ntiles = -((top_k * ctiles) as i32);
-                out.push((up, vec![arena(*x), arena(*routing)], vec![Res::Scratch]));
+                // Block 0 also writes the routing buffer (what the CPU interpreter's router produces).
+                out.push((
+                    up,
+                    vec![arena(*x), Res::Scratch],
+                    vec![Res::Scratch, arena(*routing)],
+                ));
                 let mut dd = base(op::MOE_DOWN);
                 dd.aux = bufs[*routing as usize].offset as i64;
                 dd.out = bufs[*o as usize].offset as i32;
@@ -561,7 +620,7 @@ pub fn encode(
                 dd.inter = *inter as i32;
                 dd.topk = *top_k as i32;
                 dd.tile_rows = 32;
-                dd.e = n_experts as i32;
+                route(&mut dd);
                 dd.ntiles = h.div_ceil(32) as i32;
                 out.push((dd, vec![Res::Scratch, arena(*routing)], vec![arena(*o)]));
             }
@@ -608,7 +667,15 @@ pub fn encode(
                 d.fmt = fmt_of(wt.dtype);
                 d.tile_rows = 64;
                 d.ntiles = wt.dims[0].div_ceil(64) as i32;
-                out.push((d, vec![arena(*x)], vec![arena(*o)]));
+                let mut writes = vec![arena(*o)];
+                if argmax && program.output("logits") == Some(*o) {
+                    // Each tile leaves its best sampling candidate per token for the argmax instruction.
+                    d.aux = cand_off as i64;
+                    lm_tiles = d.ntiles;
+                    scratch_len = scratch_len.max(cand_off + 2 * mt * d.ntiles as usize);
+                    writes.push(Res::Scratch);
+                }
+                out.push((d, vec![arena(*x)], writes));
             }
             Instr::LoadInput { .. } | Instr::HeadRmsNorm { .. } | Instr::BlockAttention { .. } => {
                 return Err(format!(
@@ -628,7 +695,13 @@ pub fn encode(
         d.xw = lb.width as i32;
         d.k = lb.width as i32;
         d.ntiles = -1;
-        out.push((d, vec![arena(logits_buf)], vec![Res::Tokens]));
+        let mut reads = vec![arena(logits_buf)];
+        if lm_tiles > 0 {
+            d.aux = cand_off as i64;
+            d.n = lm_tiles;
+            reads.push(Res::Scratch);
+        }
+        out.push((d, reads, vec![Res::Tokens]));
     }
     // Dependencies, then drop those implied transitively by a later dependency.
     let n = out.len();
