@@ -1120,90 +1120,149 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Attention for one (token, head): online softmax over the visible cache positions, split across warps.
-__device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
+// Attention. Tile = (token, head, split): when the forward has fewer (token, head) pairs than half the blocks,
+// each pair's visible positions are split into S contiguous ranges on different blocks (more loads in flight
+// on the long global-attention layers); each split leaves its unnormalized (max, sum, output) in scratch and the
+// last split to finish (an arrival counter) combines them in split order (deterministic) with the sink.
+#define ATTN_SMAX 8
+__device__ __forceinline__ int attn_splits(int T, int nh) { return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * nh))); }
+
+// Online softmax of one warp over positions j = a + warp + MK_WARPS * i in [a, b], NP positions per step (their
+// K and V rows loaded before any arithmetic: one memory latency per step). QU / VU: q / v elements per lane.
+template <int QU, int VU, int NP>
+__device__ __forceinline__ void attn_warp(const DInstr& I, const float* q, const float* K, const float* V, int kvh,
+                                          int a, int b, float& m, float& l, float (&o)[VU]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int t = tile / I.nh, h = tile - t * I.nh;
+  const int qd = I.qd, vd = I.vd;
+  const int krow = I.nkv * qd, vrow = I.nkv * vd;
+  float qr[QU];
+#pragma unroll
+  for (int u = 0; u < QU; u++) qr[u] = lane + 32 * u < qd ? q[lane + 32 * u] : 0.f;
+  for (int j0 = a + warp; j0 <= b; j0 += NP * MK_WARPS) {
+    float kr[NP][QU], vr[NP][VU];
+#pragma unroll
+    for (int q4 = 0; q4 < NP; q4++) {
+      const int j = j0 + q4 * MK_WARPS;
+      const int slot = (j <= b ? j : b) % I.kv_cap;
+      const float* kp = K + (long long)slot * krow + kvh * qd;
+      const float* vp = V + (long long)slot * vrow + kvh * vd;
+#pragma unroll
+      for (int u = 0; u < QU; u++) kr[q4][u] = lane + 32 * u < qd && j <= b ? __ldcg(kp + lane + 32 * u) : 0.f;
+#pragma unroll
+      for (int u = 0; u < VU; u++) vr[q4][u] = lane + 32 * u < vd && j <= b ? __ldcg(vp + lane + 32 * u) : 0.f;
+    }
+    float d[NP];
+#pragma unroll
+    for (int q4 = 0; q4 < NP; q4++) {
+      float acc = 0.f;
+#pragma unroll
+      for (int u = 0; u < QU; u++) acc += qr[u] * kr[q4][u];
+      d[q4] = acc;
+    }
+#pragma unroll
+    for (int q4 = 0; q4 < NP; q4++) d[q4] = warp_sum(d[q4]) * I.scale;
+#pragma unroll
+    for (int q4 = 0; q4 < NP; q4++) {
+      if (j0 + q4 * MK_WARPS <= b) {
+        const float mn = fmaxf(m, d[q4]);
+        const float c = __expf(m - mn), e = __expf(d[q4] - mn);
+        l = l * c + e;
+#pragma unroll
+        for (int u = 0; u < VU; u++) o[u] = o[u] * c + e * vr[q4][u];
+        m = mn;
+      }
+    }
+  }
+}
+
+template <int QU, int VU, int NP>
+__device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int tile) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int S = attn_splits(p.T, I.nh);
+  const int th = tile / S, sp = tile - th * S;
+  const int t = th / I.nh, h = th - t * I.nh;
   const int P = p.pos[t];
   const int lo = I.window > 0 ? max(0, P + 1 - I.window) : 0;
+  const int per = (P - lo + S) / S;  // positions per split (ceil)
+  const int a = lo + sp * per, b = min(P, a + per - 1);
   const int kvh = h / (I.nh / I.nkv);
   const int qd = I.qd, vd = I.vd;
   float* q = SM_XS;  // [qd]
   for (int i = threadIdx.x; i < qd; i += MK_THREADS) q[i] = ldcg(p.arena + I.x + (long long)t * I.xw + h * qd + i);
   __syncthreads();
-  const float* K = p.kv + I.kv_k;
-  const float* V = p.kv + I.kv_v;
-  const int krow = I.nkv * qd, vrow = I.nkv * vd;
-  float m = -INFINITY, l = 0.f;
-  float o[8];  // vd <= 256
+  float m = -INFINITY, l = 0.f, o[VU];
 #pragma unroll
-  for (int j = 0; j < 8; j++) o[j] = 0.f;
-  // Each warp takes 4 positions per step; the K and V rows of all 4 are loaded (up to 8 values per lane each)
-  // before any arithmetic, so a step costs one memory latency.
-  for (int j0 = lo + warp; j0 <= P; j0 += 4 * MK_WARPS) {
-    float kr[4][8], vr[4][8];
-#pragma unroll
-    for (int q4 = 0; q4 < 4; q4++) {
-      const int j = j0 + q4 * MK_WARPS;
-      const int slot = (j <= P ? j : P) % I.kv_cap;
-      const float* kp = K + (long long)slot * krow + kvh * qd;
-      const float* vp = V + (long long)slot * vrow + kvh * vd;
-#pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int i = lane + 32 * u;
-        kr[q4][u] = i < qd && j <= P ? __ldcg(kp + i) : 0.f;
-        vr[q4][u] = i < vd && j <= P ? __ldcg(vp + i) : 0.f;
-      }
-    }
-    float d[4];
-#pragma unroll
-    for (int q4 = 0; q4 < 4; q4++) {
-      float a = 0.f;
-#pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int i = lane + 32 * u;
-        if (i < qd) a += q[i] * kr[q4][u];
-      }
-      d[q4] = a;
-    }
-#pragma unroll
-    for (int q4 = 0; q4 < 4; q4++) d[q4] = warp_sum(d[q4]) * I.scale;
-#pragma unroll
-    for (int q4 = 0; q4 < 4; q4++) {
-      const int j = j0 + q4 * MK_WARPS;
-      if (j <= P) {
-        const float mn = fmaxf(m, d[q4]);
-        const float c = __expf(m - mn), e = __expf(d[q4] - mn);
-        l = l * c + e;
-#pragma unroll
-        for (int u = 0; u < 8; u++) o[u] = o[u] * c + e * vr[q4][u];
-        m = mn;
-      }
-    }
-  }
-  // Combine warps: SM_RED holds per-warp (m, l); stage holds per-warp o.
+  for (int u = 0; u < VU; u++) o[u] = 0.f;
+  attn_warp<QU, VU, NP>(I, q, p.kv + I.kv_k, p.kv + I.kv_v, kvh, a, b, m, l, o);
+  // This split's (max, sum, output) from the warps' online-softmax states.
   float* wm = SM_RED;
   float* wl = SM_RED + MK_WARPS;
   float* wo = SM_XS + 1024;  // [MK_WARPS][vd], after q
   if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
-  for (int jj = 0; jj < 8; jj++) {
-    int i = lane + 32 * jj;
-    if (i < vd) wo[warp * vd + i] = o[jj];
+  for (int u = 0; u < VU; u++) {
+    const int i = lane + 32 * u;
+    if (i < vd) wo[warp * vd + i] = o[u];
   }
   __syncthreads();
   float M = -INFINITY;
-  for (int w = 0; w < MK_WARPS; w++) M = fmaxf(M, wm[w]);
-  float sink = I.sinks >= 0 ? __ldg(reinterpret_cast<const float*>(p.weights + I.sinks) + h) : -INFINITY;
-  float Mall = fmaxf(M, sink);
+  for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) M = fmaxf(M, wm[w]);
   float L = 0.f;
-  for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) L += wl[w] * __expf(wm[w] - Mall);
-  if (I.sinks >= 0) L += __expf(sink - Mall);
+  for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) L += wl[w] * __expf(wm[w] - M);
+  float* ov = SM_XS + 1024 + MK_WARPS * 256;  // [vd]
   for (int i = threadIdx.x; i < vd; i += MK_THREADS) {
-    float a = 0.f;
-    for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) a += wo[w * vd + i] * __expf(wm[w] - Mall);
-    p.arena[I.out + (long long)t * I.outw + h * vd + i] = a / L;
+    float acc = 0.f;
+    for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) acc += wo[w * vd + i] * __expf(wm[w] - M);
+    ov[i] = acc;
   }
+  const float sink = I.sinks >= 0 ? __ldg(reinterpret_cast<const float*>(p.weights + I.sinks) + h) : -INFINITY;
+  float* out = p.arena + I.out + (long long)t * I.outw + h * vd;
+  if (S == 1) {
+    const float Mall = fmaxf(M, sink);
+    const float f = __expf(M - Mall);
+    const float Lall = L * f + (I.sinks >= 0 ? __expf(sink - Mall) : 0.f);
+    __syncthreads();
+    for (int i = threadIdx.x; i < vd; i += MK_THREADS) out[i] = ov[i] * f / Lall;
+    return;
+  }
+  // Partial of split sp at scratch[I.aux + ((t * nh + h) * S + sp) * (vd + 2)]: max, sum, output.
+  float* part = p.scratch + I.aux + (long long)th * S * (vd + 2);
+  __syncthreads();
+  for (int i = threadIdx.x; i < vd; i += MK_THREADS) part[sp * (vd + 2) + 2 + i] = ov[i];
+  if (threadIdx.x == 0) { part[sp * (vd + 2)] = M; part[sp * (vd + 2) + 1] = L; }
+  __syncthreads();
+  unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th;  // counters below the partials
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned int old = atomicAdd(ctr, 1u);
+    mk_flags[2] = old == (unsigned int)(S - 1);
+    if (old == (unsigned int)(S - 1)) {
+      atomicExch(ctr, 0u);  // every split arrived: ready for the next attention instruction
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  if (!mk_flags[2]) return;
+  float Mall = sink;
+  for (int k = 0; k < S; k++) if (ldcg(part + k * (vd + 2) + 1) > 0.f) Mall = fmaxf(Mall, ldcg(part + k * (vd + 2)));
+  float Lall = I.sinks >= 0 ? __expf(sink - Mall) : 0.f;
+  for (int k = 0; k < S; k++) {
+    const float lk = ldcg(part + k * (vd + 2) + 1);
+    if (lk > 0.f) Lall += lk * __expf(ldcg(part + k * (vd + 2)) - Mall);
+  }
+  for (int i = threadIdx.x; i < vd; i += MK_THREADS) {
+    float acc = 0.f;
+    for (int k = 0; k < S; k++) {
+      const float lk = ldcg(part + k * (vd + 2) + 1);
+      if (lk > 0.f) acc += ldcg(part + k * (vd + 2) + 2 + i) * __expf(ldcg(part + k * (vd + 2)) - Mall);
+    }
+    out[i] = acc / Lall;
+  }
+}
+
+__device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
+  if (I.qd <= 192 && I.vd <= 128) attn_tile<6, 4, 8>(p, I, tile);
+  else attn_tile<8, 8, 4>(p, I, tile);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1692,7 +1751,8 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     __syncthreads();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
     // Negative tile counts scale with the tokens of this forward: -n means n * T tiles.
-    const int ntiles = cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles;
+    // Attention splits each (token, head) over attn_splits blocks when there are few of them.
+    const int ntiles = (cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles) * (cur.op == OP_ATTN ? attn_splits(p.T, cur.nh) : 1);
     int first = ((int)blockIdx.x - cur.rot) % (int)G;
     if (first < 0) first += G;
     // MoE up schedules its own work over every block (see op_moe_up).

@@ -26,6 +26,8 @@ pub fn mmr_floats(max_tokens: usize) -> usize {
     CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8
 }
 pub const TILE_MAX: usize = 128;
+/// Most blocks one (token, head) of attention is split over (`ATTN_SMAX` in megakernel.cu).
+pub const ATTN_SPLITS: usize = 8;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
 pub const IV_LEN: usize = 1600;
 /// Shared memory one block may use on sm_90 (the 227 KB opt-in limit) less 1 KB for the kernel's static
@@ -279,9 +281,12 @@ pub fn encode(
         }
     }
     let mut out: Vec<(DInstr, Vec<Res>, Vec<Res>)> = vec![];
-    // Scratch (f32): [MoE up -> down activations | router partial logits | LM-head sampling candidates].
+    // Scratch (f32): [MoE up -> down activations | router partial logits | attention split counters | attention
+    // split partials | LM-head sampling candidates].
     let mut moe_len = 0usize;
     let mut router_len = 0usize;
+    let mut attn_heads = 0usize;
+    let mut attn_len = 0usize;
     for ins in &program.instrs {
         match ins {
             Instr::Moe { top_k, inter, .. } => moe_len = moe_len.max(mt * top_k * inter),
@@ -289,11 +294,17 @@ pub fn encode(
                 let k = wd(*w).dims[1];
                 router_len = router_len.max(router_splits(k).1 * mt * spec.n_experts);
             }
+            Instr::Attention { spec, .. } => {
+                attn_heads = attn_heads.max(mt * spec.n_heads);
+                attn_len = attn_len.max(mt * spec.n_heads * ATTN_SPLITS * (spec.v_head_dim + 2));
+            }
             _ => {}
         }
     }
     let router_off = moe_len;
-    let cand_off = router_off + router_len;
+    // Arrival counters sit just below the partials (the kernel indexes them downwards from the partials).
+    let attn_off = router_off + router_len + attn_heads;
+    let cand_off = attn_off + attn_len;
     let mut scratch_len = cand_off;
     let mut lm_tiles = 0i32;
     let base = |op: i32| DInstr {
@@ -495,8 +506,14 @@ pub fn encode(
                     d.sinks = wd(*s).offset as i64;
                 }
                 d.layer = spec.layer as i32;
+                // Per token, one tile per head, times the kernel's split count (attn_splits).
                 d.ntiles = -(spec.n_heads as i32);
-                out.push((d, vec![arena(*q), Res::Kv(spec.layer)], vec![arena(*o)]));
+                d.aux = attn_off as i64;
+                out.push((
+                    d,
+                    vec![arena(*q), Res::Kv(spec.layer)],
+                    vec![arena(*o), Res::Scratch],
+                ));
             }
             Instr::Router {
                 x,
@@ -799,6 +816,7 @@ mod tests {
         assert!(THREADS.is_multiple_of(32) && CONSUMER_WARPS >= 1);
         assert!(rows % 16 == 0 && rows <= 32);
         assert_eq!(IV_LEN, cu_define("IV_LEN"));
+        assert_eq!(ATTN_SPLITS, cu_define("ATTN_SMAX"));
         for mt in 1..=16 {
             let total = smem_bytes(mt);
             assert!(

@@ -3,7 +3,7 @@
 //! overlap. Runs without a GPU: it checks the descriptors the kernel will read.
 
 use mimo_ir::plan::{Instr, Plan};
-use mimo_kernels::device::{encode, op, DInstr};
+use mimo_kernels::device::{encode, op, DInstr, ATTN_SPLITS};
 use mimo_models::config::Arch;
 use mimo_tests::util::{compile_bf16, tiny};
 
@@ -70,6 +70,14 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
                 .iter()
                 .find(|d| d.op == op::MATMUL && d.aux >= 0)
                 .expect("LM head with candidates");
+            // Attention split counters (one per token x head, just below the partials) and partials come
+            // after the router partials and before the LM-head candidates.
+            for (_, at) in of(ins, op::ATTN) {
+                let heads = mt * at.nh as usize;
+                assert!(at.aux as usize >= part_end + heads);
+                let parts = heads * ATTN_SPLITS * (at.vd as usize + 2);
+                assert!(at.aux as usize + parts <= lm.aux as usize);
+            }
             assert!(lm.aux as usize >= part_end);
             assert!(lm.aux as usize + 2 * mt * lm.ntiles as usize <= enc.scratch_len);
             let am = of(ins, op::ARGMAX);
