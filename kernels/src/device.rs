@@ -475,6 +475,7 @@ pub fn encode(
                 x,
                 w,
                 bias,
+                norm,
                 out: o,
                 spec,
             } => {
@@ -507,6 +508,10 @@ pub fn encode(
                 if let Some(b) = bias {
                     d.bias = wd(*b).offset as i64;
                 }
+                if let Some((nw, eps)) = norm {
+                    d.normw = wd(*nw).offset as i64;
+                    d.eps = *eps;
+                }
                 d.ntiles = -1;
                 out.push((d, vec![arena(*x)], vec![arena(*o)]));
             }
@@ -515,6 +520,8 @@ pub fn encode(
                 routing,
                 gate_up,
                 down,
+                norm,
+                residual,
                 out: o,
                 top_k,
                 inter,
@@ -547,6 +554,10 @@ pub fn encode(
                 up.topk = *top_k as i32;
                 up.tile_rows = 32;
                 up.e = n_experts as i32;
+                if let Some((nw, eps)) = norm {
+                    up.normw = wd(*nw).offset as i64;
+                    up.eps = *eps;
+                }
                 let ctiles = inter.div_ceil(32);
                 up.ntiles = -((top_k * ctiles) as i32);
                 out.push((up, vec![arena(*x), arena(*routing)], vec![Res::Scratch]));
@@ -563,7 +574,13 @@ pub fn encode(
                 dd.tile_rows = 32;
                 dd.e = n_experts as i32;
                 dd.ntiles = h.div_ceil(32) as i32;
-                out.push((dd, vec![Res::Scratch, arena(*routing)], vec![arena(*o)]));
+                let mut reads = vec![Res::Scratch, arena(*routing)];
+                if let Some(r) = residual {
+                    dd.res = bufs[*r as usize].offset as i32;
+                    dd.resw = bufs[*r as usize].width as i32;
+                    reads.push(arena(*r));
+                }
+                out.push((dd, reads, vec![arena(*o)]));
             }
             Instr::SwiGlu { x, out: o } | Instr::Scale { x, out: o, .. } => {
                 let mut d = base(if matches!(ins, Instr::SwiGlu { .. }) {
@@ -594,7 +611,7 @@ pub fn encode(
                 d.ntiles = -1;
                 out.push((d, vec![arena(*a), arena(*b)], vec![arena(*o)]));
             }
-            Instr::LmHead { x, w, out: o } => {
+            Instr::LmHead { x, w, norm, out: o } => {
                 let wt = wd(*w);
                 let mut d = base(op::MATMUL);
                 d.x = bufs[*x as usize].offset as i32;
@@ -606,6 +623,10 @@ pub fn encode(
                 d.w = wt.offset as i64;
                 d.ws = wt.scale_offset as i64;
                 d.fmt = fmt_of(wt.dtype);
+                if let Some((nw, eps)) = norm {
+                    d.normw = wd(*nw).offset as i64;
+                    d.eps = *eps;
+                }
                 d.tile_rows = 64;
                 d.ntiles = wt.dims[0].div_ceil(64) as i32;
                 out.push((d, vec![arena(*x)], vec![arena(*o)]));
