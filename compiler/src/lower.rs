@@ -151,6 +151,13 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
                 .ok_or_else(|| anyhow!("node {}: input {i} is not a weight", node.name))
         };
         let o = || out.ok_or_else(|| anyhow!("node {} has no output buffer", node.name));
+        // The RMSNorm prologue of a router / MoE / LM head: its weight and eps.
+        let prologue = || -> Result<Option<(WeightId, f32)>> {
+            match (node.op.norm_eps(), node.op.norm_slot()) {
+                (Some(e), Some(i)) => Ok(Some((w(i)?, e))),
+                _ => Ok(None),
+            }
+        };
         let mut note_kv =
             |layer: usize, kind: KvKind, heads: usize, d: usize, window: Option<usize>| {
                 let e = match kv.iter().position(|k| k.layer == layer) {
@@ -289,10 +296,11 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
                     spec: *spec,
                 }
             }
-            Op::Router { spec } => Instr::Router {
+            Op::Router { spec, .. } => Instr::Router {
                 x: b(0)?,
                 w: w(1)?,
                 bias: if spec.has_bias { Some(w(2)?) } else { None },
+                norm: prologue()?,
                 out: o()?,
                 spec: *spec,
             },
@@ -301,6 +309,8 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
                 routing: b(1)?,
                 gate_up: w(2)?,
                 down: w(3)?,
+                norm: prologue()?,
+                residual: node.op.moe_residual_slot().map(b).transpose()?,
                 out: o()?,
                 top_k: *top_k,
                 inter: *inter,
@@ -319,9 +329,10 @@ pub fn lower(g: &Graph, name: &str, max_tokens: usize) -> Result<Lowered> {
                 b: b(1)?,
                 out: o()?,
             },
-            Op::LmHead => Instr::LmHead {
+            Op::LmHead { .. } => Instr::LmHead {
                 x: b(0)?,
                 w: w(1)?,
+                norm: prologue()?,
                 out: o()?,
             },
             Op::Weight { .. } | Op::Output { .. } => {

@@ -93,14 +93,15 @@ fn tally(plan: &Plan, context: usize) -> Vec<Row> {
                     add(class(*s), *s, 1, 1);
                 }
             }
-            Instr::Router { w, bias, .. } => {
-                for x in std::iter::once(*w).chain(*bias) {
+            Instr::Router { w, bias, norm, .. } => {
+                for x in std::iter::once(*w).chain(*bias).chain(norm.map(|n| n.0)) {
                     add(class(x), x, 1, 1);
                 }
             }
             Instr::Moe {
                 gate_up,
                 down,
+                norm,
                 top_k,
                 ..
             } => {
@@ -108,8 +109,16 @@ fn tally(plan: &Plan, context: usize) -> Vec<Row> {
                     let n_experts = plan.weights[x as usize].dims[0].max(1) as u128;
                     add("experts", x, (*top_k as u128).min(n_experts), n_experts);
                 }
+                if let Some((n, _)) = norm {
+                    add(class(*n), *n, 1, 1);
+                }
             }
-            Instr::LmHead { w, .. } => add("lm-head", *w, 1, 1),
+            Instr::LmHead { w, norm, .. } => {
+                add("lm-head", *w, 1, 1);
+                if let Some((n, _)) = norm {
+                    add(class(*n), *n, 1, 1);
+                }
+            }
             Instr::HeadRmsNorm { w, .. } => add(class(*w), *w, 1, 1),
             Instr::Rope { .. }
             | Instr::LoadInput { .. }
@@ -312,7 +321,8 @@ mod tests {
         }
     }
 
-    /// embed, one attention layer (norm-fused q/k/v + o), router + 8 MXFP4 experts (top 2), final norm, lm head.
+    /// embed, one attention layer (norm-fused q/k/v + o), norm-fused router + 8 MXFP4 experts (top 2, residual
+    /// fused), a standalone norm, an LM head with a norm prologue.
     fn tiny_plan() -> Plan {
         use WeightClass::*;
         let weights = vec![
@@ -372,29 +382,37 @@ mod tests {
                 epilogue: vec![],
                 out: 0,
             },
-            Instr::RmsNorm {
-                x: 0,
-                w: 1,
-                out: 1,
-                eps: 1e-5,
-            },
             Instr::Router {
-                x: 1,
+                x: 0,
                 w: 5,
                 bias: None,
+                norm: Some((1, 1e-5)),
                 out: 2,
                 spec,
             },
             Instr::Moe {
-                x: 1,
+                x: 0,
                 routing: 2,
                 gate_up: 6,
                 down: 7,
+                norm: Some((1, 1e-5)),
+                residual: Some(0),
                 out: 1,
                 top_k: 2,
                 inter: 32,
             },
-            Instr::LmHead { x: 1, w: 8, out: 0 },
+            Instr::RmsNorm {
+                x: 1,
+                w: 1,
+                out: 0,
+                eps: 1e-5,
+            },
+            Instr::LmHead {
+                x: 1,
+                w: 8,
+                norm: Some((1, 1e-5)),
+                out: 0,
+            },
         ];
         Plan {
             model: ModelInfo {
@@ -448,8 +466,9 @@ mod tests {
         assert_eq!(get("experts"), (8 * 64 * 64 + 8 * 64 * 32) * 17 / 32 / 4);
         assert_eq!(get("attention"), 2 * 96 * 64 + 2 * 64 * 32 + 4 * 2);
         assert_eq!(get("router"), 4 * 8 * 64);
-        // The norm weight is read twice (prologue + standalone norm).
-        assert_eq!(get("norms"), 2 * 4 * 64);
+        // The norm weight is read by every instruction that uses it: the q/k/v, router, experts and LM head
+        // prologues and the standalone norm.
+        assert_eq!(get("norms"), 5 * 4 * 64);
         assert_eq!(get("embedding"), 2 * 64);
         assert_eq!(get("lm-head"), 2 * 100 * 64);
         assert_eq!(get("dense-mlp"), 0);

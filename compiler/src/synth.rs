@@ -154,3 +154,51 @@ pub fn compile_synthetic(
     crate::codegen::emit(&plan, out)?;
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mimo_ir::plan::Instr;
+    use mimo_models::config::Arch;
+
+    /// The bench plan goes through the same passes as `compile`: router, experts and LM head carry the RMSNorm
+    /// prologue and the experts the residual, so no standalone norm or add is left in a MoE model's plan.
+    #[test]
+    fn bench_plan_uses_the_fused_forms() {
+        let v = mimo_models::tiny::tiny_config_json(Arch::MimoV2Flash, false);
+        let cfg = ModelConfig::from_json_str(&v.to_string()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CompileOptions {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let plan = compile_synthetic(&cfg, &dir.path().join("bench"), &opts, 7).unwrap();
+        let instrs = &plan.programs[0].instrs;
+        let count = |f: &dyn Fn(&Instr) -> bool| instrs.iter().filter(|i| f(i)).count();
+        let moe = count(&|i| matches!(i, Instr::Moe { .. }));
+        assert!(moe > 0);
+        assert_eq!(
+            count(&|i| matches!(
+                i,
+                Instr::Moe {
+                    norm: Some(_),
+                    residual: Some(_),
+                    ..
+                }
+            )),
+            moe
+        );
+        assert_eq!(
+            count(&|i| matches!(i, Instr::Router { norm: Some(_), .. })),
+            moe
+        );
+        assert_eq!(
+            count(&|i| matches!(i, Instr::LmHead { norm: Some(_), .. })),
+            1
+        );
+        assert_eq!(
+            count(&|i| matches!(i, Instr::RmsNorm { .. } | Instr::Add { .. })),
+            0
+        );
+    }
+}

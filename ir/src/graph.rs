@@ -296,13 +296,21 @@ pub enum Op {
     },
     /// `(q, k_cache, v_cache, [sinks])` -> f32[T, heads*v_head_dim]. Causal over the cache, windowed if set.
     Attention { spec: AttnSpec },
-    /// `(x, w, [bias])` -> routing[T, k].
-    Router { spec: RouterSpec },
-    /// `(x, routing, gate_up[E, 2I, H], down[E, H, I])` -> f32[T, H]: sum_k w_k * down_e(swiglu(gate_up_e x)).
+    /// `(x, w, [bias], [norm_w])` -> routing[T, k], with an optional RMSNorm prologue on x (norm_w present iff
+    /// `norm_eps.is_some()`).
+    Router {
+        spec: RouterSpec,
+        norm_eps: Option<f32>,
+    },
+    /// `(x, routing, gate_up[E, 2I, H], down[E, H, I], [norm_w], [residual])` -> f32[T, H]:
+    /// `residual + sum_k w_k * down_e(swiglu(gate_up_e norm?(x)))`. norm_w is present iff `norm_eps.is_some()`
+    /// (an RMSNorm prologue on x), residual iff `residual` (added after the expert sum), in that order.
     MoeExperts {
         n_experts: usize,
         top_k: usize,
         inter: usize,
+        norm_eps: Option<f32>,
+        residual: bool,
     },
     /// `([gate | up])` -> silu(gate) * up.
     SwiGlu,
@@ -310,8 +318,8 @@ pub enum Op {
     Scale { factor: f32 },
     /// `(a, b)` -> a + b (residual add).
     Add,
-    /// `(x, w)` -> f32 logits [T, V] (x W^T).
-    LmHead,
+    /// `(x, w, [norm_w])` -> f32 logits [T, V] (norm?(x) W^T), norm_w present iff `norm_eps.is_some()`.
+    LmHead { norm_eps: Option<f32> },
     /// `(x)`: marks a graph output (`logits`, or a captured hidden state `hidden.L`). A cache handle may be an
     /// output too: it keeps a program whose only effect is writing the KV cache (the DFlash `draft_ctx`) alive.
     Output { name: String },
@@ -341,7 +349,7 @@ impl Op {
             Op::SwiGlu => "swiglu",
             Op::Scale { .. } => "scale",
             Op::Add => "add",
-            Op::LmHead => "lm_head",
+            Op::LmHead { .. } => "lm_head",
             Op::Output { .. } => "output",
             Op::HeadRmsNorm { .. } => "head_rmsnorm",
             Op::BlockAttention { .. } => "block_attention",
@@ -352,7 +360,8 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::Embedding | Op::RmsNorm { .. } | Op::Add | Op::LmHead | Op::HeadRmsNorm { .. } => 2,
+            Op::Embedding | Op::RmsNorm { .. } | Op::Add | Op::HeadRmsNorm { .. } => 2,
+            Op::LmHead { norm_eps } => 2 + usize::from(norm_eps.is_some()),
             Op::BlockAttention { .. } => 3,
             Op::MatMul {
                 has_bias,
@@ -366,9 +375,50 @@ impl Op {
             }
             Op::Rope { .. } | Op::KvWrite { .. } => 2,
             Op::Attention { spec } => 3 + usize::from(spec.sinks),
-            Op::Router { spec } => 2 + usize::from(spec.has_bias),
-            Op::MoeExperts { .. } => 4,
+            Op::Router { spec, norm_eps } => {
+                2 + usize::from(spec.has_bias) + usize::from(norm_eps.is_some())
+            }
+            Op::MoeExperts {
+                norm_eps, residual, ..
+            } => 4 + usize::from(norm_eps.is_some()) + usize::from(*residual),
             Op::SwiGlu | Op::Scale { .. } | Op::Output { .. } => 1,
+        }
+    }
+}
+
+impl Op {
+    /// The RMSNorm prologue's eps, for the ops that can have one (matmul, router, MoE experts, LM head).
+    pub fn norm_eps(&self) -> Option<f32> {
+        match self {
+            Op::MatMul { norm_eps, .. }
+            | Op::Router { norm_eps, .. }
+            | Op::MoeExperts { norm_eps, .. }
+            | Op::LmHead { norm_eps } => *norm_eps,
+            _ => None,
+        }
+    }
+
+    /// Input slot of the RMSNorm prologue's weight: where it is (when the op has a prologue) or would go (when it
+    /// could take one). `None` for ops that take no prologue.
+    pub fn norm_slot(&self) -> Option<usize> {
+        match self {
+            Op::MatMul { has_bias, .. } => Some(2 + usize::from(*has_bias)),
+            Op::Router { spec, .. } => Some(2 + usize::from(spec.has_bias)),
+            Op::MoeExperts { .. } => Some(4),
+            Op::LmHead { .. } => Some(2),
+            _ => None,
+        }
+    }
+
+    /// Input slot of a MoE experts node's residual, if it has one.
+    pub fn moe_residual_slot(&self) -> Option<usize> {
+        match self {
+            Op::MoeExperts {
+                norm_eps,
+                residual: true,
+                ..
+            } => Some(4 + usize::from(norm_eps.is_some())),
+            _ => None,
         }
     }
 }
@@ -779,11 +829,14 @@ impl Graph {
                 }
                 want_out(TensorType::act(spec.n_heads * spec.v_head_dim))
             }
-            Op::Router { spec } => {
+            Op::Router { spec, norm_eps } => {
                 let h = want_act(0, "x")?;
                 want_weight(1, "router weight", &[spec.n_experts, h])?;
                 if spec.has_bias {
                     want_weight(2, "score bias", &[spec.n_experts])?;
+                }
+                if norm_eps.is_some() {
+                    want_weight(2 + usize::from(spec.has_bias), "norm weight", &[h])?;
                 }
                 if spec.top_k == 0 || spec.top_k > spec.n_experts {
                     return Err(format!(
@@ -809,6 +862,8 @@ impl Graph {
                 n_experts,
                 top_k,
                 inter,
+                norm_eps,
+                residual,
             } => {
                 let h = want_act(0, "x")?;
                 if *t(1) != TensorType::new(DType::Routing, vec![Dim::T, Dim::N(*top_k)]) {
@@ -816,6 +871,16 @@ impl Graph {
                 }
                 want_weight(2, "gate_up", &[*n_experts, 2 * inter, h])?;
                 want_weight(3, "down", &[*n_experts, h, *inter])?;
+                if norm_eps.is_some() {
+                    want_weight(4, "norm weight", &[h])?;
+                }
+                if *residual {
+                    let r = 4 + usize::from(norm_eps.is_some());
+                    let rw = want_act(r, "residual")?;
+                    if rw != h {
+                        return Err(format!("residual width {rw} != output width {h}"));
+                    }
+                }
                 want_out(TensorType::act(h))
             }
             Op::SwiGlu => {
@@ -837,11 +902,14 @@ impl Graph {
                 }
                 want_out(TensorType::act(a))
             }
-            Op::LmHead => {
+            Op::LmHead { norm_eps } => {
                 let h = want_act(0, "x")?;
                 let wd = t(1).fixed_dims().ok_or("weight must be fixed")?;
                 if wd.len() != 2 || wd[1] != h {
                     return Err(format!("lm head weight must be [V, {h}], got {}", t(1)));
+                }
+                if norm_eps.is_some() {
+                    want_weight(2, "norm weight", &[h])?;
                 }
                 want_out(TensorType::act(wd[0]))
             }
@@ -1002,21 +1070,33 @@ fn attr_text(op: &Op) -> String {
             spec.scale,
             spec.sinks
         ),
-        Op::Router { spec } => format!(
-            "{{experts={}, top_k={}, groups={}/{}, {}, norm={}, scale={}}}",
+        Op::Router { spec, norm_eps } => format!(
+            "{{experts={}, top_k={}, groups={}/{}, {}, norm={}, scale={}{}}}",
             spec.n_experts,
             spec.top_k,
             spec.topk_group,
             spec.n_group,
             if spec.sigmoid { "sigmoid" } else { "softmax" },
             spec.norm_topk_prob,
-            spec.scaling
+            spec.scaling,
+            prologue_text(*norm_eps)
         ),
         Op::MoeExperts {
             n_experts,
             top_k,
             inter,
-        } => format!("{{experts={n_experts}, top_k={top_k}, inter={inter}}}"),
+            norm_eps,
+            residual,
+        } => format!(
+            "{{experts={n_experts}, top_k={top_k}, inter={inter}{}{}}}",
+            prologue_text(*norm_eps),
+            if *residual {
+                ", epilogue=[residual_add]"
+            } else {
+                ""
+            }
+        ),
+        Op::LmHead { norm_eps: Some(e) } => format!("{{prologue=rmsnorm(eps={e})}}"),
         Op::Scale { factor } => format!("{{{factor}}}"),
         Op::Output { name } => format!("{{{name}}}"),
         Op::HeadRmsNorm { eps, head_dim } => format!("{{eps={eps}, head_dim={head_dim}}}"),
@@ -1032,8 +1112,15 @@ fn attr_text(op: &Op) -> String {
                 .unwrap_or_else(|| "global".into()),
             spec.scale
         ),
-        Op::Embedding | Op::SwiGlu | Op::Add | Op::LmHead => String::new(),
+        Op::Embedding | Op::SwiGlu | Op::Add | Op::LmHead { norm_eps: None } => String::new(),
     }
+}
+
+/// `, prologue=rmsnorm(eps=..)` when there is one (the attribute list of an op that has others).
+fn prologue_text(norm_eps: Option<f32>) -> String {
+    norm_eps
+        .map(|e| format!(", prologue=rmsnorm(eps={e})"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

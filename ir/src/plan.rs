@@ -13,7 +13,8 @@ use std::path::Path;
 
 pub const MAGIC: &[u8; 8] = b"MIMOPLAN";
 /// 2: `Plan::draft` and the DFlash instructions (`LoadInput`, `HeadRmsNorm`, `BlockAttention`).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: RMSNorm prologues on `Router`, `Moe` and `LmHead` (`norm`), a residual input on `Moe`.
+pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 64;
 pub const WEIGHT_ALIGN: u64 = 256;
 pub const PLAN_FILE: &str = "plan.bin";
@@ -117,19 +118,24 @@ pub enum Instr {
         out: BufId,
         spec: AttnSpec,
     },
-    /// Routing buffers hold, per token, `top_k` expert indices (as f32) then `top_k` weights.
+    /// Routing buffers hold, per token, `top_k` expert indices (as f32) then `top_k` weights. With `norm`, the
+    /// router reads `x / rms(x) * norm_w` (an RMSNorm prologue, as [`Instr::MatMul`]'s).
     Router {
         x: BufId,
         w: WeightId,
         bias: Option<WeightId>,
+        norm: Option<(WeightId, f32)>,
         out: BufId,
         spec: RouterSpec,
     },
+    /// out = residual? + sum_k w_k * down_e(swiglu(gate_up_e norm?(x))); see [`crate::graph::Op::MoeExperts`].
     Moe {
         x: BufId,
         routing: BufId,
         gate_up: WeightId,
         down: WeightId,
+        norm: Option<(WeightId, f32)>,
+        residual: Option<BufId>,
         out: BufId,
         top_k: usize,
         inter: usize,
@@ -148,9 +154,11 @@ pub enum Instr {
         b: BufId,
         out: BufId,
     },
+    /// out = norm?(x) W^T (logits).
     LmHead {
         x: BufId,
         w: WeightId,
+        norm: Option<(WeightId, f32)>,
         out: BufId,
     },
     /// out[t] = row t of the runtime input `name` (e.g. the DFlash draft's `hidden_in` target features).
@@ -235,11 +243,17 @@ impl Instr {
                 *out = fb(*out);
             }
             Instr::Router {
-                x, w, bias, out, ..
+                x,
+                w,
+                bias,
+                norm,
+                out,
+                ..
             } => {
                 *x = fb(*x);
                 *w = fw(*w);
                 *bias = bias.map(&fw);
+                *norm = norm.map(|(n, e)| (fw(n), e));
                 *out = fb(*out);
             }
             Instr::Moe {
@@ -247,6 +261,8 @@ impl Instr {
                 routing,
                 gate_up,
                 down,
+                norm,
+                residual,
                 out,
                 ..
             } => {
@@ -254,6 +270,8 @@ impl Instr {
                 *routing = fb(*routing);
                 *gate_up = fw(*gate_up);
                 *down = fw(*down);
+                *norm = norm.map(|(n, e)| (fw(n), e));
+                *residual = residual.map(&fb);
                 *out = fb(*out);
             }
             Instr::Add { a, b, out } => {
@@ -261,9 +279,10 @@ impl Instr {
                 *b = fb(*b);
                 *out = fb(*out);
             }
-            Instr::LmHead { x, w, out } => {
+            Instr::LmHead { x, w, norm, out } => {
                 *x = fb(*x);
                 *w = fw(*w);
+                *norm = norm.map(|(n, e)| (fw(n), e));
                 *out = fb(*out);
             }
             Instr::LoadInput { out, .. } => *out = fb(*out),
@@ -922,18 +941,32 @@ impl<'a> InstrCheck<'a> {
                 x,
                 w,
                 bias,
+                norm,
                 out,
                 spec,
-            } => self.router(*x, *w, *bias, *out, spec),
+            } => {
+                self.router(*x, *w, *bias, *out, spec)?;
+                self.norm_prologue(*norm, *x)
+            }
             Instr::Moe {
                 x,
                 routing,
                 gate_up,
                 down,
+                norm,
+                residual,
                 out,
                 top_k,
                 inter,
-            } => self.moe(*x, *routing, *gate_up, *down, *out, *top_k, *inter),
+            } => {
+                self.moe(*x, *routing, *gate_up, *down, *out, *top_k, *inter)?;
+                self.norm_prologue(*norm, *x)?;
+                if let Some(r) = residual {
+                    let h = self.width(*x)?;
+                    self.expect_width("residual", *r, h, "the x width")?;
+                }
+                Ok(())
+            }
             Instr::SwiGlu { x, out } => self.swiglu(*x, *out),
             Instr::Scale { x, out, .. } => {
                 let xw = self.width(*x)?;
@@ -944,10 +977,11 @@ impl<'a> InstrCheck<'a> {
                 self.expect_width("b", *b, aw, "the a width")?;
                 self.expect_width("out", *out, aw, "the a width")
             }
-            Instr::LmHead { x, w, out } => {
+            Instr::LmHead { x, w, norm, out } => {
                 let [v, k] = self.dims::<2>("lm_head", *w)?;
                 self.expect_width("x", *x, k, "the weight's columns")?;
-                self.expect_width("out", *out, v, "the weight's rows")
+                self.expect_width("out", *out, v, "the weight's rows")?;
+                self.norm_prologue(*norm, *x)
             }
             Instr::LoadInput { name, out } => {
                 self.ensure(name == "hidden_in", || {
@@ -1000,6 +1034,17 @@ impl<'a> InstrCheck<'a> {
         let xw = self.width(x)?;
         self.expect_dims("norm", w, &[xw], "the x width")?;
         self.expect_width("out", out, xw, "the x width")
+    }
+
+    /// An RMSNorm prologue's weight must have one element per column of x.
+    fn norm_prologue(&self, norm: Option<(WeightId, f32)>, x: BufId) -> Check {
+        match norm {
+            Some((g, _)) => {
+                let xw = self.width(x)?;
+                self.expect_dims("norm", g, &[xw], "the x width")
+            }
+            None => Ok(()),
+        }
     }
 
     fn rope_spec(&self, spec: &RopeSpec, width: usize, at: &str) -> Check {
@@ -1311,10 +1356,16 @@ pub fn instr_refs(ins: &Instr) -> (Vec<BufId>, Vec<WeightId>) {
         Instr::KvWrite { x, .. } => (vec![*x], vec![]),
         Instr::Attention { q, sinks, out, .. } => (vec![*q, *out], sinks.iter().copied().collect()),
         Instr::Router {
-            x, w, bias, out, ..
+            x,
+            w,
+            bias,
+            norm,
+            out,
+            ..
         } => {
             let mut ws = vec![*w];
             ws.extend(bias);
+            ws.extend(norm.map(|n| n.0));
             (vec![*x, *out], ws)
         }
         Instr::Moe {
@@ -1322,12 +1373,24 @@ pub fn instr_refs(ins: &Instr) -> (Vec<BufId>, Vec<WeightId>) {
             routing,
             gate_up,
             down,
+            norm,
+            residual,
             out,
             ..
-        } => (vec![*x, *routing, *out], vec![*gate_up, *down]),
+        } => {
+            let mut b = vec![*x, *routing, *out];
+            b.extend(residual);
+            let mut ws = vec![*gate_up, *down];
+            ws.extend(norm.map(|n| n.0));
+            (b, ws)
+        }
         Instr::SwiGlu { x, out } | Instr::Scale { x, out, .. } => (vec![*x, *out], vec![]),
         Instr::Add { a, b, out } => (vec![*a, *b, *out], vec![]),
-        Instr::LmHead { x, w, out } => (vec![*x, *out], vec![*w]),
+        Instr::LmHead { x, w, norm, out } => {
+            let mut ws = vec![*w];
+            ws.extend(norm.map(|n| n.0));
+            (vec![*x, *out], ws)
+        }
         Instr::LoadInput { out, .. } => (vec![*out], vec![]),
         Instr::HeadRmsNorm { x, w, out, .. } => (vec![*x, *out], vec![*w]),
         Instr::BlockAttention { q, out, .. } => (vec![*q, *out], vec![]),
@@ -1381,7 +1444,12 @@ mod tests {
                 name: "target".into(),
                 instrs: vec![
                     Instr::Embed { table: 0, out: 0 },
-                    Instr::LmHead { x: 0, w: 0, out: 1 },
+                    Instr::LmHead {
+                        x: 0,
+                        w: 0,
+                        norm: None,
+                        out: 1,
+                    },
                 ],
                 outputs: vec![("logits".into(), 1)],
             }],
@@ -1582,6 +1650,7 @@ mod tests {
             x: 0,
             w: 1,
             bias: None,
+            norm: None,
             out: 2,
             spec,
         };
@@ -1590,6 +1659,8 @@ mod tests {
             routing: 2,
             gate_up: 2,
             down: 3,
+            norm: None,
+            residual: None,
             out: 3,
             top_k: 2,
             inter: 3,
@@ -1636,6 +1707,81 @@ mod tests {
         q.weights[3].dims = vec![4, 3, 2];
         let m = invalid_msg(&q);
         assert!(m.contains("down weight down has dims [4, 3, 2]"), "{m}");
+
+        // Fused forms: RMSNorm prologues on router, moe and LM head, the residual on moe.
+        let mut f = p.clone();
+        f.weights.push(f32_weight("norm", vec![2], 224)); // 4
+        f.weights.push(f32_weight("norm3", vec![3], 240)); // 5
+        let set = |f: &mut Plan, nw: WeightId, res: BufId| {
+            for ins in f.programs[0].instrs.iter_mut() {
+                match ins {
+                    Instr::Router { norm, .. } | Instr::LmHead { norm, .. } => {
+                        *norm = Some((nw, 1e-5))
+                    }
+                    Instr::Moe { norm, residual, .. } => {
+                        *norm = Some((nw, 1e-5));
+                        *residual = Some(res);
+                    }
+                    _ => {}
+                }
+            }
+        };
+        set(&mut f, 4, 0);
+        f.validate().unwrap();
+        let bytes = encode_plan(&f, 0);
+        assert_eq!(decode_plan(&bytes, "p").unwrap().0, f);
+        // A norm weight of the wrong width, a missing one, a residual of the wrong width or a missing one.
+        let mut q = f.clone();
+        set(&mut q, 5, 0);
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("instruction 1 (router)")
+                && m.contains("norm weight norm3 has dims [3], expected [2]"),
+            "{m}"
+        );
+        let mut q = f.clone();
+        set(&mut q, 9, 0);
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("(router)") && m.contains("missing weight 9"),
+            "{m}"
+        );
+        let mut q = f.clone();
+        set(&mut q, 4, 2);
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("instruction 2 (moe)")
+                && m.contains("residual buffer r has width 4, expected 2"),
+            "{m}"
+        );
+        let mut q = f.clone();
+        set(&mut q, 4, 11);
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("(moe)") && m.contains("missing buffer 11"),
+            "{m}"
+        );
+        let mut q = f.clone();
+        if let Instr::LmHead { norm, .. } = &mut q.programs[0].instrs[3] {
+            *norm = Some((5, 1e-5));
+        }
+        let m = invalid_msg(&q);
+        assert!(
+            m.contains("instruction 3 (lm_head)") && m.contains("norm3"),
+            "{m}"
+        );
+        // Renumbering reaches the new ids.
+        let mut ins = f.programs[0].instrs[2].clone();
+        ins.map_ids(|b| b + 10, |w| w + 100);
+        assert!(matches!(
+            ins,
+            Instr::Moe {
+                norm: Some((104, _)),
+                residual: Some(10),
+                x: 10,
+                ..
+            }
+        ));
     }
 
     #[test]

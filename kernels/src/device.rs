@@ -519,6 +519,7 @@ pub fn encode(
                 x,
                 w,
                 bias,
+                norm,
                 out: _,
                 spec,
             } => {
@@ -544,6 +545,10 @@ pub fn encode(
                 if let Some(b) = bias {
                     d.bias = wd(*b).offset as i64;
                 }
+                if let Some((nw, eps)) = norm {
+                    d.normw = wd(*nw).offset as i64;
+                    d.eps = *eps;
+                }
                 let (kw, nks) = router_splits(wt.dims[1]);
                 d.n = kw as i32;
                 d.ws2 = nks as i64;
@@ -557,6 +562,8 @@ pub fn encode(
                 routing,
                 gate_up,
                 down,
+                norm,
+                residual,
                 out: o,
                 top_k,
                 inter,
@@ -618,6 +625,10 @@ pub fn encode(
                 up.topk = *top_k as i32;
                 up.tile_rows = 32;
                 route(&mut up);
+                if let Some((nw, eps)) = norm {
+                    up.normw = wd(*nw).offset as i64;
+                    up.eps = *eps;
+                }
                 let ctiles = inter.div_ceil(32);
                 up.ntiles = -((top_k * ctiles) as i32);
                 // Block 0 also writes the routing buffer (what the CPU interpreter's router produces).
@@ -639,7 +650,13 @@ pub fn encode(
                 dd.tile_rows = 32;
                 route(&mut dd);
                 dd.ntiles = h.div_ceil(32) as i32;
-                out.push((dd, vec![Res::Scratch, arena(*routing)], vec![arena(*o)]));
+                let mut reads = vec![Res::Scratch, arena(*routing)];
+                if let Some(r) = residual {
+                    dd.res = bufs[*r as usize].offset as i32;
+                    dd.resw = bufs[*r as usize].width as i32;
+                    reads.push(arena(*r));
+                }
+                out.push((dd, reads, vec![arena(*o)]));
             }
             Instr::SwiGlu { x, out: o } | Instr::Scale { x, out: o, .. } => {
                 let mut d = base(if matches!(ins, Instr::SwiGlu { .. }) {
@@ -670,7 +687,7 @@ pub fn encode(
                 d.ntiles = -1;
                 out.push((d, vec![arena(*a), arena(*b)], vec![arena(*o)]));
             }
-            Instr::LmHead { x, w, out: o } => {
+            Instr::LmHead { x, w, norm, out: o } => {
                 let wt = wd(*w);
                 let mut d = base(op::MATMUL);
                 d.x = bufs[*x as usize].offset as i32;
@@ -682,6 +699,10 @@ pub fn encode(
                 d.w = wt.offset as i64;
                 d.ws = wt.scale_offset as i64;
                 d.fmt = fmt_of(wt.dtype);
+                if let Some((nw, eps)) = norm {
+                    d.normw = wd(*nw).offset as i64;
+                    d.eps = *eps;
+                }
                 d.tile_rows = 64;
                 d.ntiles = wt.dims[0].div_ceil(64) as i32;
                 let mut writes = vec![arena(*o)];

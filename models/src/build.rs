@@ -294,7 +294,10 @@ pub fn build_graph(cfg: &ModelConfig, opts: &BuildOptions) -> Graph {
                 };
                 let r = b.g.add(
                     format!("L{i}.router"),
-                    Op::Router { spec },
+                    Op::Router {
+                        spec,
+                        norm_eps: None,
+                    },
                     TensorType::new(DType::Routing, vec![Dim::T, Dim::N(moe.top_k)]),
                     &[hn, rw, rb],
                 );
@@ -348,6 +351,8 @@ pub fn build_graph(cfg: &ModelConfig, opts: &BuildOptions) -> Graph {
                     n_experts: e,
                     top_k: moe.top_k,
                     inter: moe.inter,
+                    norm_eps: None,
+                    residual: false,
                 };
                 b.g.add(
                     format!("L{i}.moe"),
@@ -388,7 +393,7 @@ pub fn build_graph(cfg: &ModelConfig, opts: &BuildOptions) -> Graph {
     };
     let logits = b.g.add(
         "lm_head",
-        Op::LmHead,
+        Op::LmHead { norm_eps: None },
         TensorType::act(cfg.vocab),
         &[xn, head],
     );

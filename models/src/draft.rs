@@ -790,7 +790,7 @@ pub fn build_draft_graphs(
     };
     let logits = b.g.add(
         "lm_head",
-        Op::LmHead,
+        Op::LmHead { norm_eps: None },
         TensorType::act(target.vocab),
         &[xn, head],
     );

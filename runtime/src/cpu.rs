@@ -58,6 +58,21 @@ impl CpuSession {
             .collect()
     }
 
+    /// Rows of buffer `x`, through the RMSNorm prologue `norm` when there is one (computed exactly as
+    /// [`Instr::RmsNorm`] computes it, so fused and unfused plans agree bit for bit).
+    fn rows_normed(&self, m: &Model, x: BufId, norm: Option<(u32, f32)>) -> Vec<Vec<f32>> {
+        let mut xs = self.rows(x);
+        if let Some((nw, eps)) = norm {
+            let g = m.small(nw);
+            for r in xs.iter_mut() {
+                let mut o = vec![0f32; r.len()];
+                rmsnorm_row(r, g, eps, &mut o);
+                *r = o;
+            }
+        }
+        xs
+    }
+
     fn put(&mut self, b: BufId, rows: &[Vec<f32>]) {
         let d = &self.model.plan.buffers[b as usize];
         let (o, w) = (d.offset, d.width);
@@ -217,15 +232,7 @@ impl CpuSession {
                 epilogue,
                 out,
             } => {
-                let mut xs = self.rows(*x);
-                if let Some((nw, eps)) = norm {
-                    let g = m.small(*nw);
-                    for r in xs.iter_mut() {
-                        let mut o = vec![0f32; r.len()];
-                        rmsnorm_row(r, g, *eps, &mut o);
-                        *r = o;
-                    }
-                }
+                let xs = self.rows_normed(m, *x, *norm);
                 let mut ys = matmul_rows(&m.view(*w), &xs);
                 if let Some(b) = bias {
                     let bv = m.small(*b);
@@ -294,10 +301,11 @@ impl CpuSession {
                 x,
                 w,
                 bias,
+                norm,
                 out,
                 spec,
             } => {
-                let xs = self.rows(*x);
+                let xs = self.rows_normed(m, *x, *norm);
                 let wv = m.view(*w);
                 let bv = bias.map(|b| m.small(b));
                 let rows: Vec<Vec<f32>> = xs.iter().map(|xr| route(spec, &wv, bv, xr)).collect();
@@ -308,16 +316,20 @@ impl CpuSession {
                 routing,
                 gate_up,
                 down,
+                norm,
+                residual,
                 out,
                 top_k,
                 inter,
             } => {
-                let xs = self.rows(*x);
+                let xs = self.rows_normed(m, *x, *norm);
                 let rs = self.rows(*routing);
+                let res = residual.map(|r| self.rows(r));
                 let rows: Vec<Vec<f32>> = xs
                     .par_iter()
                     .zip(rs.par_iter())
-                    .map(|(xr, rr)| {
+                    .enumerate()
+                    .map(|(t, (xr, rr))| {
                         let mut acc = vec![0f32; xr.len()];
                         for k in 0..*top_k {
                             let e = rr[k] as usize;
@@ -330,6 +342,11 @@ impl CpuSession {
                             for (i, a) in acc.iter_mut().enumerate() {
                                 *a += wgt * d.dot_row(i, &h);
                             }
+                        }
+                        // residual + moe after the expert sum, as the separate add computed it (one f32 addition
+                        // of the same two values: IEEE addition is commutative, so the result is bit-identical).
+                        if let Some(res) = &res {
+                            acc.iter_mut().zip(&res[t]).for_each(|(a, r)| *a += r);
                         }
                         acc
                     })
@@ -364,8 +381,8 @@ impl CpuSession {
                     .collect();
                 self.put(*out, &rows);
             }
-            Instr::LmHead { x, w, out } => {
-                let ys = matmul_rows(&m.view(*w), &self.rows(*x));
+            Instr::LmHead { x, w, norm, out } => {
+                let ys = matmul_rows(&m.view(*w), &self.rows_normed(m, *x, *norm));
                 self.put(*out, &ys);
             }
         }

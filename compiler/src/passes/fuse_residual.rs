@@ -1,7 +1,9 @@
-//! fuse-residual: `Add(a, b)` where one side is a matmul whose only consumer is this add becomes an
-//! `Epilogue::ResidualAdd` stage of that matmul, with the other side as its residual input; the Add disappears.
-//! Matmuls that end in a KV-cache write (no activation output) or already add a residual are not candidates.
-//! When both sides qualify, the second (`b`, the branch output by the builder's `x + f(x)` convention) is fused.
+//! fuse-residual: `Add(a, b)` where one side is a matmul or a MoE experts node whose only consumer is this add
+//! absorbs the add: a matmul gets an `Epilogue::ResidualAdd` stage, MoE experts get `residual: true` (the
+//! residual added after the expert sum), each with the other side as its residual input; the Add disappears.
+//! Matmuls that end in a KV-cache write (no activation output) or already add a residual are not candidates, nor
+//! is a node that is also a graph output (its only user would then not be the add). When both sides qualify, the
+//! second (`b`, the branch output by the builder's `x + f(x)` convention) is fused.
 
 use super::{nodes_where, only_user, MatMulParts, Pass, PassOptions};
 use anyhow::Result;
@@ -9,12 +11,27 @@ use mimo_ir::{Epilogue, Graph, NodeId, Op};
 
 pub struct FuseResidual;
 
-fn candidate(g: &Graph, mm: NodeId, add: NodeId) -> Option<MatMulParts> {
-    let p = MatMulParts::read(g, mm)?;
-    (!p.ends_in_kv_write()
-        && !p.epilogue.contains(&Epilogue::ResidualAdd)
-        && only_user(g, mm) == Some(add))
-    .then_some(p)
+/// A node that can absorb an add.
+enum Candidate {
+    MatMul(MatMulParts),
+    Moe,
+}
+
+fn candidate(g: &Graph, n: NodeId, add: NodeId) -> Option<Candidate> {
+    if only_user(g, n) != Some(add) {
+        return None;
+    }
+    match &g.node(n).op {
+        Op::MatMul { .. } => {
+            let p = MatMulParts::read(g, n)?;
+            (!p.ends_in_kv_write() && !p.epilogue.contains(&Epilogue::ResidualAdd))
+                .then_some(Candidate::MatMul(p))
+        }
+        Op::MoeExperts {
+            residual: false, ..
+        } if g.inputs(n).len() == g.node(n).op.arity() => Some(Candidate::Moe),
+        _ => None,
+    }
 }
 
 impl Pass for FuseResidual {
@@ -26,27 +43,41 @@ impl Pass for FuseResidual {
         if !opts.fuse {
             return Ok("skipped (--no-fuse)".into());
         }
-        let (mut fused, mut kept) = (0usize, 0usize);
+        let (mut fused, mut moe, mut kept) = (0usize, 0usize, 0usize);
         for add in nodes_where(g, |op| matches!(op, Op::Add)) {
             let ins = g.inputs(add);
             let (a, b) = (ins[0], ins[1]);
-            let (mm, other, mut p) = if let Some(p) = candidate(g, b, add) {
-                (b, a, p)
-            } else if let Some(p) = candidate(g, a, add) {
-                (a, b, p)
+            let (n, other, c) = if let Some(c) = candidate(g, b, add) {
+                (b, a, c)
+            } else if let Some(c) = candidate(g, a, add) {
+                (a, b, c)
             } else {
                 kept += 1;
                 continue;
             };
-            p.epilogue.push(Epilogue::ResidualAdd);
-            p.residual = Some(other);
-            p.write(g, mm);
-            g.replace_uses(add, mm);
+            match c {
+                Candidate::MatMul(mut p) => {
+                    p.epilogue.push(Epilogue::ResidualAdd);
+                    p.residual = Some(other);
+                    p.write(g, n);
+                    fused += 1;
+                }
+                Candidate::Moe => {
+                    if let Op::MoeExperts { residual, .. } = &mut g.node_mut(n).op {
+                        *residual = true;
+                    }
+                    // The residual is the last input.
+                    let mut ins = g.inputs(n);
+                    ins.push(other);
+                    g.set_inputs(n, &ins);
+                    moe += 1;
+                }
+            }
+            g.replace_uses(add, n);
             g.remove(add);
-            fused += 1;
         }
         Ok(format!(
-            "fused {fused} residual adds into matmul epilogues ({kept} adds kept)"
+            "fused {fused} residual adds into matmul epilogues and {moe} into moe experts ({kept} adds kept)"
         ))
     }
 }
@@ -80,7 +111,7 @@ mod tests {
         let msg = FuseResidual.run(&mut g, &PassOptions::default()).unwrap();
         assert_eq!(
             msg,
-            "fused 2 residual adds into matmul epilogues (2 adds kept)"
+            "fused 2 residual adds into matmul epilogues and 0 into moe experts (2 adds kept)"
         );
         g.verify().unwrap();
         let text = g.to_text();
@@ -137,8 +168,109 @@ mod tests {
         let msg = FuseResidual.run(&mut g, &PassOptions::default()).unwrap();
         assert_eq!(
             msg,
-            "fused 0 residual adds into matmul epilogues (1 adds kept)"
+            "fused 0 residual adds into matmul epilogues and 0 into moe experts (1 adds kept)"
         );
+    }
+
+    /// A MoE block `x + moe(x)`; with `second_user` the moe output also feeds another add (or, with
+    /// `as_output`, is a graph output).
+    fn moe_graph(swap: bool, second_user: bool, as_output: bool) -> Graph {
+        let mut t = Tb::new(32);
+        let x = t.x;
+        let rw = t.weight("router.w", WeightClass::Router, DType::F32, &[4, 32]);
+        let spec = RouterSpec {
+            n_experts: 4,
+            top_k: 2,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: true,
+            scaling: 1.0,
+            sigmoid: true,
+            has_bias: false,
+        };
+        let r = t.op(
+            "router",
+            Op::Router {
+                spec,
+                norm_eps: None,
+            },
+            TensorType::new(DType::Routing, vec![Dim::T, Dim::N(2)]),
+            &[x, rw],
+        );
+        let gu = t.weight("gate_up", WeightClass::Experts, DType::BF16, &[4, 64, 32]);
+        let d = t.weight("down", WeightClass::Experts, DType::BF16, &[4, 32, 32]);
+        let nw = t.weight("norm.w", WeightClass::Norm, DType::F32, &[32]);
+        let moe = Op::MoeExperts {
+            n_experts: 4,
+            top_k: 2,
+            inter: 32,
+            norm_eps: Some(1e-6),
+            residual: false,
+        };
+        let m = t.op("moe", moe, TensorType::act(32), &[x, r, gu, d, nw]);
+        let ins = if swap { [m, x] } else { [x, m] };
+        let mut y = t.op("mlp_residual", Op::Add, TensorType::act(32), &ins);
+        if second_user {
+            y = t.op("again", Op::Add, TensorType::act(32), &[y, m]);
+        }
+        if as_output {
+            t.op(
+                "hidden",
+                Op::Output {
+                    name: "hidden.0".into(),
+                },
+                TensorType::act(32),
+                &[m],
+            );
+        }
+        t.output(y);
+        t.g
+    }
+
+    #[test]
+    fn fuses_moe_residual_either_side() {
+        for swap in [false, true] {
+            let mut g = moe_graph(swap, false, false);
+            g.verify().unwrap();
+            let nodes = g.g.node_count();
+            let msg = FuseResidual.run(&mut g, &PassOptions::default()).unwrap();
+            assert_eq!(
+                msg,
+                "fused 0 residual adds into matmul epilogues and 1 into moe experts (0 adds kept)"
+            );
+            g.verify().unwrap();
+            assert_eq!(g.g.node_count(), nodes - 1);
+            assert_eq!(count(&g, "add"), 0);
+            let text = g.to_text();
+            // x (%3) is both the activation and the residual; the norm weight (%8) comes before the residual.
+            assert!(
+                line(&text, "moe").contains(
+                    "moe_experts{experts=4, top_k=2, inter=32, prologue=rmsnorm(eps=0.000001), \
+                     epilogue=[residual_add]}(%3, %5, %6, %7, %8, %3) : f32[T,32]  ; moe"
+                ),
+                "{text}"
+            );
+            // The logits output now reads the moe node.
+            assert!(text.contains("= output{logits}(%9)"), "{text}");
+        }
+    }
+
+    #[test]
+    fn keeps_moe_residual_when_moe_has_another_user() {
+        for (second, output) in [(true, false), (false, true)] {
+            let mut g = moe_graph(false, second, output);
+            g.verify().unwrap();
+            let before = g.to_text();
+            let msg = FuseResidual.run(&mut g, &PassOptions::default()).unwrap();
+            assert!(
+                msg.starts_with(
+                    "fused 0 residual adds into matmul epilogues and 0 into moe experts"
+                ),
+                "{msg}"
+            );
+            assert_eq!(g.to_text(), before);
+            assert!(!before.contains("residual_add"));
+        }
     }
 
     #[test]

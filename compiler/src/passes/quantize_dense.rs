@@ -83,7 +83,12 @@ mod tests {
         );
         let gu = t.matmul_class("gate_up", q, 256, WeightClass::DenseMlp);
         let hw = t.weight("head", WeightClass::LmHead, DType::BF16, &[16, 256]);
-        let lg = t.op("lm_head", Op::LmHead, TensorType::act(16), &[gu, hw]);
+        let lg = t.op(
+            "lm_head",
+            Op::LmHead { norm_eps: None },
+            TensorType::act(16),
+            &[gu, hw],
+        );
         t.output(lg);
         t.g
     }

@@ -112,7 +112,10 @@ mod tests {
         };
         let r = t.op(
             "router",
-            Op::Router { spec },
+            Op::Router {
+                spec,
+                norm_eps: None,
+            },
             TensorType::new(DType::Routing, vec![Dim::T, Dim::N(2)]),
             &[x, rw],
         );
@@ -155,6 +158,8 @@ mod tests {
                 n_experts: 4,
                 top_k: 2,
                 inter,
+                norm_eps: None,
+                residual: false,
             },
             TensorType::act(h),
             &[x, r, gu, d],
