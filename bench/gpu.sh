@@ -5,7 +5,7 @@
 # Binaries are built on the CI-like machine and carried (see bench/README.md):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
-# Stages (default all): env verify sanitize hf bench bigverify peer
+# Stages (default all but ncu): env verify sanitize hf bench bigverify peer ncu
 set -uo pipefail
 OUT=${OUT:-/tmp/mimo-out}
 mkdir -p "$OUT"
@@ -88,6 +88,21 @@ if has bigverify; then
   timeout ${MIMO_BIGVERIFY_TIMEOUT:-300} $B/mimort verify-gpu "$W/bench" --prefill 20 --decode 3 --json "$OUT/verify_bench.json" \
     > "$W/verify_bench.log" 2>&1
   echo "verify bench: rc=$? $(tr -d '\n ' < "$OUT/verify_bench.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
+fi
+
+if has ncu; then
+  # Nsight Compute on one T = 1 decode step of the bench plan (launch 37: after the 32 prefill chunks of the
+  # context and 4 warm-up steps): stall reasons per SASS line (source page) and the summary sections.
+  log "ncu: one T=1 decode step of the bench plan"
+  [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
+  timeout 420 ncu --clock-control none -k regex:mimo_forward --launch-skip 36 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    --section MemoryWorkloadAnalysis --import-source yes -f -o "$W/prof" \
+    $B/mimort bench "$W/bench" --tokens 1 --context 512 > "$W/ncu_run.log" 2>&1
+  echo "ncu rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$W/ncu_run.log" | tee -a "$OUT/summary.txt"
+  ncu -i "$W/prof.ncu-rep" --page details --csv > "$OUT/ncu_details.csv" 2>&1
+  ncu -i "$W/prof.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_sass.csv.gz"
+  ls -la "$OUT" | tee -a "$OUT/summary.txt"
 fi
 
 if has peer; then
