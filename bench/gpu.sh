@@ -5,7 +5,10 @@
 # Binaries are built on the CI-like machine and carried (see bench/README.md):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
-# Stages (default all but ncu): env verify sanitize hf bench bigverify peer ncu
+# Stages (default all but ncu / variants): env verify sanitize hf bench bigverify peer ncu variants
+# variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
+# carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
+# timed at T = 1 and 16 (results bench_NAME.json).
 set -uo pipefail
 OUT=${OUT:-/tmp/mimo-out}
 mkdir -p "$OUT"
@@ -103,6 +106,25 @@ if has ncu; then
   ncu -i "$W/prof.ncu-rep" --page details --csv > "$OUT/ncu_details.csv" 2>&1
   ncu -i "$W/prof.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_sass.csv.gz"
   ls -la "$OUT" | tee -a "$OUT/summary.txt"
+fi
+
+if has variants; then
+  [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
+  cp "$W/bench/megakernel.cubin" "$W/bench_base.cubin"
+  for v in bench/variants/*.cubin; do
+    [ -f "$v" ] || continue
+    name=$(basename "$v" .cubin)
+    log "variant $name"
+    if [ -d "$W/p_moe_" ]; then
+      rm -rf "$W/pv"; cp -r "$W/p_moe_" "$W/pv"; cp "$v" "$W/pv/megakernel.cubin"
+      timeout 60 $B/mimort verify-gpu "$W/pv" --prefill 40 --decode 24 --json "$W/verify_$name.json" > "$W/verify_$name.log" 2>&1
+      echo "verify $name: rc=$? $(tr -d '\n ' < "$W/verify_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
+    fi
+    cp "$v" "$W/bench/megakernel.cubin"
+    timeout 200 $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" 2>&1 \
+      | tee -a "$OUT/summary.txt"
+  done
+  cp "$W/bench_base.cubin" "$W/bench/megakernel.cubin"
 fi
 
 if has peer; then

@@ -237,11 +237,11 @@ pub fn smem_bytes(max_tokens: usize) -> usize {
     RING_BYTES + 4 * (xs_floats(max_tokens) + other_floats(max_tokens))
 }
 
-/// K splits of a router's logits (split width in elements, count): 512-column splits (one 1 KB bf16 ring
-/// segment) spread the router over blocks; a narrow router is one split.
+/// K splits of a router's logits (split width in elements, count): about 8 splits of a multiple of 32 columns, at
+/// most 512 (one 1 KB bf16 ring segment), so the router spreads over blocks.
 fn router_splits(k: usize) -> (usize, usize) {
-    let kw = if k >= 1024 && k.is_multiple_of(512) {
-        512
+    let kw = if k.is_multiple_of(32) {
+        (k / 8 / 32 * 32).clamp(32, 512)
     } else {
         k
     };
@@ -848,6 +848,19 @@ mod tests {
             assert!(xs_floats(mt) >= 4096 && xs_floats(mt) >= 256 * 32);
             // MoE down stages one row per routed pair: top_k <= 12 at 32 columns.
             assert!(stage_floats(mt) >= mt * 12 * 32);
+        }
+    }
+
+    #[test]
+    fn router_splits_cover_k_in_ring_steps() {
+        assert_eq!(router_splits(4096), (512, 8));
+        assert_eq!(router_splits(2048), (256, 8));
+        // The tiny models' hidden size still splits (the GPU checks on tiny plans run the split path).
+        assert_eq!(router_splits(64), (32, 2));
+        assert_eq!(router_splits(100), (100, 1));
+        for k in (32..9000).step_by(32) {
+            let (w, n) = router_splits(k);
+            assert!(w % 32 == 0 && w * n >= k && w * (n - 1) < k && n <= 8 || w == 512);
         }
     }
 
