@@ -54,8 +54,8 @@ fi
 
 if has sanitize; then
   log "compute-sanitizer on the tiny MoE plan"
-  for tool in memcheck racecheck synccheck; do
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 $B/mimort verify-gpu "$W/p_moe_" --prefill 20 --decode 4 \
+  for tool in ${MIMO_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+    timeout ${MIMO_SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 $B/mimort verify-gpu "$W/p_moe_" --prefill 20 --decode 4 \
       > "$W/san_$tool.log" 2>&1
     echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
   done
