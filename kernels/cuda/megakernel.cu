@@ -643,138 +643,6 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, cons
   }
 }
 
-#ifndef MK_PIPE
-#define MK_PIPE 1
-#endif
-// Software-pipelined form of mma_steps: the shared-memory loads of the warp's next K step are issued before the
-// current step's decode and MMAs, and each step's scale-and-accumulate runs one step late (after the next step's
-// MMAs are issued), so a warp always has independent work while its loads and MMA chains are in flight.
-template <int FMT, int NT, bool SAME>
-struct StepRaw {
-  unsigned int w[2][2][FMT == FMT_BF16 ? 4 : FMT == FMT_F8 ? 2 : 1];  // [rt][row half][words]
-  float s[2][2];                                                      // [rt][row half] block scales
-  unsigned int b[SAME ? 1 : 2][NT][8];                                // activation fragments (hi, lo)
-};
-
-template <int FMT, int NT, bool SAME, bool SRING>
-__device__ __forceinline__ void step_load(StepRaw<FMT, NT, SAME>& r, unsigned int wb, unsigned int sb,
-                                          const unsigned int (&xa)[2][NT], const uint8_t* const (&spr)[2][2],
-                                          int k0, int kseg, int ks) {
-  constexpr int SB = RingFmt<FMT>::SB;
-  constexpr int PITCH = RingFmt<FMT>::PITCH;
-  const int kk = kseg + ks * 32;
-#pragma unroll
-  for (int rt = 0; rt < (SAME ? 1 : 2); rt++)
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      const bool on = xa[rt][nt] != ~0u;
-      const uint4 h = on ? lds128(xa[rt][nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-      const uint4 l = on ? lds128(xa[rt][nt] + 4u * kk + 16u) : make_uint4(0u, 0u, 0u, 0u);
-      r.b[rt][nt][0] = h.x; r.b[rt][nt][1] = h.y; r.b[rt][nt][2] = h.z; r.b[rt][nt][3] = h.w;
-      r.b[rt][nt][4] = l.x; r.b[rt][nt][5] = l.y; r.b[rt][nt][6] = l.z; r.b[rt][nt][7] = l.w;
-    }
-#pragma unroll
-  for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-      const unsigned int wa = wb + (rt * 16 + hf * 8) * PITCH + ks * SB;
-      if (FMT == FMT_MXFP4) {
-        r.w[rt][hf][0] = lds32(wa);
-        if (SRING) r.s[rt][hf] = __uint_as_float(lds8(sb + (rt * 16 + hf * 8) * RING_SSTR + ks));
-        else r.s[rt][hf] = __uint_as_float((unsigned int)__ldg(spr[rt][hf] + (k0 + kk) / 32));
-      } else if (FMT == FMT_F8) {
-        const uint2 v = lds64(wa);
-        r.w[rt][hf][0] = v.x; r.w[rt][hf][1] = v.y;
-        r.s[rt][hf] = __ldg(reinterpret_cast<const float*>(spr[rt][hf]) + (k0 + kk) / 128);
-      } else {
-        const uint4 v = lds128(wa);
-        r.w[rt][hf][0] = v.x; r.w[rt][hf][1] = v.y; r.w[rt][hf][2] = v.z; r.w[rt][hf][3] = v.w;
-        r.s[rt][hf] = 1.f;
-      }
-    }
-}
-
-template <int FMT, int NT, bool SAME, bool SRING>
-__device__ __forceinline__ void mma_steps_pipe(unsigned int wb, unsigned int sb, const unsigned int (&xa)[2][NT],
-                                               const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
-                                               float (&acc)[2][NT][4]) {
-  if (ks0 >= nks) return;
-  const int cnt = (nks - ks0 + MK_CW - 1) / MK_CW;
-  const int klast = ks0 + (cnt - 1) * MK_CW;
-  StepRaw<FMT, NT, SAME> cur, nxt;
-  step_load<FMT, NT, SAME, SRING>(cur, wb, sb, xa, spr, k0, kseg, ks0);
-  // The previous step's MMA results and scales, accumulated one step late.
-  float ph[2][NT][4], pl[2][NT][4], ps[2][2];
-#pragma unroll
-  for (int rt = 0; rt < 2; rt++) {
-    ps[rt][0] = 0.f; ps[rt][1] = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) { ph[rt][nt][e] = 0.f; pl[rt][nt][e] = 0.f; }
-  }
-#pragma unroll 2
-  for (int i = 0; i < cnt; i++) {
-    const int ks = ks0 + i * MK_CW;
-    // Next step's loads first (the last step reloads itself: in bounds, unused).
-    step_load<FMT, NT, SAME, SRING>(nxt, wb, sb, xa, spr, k0, kseg, min(ks + MK_CW, klast));
-    unsigned int pa[2][4], pb[2][4];
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++) {
-      if (FMT == FMT_MXFP4) {
-        fp4_pairs(cur.w[rt][0][0], pa[rt]);
-        fp4_pairs(cur.w[rt][1][0], pb[rt]);
-      } else if (FMT == FMT_F8) {
-        fp8_pairs(make_uint2(cur.w[rt][0][0], cur.w[rt][0][1]), pa[rt]);
-        fp8_pairs(make_uint2(cur.w[rt][1][0], cur.w[rt][1][1]), pb[rt]);
-      } else {
-        bf16_pairs(make_uint4(cur.w[rt][0][0], cur.w[rt][0][1], cur.w[rt][0][2], cur.w[rt][0][3]), pa[rt]);
-        bf16_pairs(make_uint4(cur.w[rt][1][0], cur.w[rt][1][1], cur.w[rt][1][2], cur.w[rt][1][3]), pb[rt]);
-      }
-    }
-    float th[2][NT][4], tl[2][NT][4];
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const unsigned int(&bb)[8] = cur.b[SAME ? 0 : rt][nt];
-#pragma unroll
-        for (int e = 0; e < 4; e++) { th[rt][nt][e] = 0.f; tl[rt][nt][e] = 0.f; }
-        mma_f16(th[rt][nt], pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[0], bb[1]);
-        mma_f16(tl[rt][nt], pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[4], bb[5]);
-        mma_f16(th[rt][nt], pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[2], bb[3]);
-        mma_f16(tl[rt][nt], pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[6], bb[7]);
-      }
-    // The previous step's accumulate, while this step's MMAs run.
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        acc[rt][nt][0] += (ph[rt][nt][0] + pl[rt][nt][0]) * ps[rt][0];
-        acc[rt][nt][1] += (ph[rt][nt][1] + pl[rt][nt][1]) * ps[rt][0];
-        acc[rt][nt][2] += (ph[rt][nt][2] + pl[rt][nt][2]) * ps[rt][1];
-        acc[rt][nt][3] += (ph[rt][nt][3] + pl[rt][nt][3]) * ps[rt][1];
-#pragma unroll
-        for (int e = 0; e < 4; e++) { ph[rt][nt][e] = th[rt][nt][e]; pl[rt][nt][e] = tl[rt][nt][e]; }
-      }
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-      for (int hf = 0; hf < 2; hf++)
-        ps[rt][hf] = FMT == FMT_MXFP4 ? e8m0_to_f32(__float_as_uint(cur.s[rt][hf])) : cur.s[rt][hf];
-    cur = nxt;
-  }
-#pragma unroll
-  for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      acc[rt][nt][0] += (ph[rt][nt][0] + pl[rt][nt][0]) * ps[rt][0];
-      acc[rt][nt][1] += (ph[rt][nt][1] + pl[rt][nt][1]) * ps[rt][0];
-      acc[rt][nt][2] += (ph[rt][nt][2] + pl[rt][nt][2]) * ps[rt][1];
-      acc[rt][nt][3] += (ph[rt][nt][3] + pl[rt][nt][3]) * ps[rt][1];
-    }
-}
-
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
 template <int FMT, int NT>
 __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
@@ -851,15 +719,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     const unsigned int sb = ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
     const int ks0 = (int)((warp + MK_CW - steps % MK_CW) % MK_CW);
     // Four specializations: activation rows shared by both tiles or not; MXFP4 scales in the ring or global.
-#if MK_PIPE
-    if (FMT == FMT_MXFP4 && sring) {
-      if (same) mma_steps_pipe<FMT, NT, true, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-      else mma_steps_pipe<FMT, NT, false, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-    } else {
-      if (same) mma_steps_pipe<FMT, NT, true, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-      else mma_steps_pipe<FMT, NT, false, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-    }
-#else
     if (FMT == FMT_MXFP4 && sring) {
       if (same) mma_steps<FMT, NT, true, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
       else mma_steps<FMT, NT, false, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
@@ -867,7 +726,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       if (same) mma_steps<FMT, NT, true, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
       else mma_steps<FMT, NT, false, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
     }
-#endif
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + slot);
     steps += nks;
