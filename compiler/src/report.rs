@@ -336,16 +336,7 @@ mod tests {
             w("down", DType::MXFP4, &[8, 64, 32], Experts),    // 7
             w("head", DType::BF16, &[100, 64], LmHead),        // 8
         ];
-        let spec = RouterSpec {
-            n_experts: 8,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            norm_topk_prob: true,
-            scaling: 1.0,
-            sigmoid: true,
-            has_bias: false,
-        };
+        let spec = RouterSpec::sigmoid_top_k(8, 2, false);
         let attn = mimo_ir::AttnSpec {
             layer: 0,
             n_heads: 2,

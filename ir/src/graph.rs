@@ -262,6 +262,23 @@ pub struct RouterSpec {
     pub has_bias: bool,
 }
 
+impl RouterSpec {
+    /// Sigmoid scores, plain top-k over `n_experts` (one group), weights normalized, scale 1: the MiMo-V2 router
+    /// without its group limit.
+    pub fn sigmoid_top_k(n_experts: usize, top_k: usize, has_bias: bool) -> RouterSpec {
+        RouterSpec {
+            n_experts,
+            top_k,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: true,
+            scaling: 1.0,
+            sigmoid: true,
+            has_bias,
+        }
+    }
+}
+
 /// The operations of the graph. Input conventions are documented per op; [`Op::arity`] checks them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {

@@ -1636,16 +1636,7 @@ mod tests {
         p.buffers.push(buffer("r", 4, 12)); // 2
         p.buffers.push(buffer("y", 2, 20)); // 3
         p.arena_len = 24;
-        let spec = RouterSpec {
-            n_experts: 4,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            norm_topk_prob: true,
-            scaling: 1.0,
-            sigmoid: true,
-            has_bias: false,
-        };
+        let spec = RouterSpec::sigmoid_top_k(4, 2, false);
         let router = Instr::Router {
             x: 0,
             w: 1,

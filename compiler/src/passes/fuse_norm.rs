@@ -114,7 +114,7 @@ impl Pass for FuseNorm {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{count, line, Tb};
+    use super::super::testutil::{count, input_names, line, Tb};
     use super::*;
     use mimo_ir::*;
 
@@ -183,15 +183,7 @@ mod tests {
         assert_eq!(count(&g, "rmsnorm"), 0);
         assert!(!text.contains("; attn_norm\n"));
         // The LM head reads the residual stream (res), its weight, then final_norm's weight.
-        let lm =
-            g.g.node_indices()
-                .find(|&n| g.node(n).name == "lm_head")
-                .unwrap();
-        let names: Vec<String> = g
-            .inputs(lm)
-            .iter()
-            .map(|&i| g.node(i).name.clone())
-            .collect();
+        let names = input_names(&g, "lm_head");
         assert_eq!(names, ["res", "head", "final_norm.w"]);
     }
 
@@ -200,27 +192,7 @@ mod tests {
         let mut t = Tb::new(32);
         let x = t.x;
         let hn = t.norm("mlp_norm", x);
-        let rw = t.weight("router.w", WeightClass::Router, DType::F32, &[4, 32]);
-        let rb = t.weight("router.b", WeightClass::Router, DType::F32, &[4]);
-        let spec = RouterSpec {
-            n_experts: 4,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            norm_topk_prob: true,
-            scaling: 1.0,
-            sigmoid: true,
-            has_bias: true,
-        };
-        let r = t.op(
-            "router",
-            Op::Router {
-                spec,
-                norm_eps: None,
-            },
-            TensorType::new(DType::Routing, vec![Dim::T, Dim::N(2)]),
-            &[hn, rw, rb],
-        );
+        let r = t.router("router", hn, 2, true);
         let gu = t.weight("gate_up", WeightClass::Experts, DType::BF16, &[4, 64, 32]);
         let d = t.weight("down", WeightClass::Experts, DType::BF16, &[4, 32, 32]);
         let moe = Op::MoeExperts {

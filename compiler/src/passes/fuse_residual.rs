@@ -84,7 +84,7 @@ impl Pass for FuseResidual {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{count, line, Tb};
+    use super::super::testutil::{count, input_names, line, Tb};
     use super::*;
     use mimo_ir::*;
 
@@ -127,15 +127,7 @@ mod tests {
         assert!(!line(&text, "shared").contains("epilogue"), "{text}");
         assert_eq!(count(&g, "add"), 2);
         // down reads o (the fused attention residual) twice: as activation and as residual.
-        let down =
-            g.g.node_indices()
-                .find(|&n| g.node(n).name == "down")
-                .unwrap();
-        let names: Vec<String> = g
-            .inputs(down)
-            .iter()
-            .map(|&i| g.node(i).name.clone())
-            .collect();
+        let names = input_names(&g, "down");
         assert_eq!(names, ["o", "down.w", "o"]);
     }
 
@@ -177,26 +169,7 @@ mod tests {
     fn moe_graph(swap: bool, second_user: bool, as_output: bool) -> Graph {
         let mut t = Tb::new(32);
         let x = t.x;
-        let rw = t.weight("router.w", WeightClass::Router, DType::F32, &[4, 32]);
-        let spec = RouterSpec {
-            n_experts: 4,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            norm_topk_prob: true,
-            scaling: 1.0,
-            sigmoid: true,
-            has_bias: false,
-        };
-        let r = t.op(
-            "router",
-            Op::Router {
-                spec,
-                norm_eps: None,
-            },
-            TensorType::new(DType::Routing, vec![Dim::T, Dim::N(2)]),
-            &[x, rw],
-        );
+        let r = t.router("router", x, 2, false);
         let gu = t.weight("gate_up", WeightClass::Experts, DType::BF16, &[4, 64, 32]);
         let d = t.weight("down", WeightClass::Experts, DType::BF16, &[4, 32, 32]);
         let nw = t.weight("norm.w", WeightClass::Norm, DType::F32, &[32]);

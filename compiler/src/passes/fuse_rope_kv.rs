@@ -100,7 +100,7 @@ impl Pass for FuseRopeKv {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{count, line, Tb};
+    use super::super::testutil::{count, input_names, line, Tb};
     use super::*;
     use mimo_ir::*;
 
@@ -209,15 +209,7 @@ mod tests {
         assert_eq!(count(&g, "rope"), 1);
         assert!(!line(&text, "shared").contains("epilogue"), "{text}");
         // The attention reads the matmuls as its caches.
-        let attn =
-            g.g.node_indices()
-                .find(|&n| g.node(n).name == "attn")
-                .unwrap();
-        let names: Vec<String> = g
-            .inputs(attn)
-            .iter()
-            .map(|&i| g.node(i).name.clone())
-            .collect();
+        let names = input_names(&g, "attn");
         assert_eq!(names, ["q", "k", "v"]);
     }
 

@@ -99,26 +99,7 @@ mod tests {
     fn graph(h: usize, inter: usize, mxfp4_source: bool) -> Graph {
         let mut t = Tb::new(h);
         let x = t.x;
-        let rw = t.weight("router", WeightClass::Router, DType::F32, &[4, h]);
-        let spec = RouterSpec {
-            n_experts: 4,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            norm_topk_prob: true,
-            scaling: 1.0,
-            sigmoid: true,
-            has_bias: false,
-        };
-        let r = t.op(
-            "router",
-            Op::Router {
-                spec,
-                norm_eps: None,
-            },
-            TensorType::new(DType::Routing, vec![Dim::T, Dim::N(2)]),
-            &[x, rw],
-        );
+        let r = t.router("router", x, 2, false);
         let (src_gu, src_d, dt) = if mxfp4_source {
             (
                 WeightSource::Mxfp4 {

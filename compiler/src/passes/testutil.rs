@@ -96,6 +96,30 @@ impl Tb {
         )
     }
 
+    /// A sigmoid top-`top_k` router over 4 experts reading `x` (f32 weight `{name}.w`, and `{name}.b` with
+    /// `bias`), without a prologue.
+    pub fn router(&mut self, name: &str, x: NodeId, top_k: usize, bias: bool) -> NodeId {
+        let h = self.g.node(x).ty.last();
+        let mut ins = vec![
+            x,
+            self.weight(
+                &format!("{name}.w"),
+                WeightClass::Router,
+                DType::F32,
+                &[4, h],
+            ),
+        ];
+        if bias {
+            ins.push(self.weight(&format!("{name}.b"), WeightClass::Router, DType::F32, &[4]));
+        }
+        let op = Op::Router {
+            spec: RouterSpec::sigmoid_top_k(4, top_k, bias),
+            norm_eps: None,
+        };
+        let ty = TensorType::new(DType::Routing, vec![Dim::T, Dim::N(top_k)]);
+        self.g.add(name, op, ty, &ins)
+    }
+
     pub fn op(&mut self, name: &str, op: Op, ty: TensorType, ins: &[NodeId]) -> NodeId {
         self.g.add(name, op, ty, ins)
     }
@@ -126,4 +150,16 @@ pub fn line<'a>(text: &'a str, name: &str) -> &'a str {
     text.lines()
         .find(|l| l.ends_with(&suffix))
         .unwrap_or_else(|| panic!("no node {name} in\n{text}"))
+}
+
+/// Names of the inputs of the node named `name`, in order (panics if absent).
+pub fn input_names(g: &Graph, name: &str) -> Vec<String> {
+    let n =
+        g.g.node_indices()
+            .find(|&n| g.node(n).name == name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+    g.inputs(n)
+        .iter()
+        .map(|&i| g.node(i).name.clone())
+        .collect()
 }
