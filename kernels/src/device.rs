@@ -241,7 +241,7 @@ pub fn smem_bytes(max_tokens: usize) -> usize {
 /// most 512 (one 1 KB bf16 ring segment), so the router spreads over blocks.
 fn router_splits(k: usize) -> (usize, usize) {
     let kw = if k.is_multiple_of(32) {
-        (k / 8 / 32 * 32).clamp(32, 512)
+        (k.div_ceil(8).div_ceil(32) * 32).clamp(32, 512)
     } else {
         k
     };
@@ -860,7 +860,10 @@ mod tests {
         assert_eq!(router_splits(100), (100, 1));
         for k in (32..9000).step_by(32) {
             let (w, n) = router_splits(k);
-            assert!(w % 32 == 0 && w * n >= k && w * (n - 1) < k && n <= 8 || w == 512);
+            assert!(
+                w % 32 == 0 && w * n >= k && w * (n - 1) < k && (n <= 8 || w == 512),
+                "{k}: {w} x {n}"
+            );
         }
     }
 
