@@ -144,6 +144,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // Mode 2 rows per expert: the tile's columns padded to whole 16-row MMA tiles (a tile never straddles experts).
 __device__ __forceinline__ int moe_colsp(int cols) { return (cols + 15) & ~15; }
 
+// Row and column indices here are never negative: their divisions are done unsigned (fewer instructions than
+// signed ones on the consumers' per-group path).
 struct TileRows {
   int mode;
   int c0, cols, split;  // map(rr) = rr < cols ? c0 + rr : split + c0 + rr - cols
@@ -160,7 +162,7 @@ struct TileRows {
   __device__ __forceinline__ int xrow(int xl, int t) const { return xpack >= 0 ? xl + t - xpack : ml[xl + t]; }
   __device__ __forceinline__ int map(int rr) const {
     if (mode == 3) {
-      const int j = rr / (2 * cols), r = rr - j * 2 * cols;
+      const int j = (int)((unsigned)rr / (unsigned)(2 * cols)), r = rr - j * 2 * cols;
       const int c = c0 + j * jstride + (r < cols ? r : r - cols);
       return r < cols ? c : split + c;
     }
@@ -169,7 +171,7 @@ struct TileRows {
   // Mode 3 rows past the last column (a partial final tile) do nothing.
   __device__ __forceinline__ bool valid(int rr) const {
     if (mode != 3) return true;
-    const int j = rr / (2 * cols), r = rr - j * 2 * cols;
+    const int j = (int)((unsigned)rr / (unsigned)(2 * cols)), r = rr - j * 2 * cols;
     return c0 + j * jstride + (r < cols ? r : r - cols) < split;
   }
 };
@@ -190,7 +192,7 @@ __device__ __forceinline__ const uint8_t* row_ptr(const uint8_t* W, long long w,
 }
 template <int FMT>
 __device__ __forceinline__ const uint8_t* srow_ptr(const uint8_t* W, long long ws, int row, int K) {
-  if (FMT == FMT_F8) return W + ws + (long long)(row / 128) * ((K + 127) / 128) * 4;
+  if (FMT == FMT_F8) return W + ws + (long long)(row >> 7) * ((K + 127) >> 7) * 4;
   if (FMT == FMT_MXFP4) return W + ws + (long long)row * (K / 32);
   return W;
 }
@@ -226,7 +228,7 @@ __device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int
   if (r >= nrows) return false;
   if (d.mode == 2) {
     const int colsp = moe_colsp(d.cols);
-    u = r / colsp;
+    u = (int)((unsigned)r / (unsigned)colsp);
     col = r - u * colsp;
     n = d.cnt[u];
     xl = d.mst[u];
@@ -543,7 +545,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
   bool ok = false;
   ce = min(ce, nchunks);
   for (int c = cb; c < ce; c++) {
-    const int g = c / nseg, sg = c - g * nseg;
+    const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
     const unsigned int u = it + c;
     const int slot = u % RING_NS;
     if (sg == 0 || c == cb) {
@@ -680,7 +682,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   const uint8_t* spr[2][2];
   unsigned int steps = 0;  // K steps of this call dealt so far (the round-robin position)
   for (int c = 0; c < nchunks; c++) {
-    const int g = c / nseg, sg = c - g * nseg;
+    const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
     const unsigned int u = it + c;
     const int slot = u % RING_NS;
     if (sg == 0) {
@@ -694,7 +696,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         tv[rt] = __any_sync(0xffffffffu, ra.ok || rb.ok);
         int n = d.n, xl = -1;
         if (d.mode == 2) {
-          const int uu = min(r0, nrows - 1) / moe_colsp(d.cols);
+          const int uu = (int)((unsigned)min(r0, nrows - 1) / (unsigned)moe_colsp(d.cols));
           n = d.cnt[uu];
           xl = d.mst[uu];
         }
@@ -748,7 +750,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         // Only the tile's tokens (tn: 0 when it has no valid rows), not all of its MMA columns.
         const int nn = tn[rt];
         for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
-          const int row = e / nn, j = e - row * nn;
+          const int row = (int)((unsigned)e / (unsigned)nn), j = e - row * nn;
           int col, n, xl, u;
           if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, u) && j < n) {
             float sum = 0.f;
