@@ -334,7 +334,7 @@ __shared__ int mk_flags[4];  // [0]: the instruction's activations are in xs; [1
 #define SM_INV (SM_RED + MK_THREADS)
 #define SM_IV (reinterpret_cast<int*>(SM_INV + MK_MAX_T))
 #define IV_LEN 1600
-#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [2][MK_CW][16][RED_TOK]: a row group's partials
+#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [MK_CW][16][RED_TOK]: one MMA tile's partials
 
 __device__ __forceinline__ unsigned int smem_u32(const void* p) {
   return (unsigned int)__cvta_generic_to_shared(p);
@@ -732,14 +732,13 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     if (lane == 0) mbar_arrive(empty + slot);
     steps += nks;
     if (sg == nseg - 1) {
-      // Sum the warps' partials of this row group (both 16-row tiles at once: two named barriers a group) in warp
-      // order into the stage.
+      // Sum the warps' partials of this row group in warp order into the stage, one 16-row tile at a time.
       float* red = SM_MMR;
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-          float* r = red + ((rt * MK_CW + warp) * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
+          float* r = red + (warp * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
           r[0] = acc[rt][nt][0];
           r[1] = acc[rt][nt][1];
           r[8 * RED_TOK] = acc[rt][nt][2];
@@ -747,24 +746,22 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
           for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
         }
-      }
-      consumers_sync();
-      // Only the tiles' tokens (tn: 0 when a tile has no valid rows), not all of their MMA columns.
-      const int n0 = 16 * tn[0];
-      for (int e = threadIdx.x; e < n0 + 16 * tn[1]; e += MK_CW * 32) {
-        const int rt = e < n0 ? 0 : 1, er = e - rt * n0, nn = tn[rt];
-        const int row = (int)((unsigned)er / (unsigned)nn), j = er - row * nn;
-        int col, n, xl, u;
-        if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, u) && j < n) {
-          const float* rr = red + (rt * MK_CW * 16 + row) * RED_TOK + j;
-          float sum = 0.f;
+        consumers_sync();
+        // Only the tile's tokens (tn: 0 when it has no valid rows), not all of its MMA columns.
+        const int nn = tn[rt];
+        for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
+          const int row = (int)((unsigned)e / (unsigned)nn), j = e - row * nn;
+          int col, n, xl, u;
+          if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, u) && j < n) {
+            float sum = 0.f;
 #pragma unroll
-          for (int w = 0; w < MK_CW; w++) sum += rr[w * 16 * RED_TOK];
-          const int orow = xl >= 0 ? d.ml[xl + j] : j;
-          stage[orow * d.sstride + col] += sum;
+            for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
+            const int orow = xl >= 0 ? d.ml[xl + j] : j;
+            stage[orow * d.sstride + col] += sum;
+          }
         }
+        consumers_sync();
       }
-      consumers_sync();
     }
   }
   if (stat && threadIdx.x == 0) {
