@@ -324,7 +324,7 @@ extern __shared__ __align__(128) float mk_smem[];            // dynamic: [ring |
 __shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
 __shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_consume)
 __shared__ int mk_prof_on;
-__shared__ int mk_flags[4];  // [0]: the instruction's activations are in xs; [1]: SM_IV holds the routing of this buffer
+__shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
 // routing lists and the consumer warps' partial sums, all at compile-time offsets of the dynamic shared memory.
