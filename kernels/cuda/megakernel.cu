@@ -304,6 +304,9 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 // care): lane quad t holds elements 8t .. 8t + 7, paired (8t + q, 8t + q + 4), q < 4, which is what makes the
 // MXFP4 decode cheap (the two nibbles of a pair sit 16 bits apart, like the two halves of an f16x2).
 
+#ifndef MK_PHASE
+#define MK_PHASE 0
+#endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -334,7 +337,7 @@ __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV hold
 #define SM_INV (SM_RED + MK_THREADS)
 #define SM_IV (reinterpret_cast<int*>(SM_INV + MK_MAX_T))
 #define IV_LEN 1600
-#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [MK_CW][16][RED_TOK]: one MMA tile's partials
+#define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [2][MK_CW][32][8] or [MK_CW][16][RED_TOK] partials
 
 __device__ __forceinline__ unsigned int smem_u32(const void* p) {
   return (unsigned int)__cvta_generic_to_shared(p);
@@ -454,10 +457,25 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], unsigned int a0, unsigned
 // MXFP4 (one word, element e in nibble e): the magnitudes index a register table of E2M1 values (f16 high
 // bytes; the low bytes are zero) with one byte permute per four, a second permute places the pair, and the sign
 // bits (which sit 16 apart, like the pair) are or-ed in.
+#ifndef MK_FASTSCALE
+#define MK_FASTSCALE 1
+#endif
+#if MK_FASTSCALE
+// The table holds half of each E2M1 magnitude ({0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3}, exact in f16) and the
+// E8M0 scale is taken doubled, 2^(e - 126) = float((e + 1) << 23): one IMAD instead of a compare and select for
+// e = 0 (2^-127 is subnormal), and still exact for every e < 254 (254 would overflow to inf).
+#define FP4_TAB0 0x3A383400u
+#define FP4_TAB1 0x42403E3Cu
+__device__ __forceinline__ float e8m0_x2(unsigned int b) { return __uint_as_float(b * 0x800000u + 0x800000u); }
+#else
+#define FP4_TAB0 0x3E3C3800u
+#define FP4_TAB1 0x46444240u
+__device__ __forceinline__ float e8m0_x2(unsigned int b) { return e8m0_to_f32(b); }
+#endif
 __device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) {
   const unsigned int m = w & 0x77777777u;
-  const unsigned int r0 = prmt(0x3E3C3800u, 0x46444240u, m);        // |e0..e3| as f16 high bytes
-  const unsigned int r1 = prmt(0x3E3C3800u, 0x46444240u, m >> 16);  // |e4..e7|
+  const unsigned int r0 = prmt(FP4_TAB0, FP4_TAB1, m);        // |e0..e3| as f16 high bytes
+  const unsigned int r1 = prmt(FP4_TAB0, FP4_TAB1, m >> 16);  // |e4..e7|
   p[0] = prmt(r0, r1, 0x4808u) | ((w << 12) & 0x80008000u);
   p[1] = prmt(r0, r1, 0x5818u) | ((w << 8) & 0x80008000u);
   p[2] = prmt(r0, r1, 0x6828u) | ((w << 4) & 0x80008000u);
@@ -576,6 +594,42 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
   return max(0, ce - cb);
 }
 
+// One lane's share of K step ks of a chunk for both row tiles: the weights of rows gq and gq + 8 decoded to f16
+// pairs (pa: row gq, pb: row gq + 8) and their scales (sa, sb).
+template <int FMT, bool SRING>
+__device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, const uint8_t* const (&spr)[2][2],
+                                             int k0, int kk, int ks, unsigned int (&pa)[2][4],
+                                             unsigned int (&pb)[2][4], float (&sa)[2], float (&sbv)[2]) {
+  constexpr int SB = RingFmt<FMT>::SB;
+  constexpr int PITCH = RingFmt<FMT>::PITCH;
+#pragma unroll
+  for (int rt = 0; rt < 2; rt++) {
+    const unsigned int wa = wb + (rt * 16) * PITCH + ks * SB;
+    if (FMT == FMT_MXFP4) {
+      fp4_pairs(lds32(wa), pa[rt]);
+      fp4_pairs(lds32(wa + 8 * PITCH), pb[rt]);
+      if (SRING) {
+        const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
+        sa[rt] = e8m0_x2(lds8(sr));
+        sbv[rt] = e8m0_x2(lds8(sr + 8 * RING_SSTR));
+      } else {
+        sa[rt] = e8m0_x2(__ldg(spr[rt][0] + (k0 + kk) / 32));
+        sbv[rt] = e8m0_x2(__ldg(spr[rt][1] + (k0 + kk) / 32));
+      }
+    } else if (FMT == FMT_F8) {
+      fp8_pairs(lds64(wa), pa[rt]);
+      fp8_pairs(lds64(wa + 8 * PITCH), pb[rt]);
+      sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
+      sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
+    } else {
+      bf16_pairs(lds128(wa), pa[rt]);
+      bf16_pairs(lds128(wa + 8 * PITCH), pb[rt]);
+      sa[rt] = 1.f;
+      sbv[rt] = 1.f;
+    }
+  }
+}
+
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -583,8 +637,6 @@ template <int FMT, int NT, bool SAME, bool SRING>
 __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, const unsigned int (&xa)[2][NT],
                                           const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
                                           float (&acc)[2][NT][4]) {
-  constexpr int SB = RingFmt<FMT>::SB;
-  constexpr int PITCH = RingFmt<FMT>::PITCH;
 #pragma unroll 2
   for (int ks = ks0; ks < nks; ks += MK_CW) {
     const int kk = kseg + ks * 32;  // element offset of the step inside [k0, k0 + kc)
@@ -601,32 +653,7 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, cons
       }
     unsigned int pa[2][4], pb[2][4];
     float sa[2], sbv[2];
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++) {
-      const unsigned int wa = wb + (rt * 16) * PITCH + ks * SB;
-      if (FMT == FMT_MXFP4) {
-        fp4_pairs(lds32(wa), pa[rt]);
-        fp4_pairs(lds32(wa + 8 * PITCH), pb[rt]);
-        if (SRING) {
-          const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
-          sa[rt] = e8m0_to_f32(lds8(sr));
-          sbv[rt] = e8m0_to_f32(lds8(sr + 8 * RING_SSTR));
-        } else {
-          sa[rt] = e8m0_to_f32(__ldg(spr[rt][0] + (k0 + kk) / 32));
-          sbv[rt] = e8m0_to_f32(__ldg(spr[rt][1] + (k0 + kk) / 32));
-        }
-      } else if (FMT == FMT_F8) {
-        fp8_pairs(lds64(wa), pa[rt]);
-        fp8_pairs(lds64(wa + 8 * PITCH), pb[rt]);
-        sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
-        sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
-      } else {
-        bf16_pairs(lds128(wa), pa[rt]);
-        bf16_pairs(lds128(wa + 8 * PITCH), pb[rt]);
-        sa[rt] = 1.f;
-        sbv[rt] = 1.f;
-      }
-    }
+    step_weights<FMT, SRING>(wb, sb, spr, k0, kk, ks, pa, pb, sa, sbv);
 #pragma unroll
     for (int rt = 0; rt < 2; rt++)
 #pragma unroll
@@ -645,18 +672,60 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, cons
   }
 }
 
+#ifndef MK_PACK
+#define MK_PACK 1
+#endif
+// Up to 4 tokens per row tile: the hi and lo activation halves ride in the MMA's N dimension (column j < 4: hi
+// of token j, column 4 + j: its lo), so a step is two MMAs per row tile instead of four and one activation load.
+// Lane (gq, tq) loads column gq's half (xa already points at it); the accumulators hold hi columns in lanes
+// tq < 2 and lo columns in lanes tq >= 2, added when the row group ends (lanes tq and tq ^ 2).
+template <int FMT, bool SAME, bool SRING>
+__device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int sb, const unsigned int (&xa)[2][1],
+                                                 const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0,
+                                                 int nks, float (&acc)[2][1][4]) {
+#pragma unroll 2
+  for (int ks = ks0; ks < nks; ks += MK_CW) {
+    const int kk = kseg + ks * 32;
+    uint4 b[2];
+#pragma unroll
+    for (int rt = 0; rt < (SAME ? 1 : 2); rt++)
+      b[rt] = xa[rt][0] != ~0u ? lds128(xa[rt][0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+    unsigned int pa[2][4], pb[2][4];
+    float sa[2], sbv[2];
+    step_weights<FMT, SRING>(wb, sb, spr, k0, kk, ks, pa, pb, sa, sbv);
+#pragma unroll
+    for (int rt = 0; rt < 2; rt++) {
+      const uint4 bb = b[SAME ? 0 : rt];
+      float th[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_f16(th, pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb.x, bb.y);
+      mma_f16(th, pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb.z, bb.w);
+      acc[rt][0][0] += th[0] * sa[rt];
+      acc[rt][0][1] += th[1] * sa[rt];
+      acc[rt][0][2] += th[2] * sbv[rt];
+      acc[rt][0][3] += th[3] * sbv[rt];
+    }
+  }
+}
+
+#ifndef MK_SUM1
+#define MK_SUM1 1
+#endif
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
+// The cross-warp sum at the end of a row group: with NT = 1 each warp writes both tiles' partials into one half
+// of a double buffer (halves alternate by group), one named barrier, then the consumers add them up in warp
+// order; the next group writes the other half, and the group after that passes the next group's barrier first,
+// so no second barrier is needed. NT = 2 sums one 16-row tile at a time (two barriers each).
 template <int FMT, int NT>
 __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
                                           unsigned int it, bool sring) {
-  constexpr int SB = RingFmt<FMT>::SB;
-  constexpr int PITCH = RingFmt<FMT>::PITCH;
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
   unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;  // MMA fragment row group and quad lane
+  constexpr int SB = RingFmt<FMT>::SB;
+  constexpr int PITCH = RingFmt<FMT>::PITCH;
   const int kbytes = el_bytes<FMT>(kc);
   const int seg = min(RING_SEG, kbytes);
   const int nseg = (kbytes + seg - 1) / seg;
@@ -674,10 +743,10 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
-  // Per row group: each tile's token count (warp-uniform), whether it has valid rows, this lane's activation row
-  // address per column tile (~0u: none), and the global scale rows of this lane's two rows.
+  // Per row group: each tile's token count (warp-uniform), this lane's activation row address per column tile
+  // (~0u: none), the global scale rows of this lane's two rows, and whether the hi / lo halves are packed.
   int tn[2];
-  bool tv[2], same = true;
+  bool same = true, packed = false;
   unsigned int xa[2][NT];
   const uint8_t* spr[2][2];
   unsigned int steps = 0;  // K steps of this call dealt so far (the round-robin position)
@@ -686,6 +755,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     const unsigned int u = it + c;
     const int slot = u % RING_NS;
     if (sg == 0) {
+      int xl[2];
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
         const int r0 = g * RING_ROWS + rt * 16;
@@ -693,21 +763,27 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         const RowInfo rb = ring_row<FMT>(W, d, r0 + gq + 8, nrows);
         spr[rt][0] = ra.sp;
         spr[rt][1] = rb.sp;
-        tv[rt] = __any_sync(0xffffffffu, ra.ok || rb.ok);
-        int n = d.n, xl = -1;
+        const bool tv = __any_sync(0xffffffffu, ra.ok || rb.ok);
+        int n = d.n;
+        xl[rt] = -1;
         if (d.mode == 2) {
           const int uu = (int)((unsigned)min(r0, nrows - 1) / (unsigned)moe_colsp(d.cols));
           n = d.cnt[uu];
-          xl = d.mst[uu];
+          xl[rt] = d.mst[uu];
         }
-        tn[rt] = tv[rt] ? n : 0;
+        tn[rt] = tv ? n : 0;
+      }
+      packed = MK_PACK && NT == 1 && tn[0] <= 4 && tn[1] <= 4;
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-          const int j = nt * 8 + gq;
-          xa[rt][nt] = j < tn[rt] ? xsb + 4u * (unsigned int)((xl >= 0 ? d.xrow(xl, j) : j) * d.xstride) + 32u * tq
+          // Packed: lanes gq < 4 read token gq's hi half, lanes gq >= 4 token gq - 4's lo half.
+          const int j = packed ? (gq & 3) : nt * 8 + gq;
+          xa[rt][nt] = j < tn[rt] ? xsb + 4u * (unsigned int)((xl[rt] >= 0 ? d.xrow(xl[rt], j) : j) * d.xstride) +
+                                        32u * tq + (packed && gq >= 4 ? 16u : 0u)
                                   : ~0u;
         }
-      }
       same = tn[0] == tn[1];
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) same = same && __all_sync(0xffffffffu, xa[0][nt] == xa[1][nt]);
@@ -720,54 +796,109 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     const unsigned int wb = ringb + slot * RING_SLOT + gq * PITCH + tq * (SB / 4);
     const unsigned int sb = ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
     const int ks0 = (int)((warp + MK_CW - steps % MK_CW) % MK_CW);
-    // Four specializations: activation rows shared by both tiles or not; MXFP4 scales in the ring or global.
-    if (FMT == FMT_MXFP4 && sring) {
-      if (same) mma_steps<FMT, NT, true, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-      else mma_steps<FMT, NT, false, true>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-    } else {
-      if (same) mma_steps<FMT, NT, true, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
-      else mma_steps<FMT, NT, false, false>(wb, sb, xa, spr, k0, sg * segel, ks0, nks, acc);
+    const int kseg = sg * segel;
+    // Specializations: hi / lo packed or not; activation rows shared by both tiles or not; MXFP4 scales in the
+    // ring or global.
+    if constexpr (NT == 1) {
+      if (packed) {
+        if (FMT == FMT_MXFP4 && sring) {
+          if (same) mma_steps_packed<FMT, true, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+          else mma_steps_packed<FMT, false, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+        } else {
+          if (same) mma_steps_packed<FMT, true, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+          else mma_steps_packed<FMT, false, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+        }
+      }
+    }
+    if (!packed) {
+      if (FMT == FMT_MXFP4 && sring) {
+        if (same) mma_steps<FMT, NT, true, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+        else mma_steps<FMT, NT, false, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+      } else {
+        if (same) mma_steps<FMT, NT, true, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+        else mma_steps<FMT, NT, false, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
+      }
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + slot);
     steps += nks;
-    if (sg == nseg - 1) {
-      // Sum the warps' partials of this row group in warp order into the stage, one 16-row tile at a time.
-      float* red = SM_MMR;
+    if (sg != nseg - 1) continue;
+    if (packed) {
+      // Fold the lo columns into the hi ones (lane tq ^ 2 holds the same tokens' other half).
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[rt][0][e] += __shfl_xor_sync(0xffffffffu, acc[rt][0][e], 2);
+    }
+    if (NT == 1 && MK_SUM1) {
+      // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group.
+      float* red = SM_MMR + (g & 1) * (MK_CW * 32 * 8);
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
+        float* r = red + (warp * 32 + rt * 16 + gq) * 8 + 2 * tq;
+        r[0] = acc[rt][0][0];
+        r[1] = acc[rt][0][1];
+        r[64] = acc[rt][0][2];
+        r[65] = acc[rt][0][3];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          float* r = red + (warp * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
-          r[0] = acc[rt][nt][0];
-          r[1] = acc[rt][nt][1];
-          r[8 * RED_TOK] = acc[rt][nt][2];
-          r[8 * RED_TOK + 1] = acc[rt][nt][3];
-#pragma unroll
-          for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
-        }
-        consumers_sync();
-        // Only the tile's tokens (tn: 0 when it has no valid rows), not all of its MMA columns.
-        const int nn = tn[rt];
-        for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
-          const int row = (int)((unsigned)e / (unsigned)nn), j = e - row * nn;
-          int col, n, xl, u;
-          if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, u) && j < n) {
-            float sum = 0.f;
-#pragma unroll
-            for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
-            const int orow = xl >= 0 ? d.ml[xl + j] : j;
-            stage[orow * d.sstride + col] += sum;
-          }
-        }
-        consumers_sync();
+        for (int e = 0; e < 4; e++) acc[rt][0][e] = 0.f;
       }
+      consumers_sync();
+      // Only the tiles' tokens (tn: 0 when a tile has no valid rows); the summing threads rotate by group.
+      const int n0 = tn[0], tot = 16 * (tn[0] + tn[1]);
+      const int me = (int)(((unsigned)threadIdx.x + 32u * (unsigned)g) % (unsigned)(MK_CW * 32));
+      for (int e = me; e < tot; e += MK_CW * 32) {
+        const int rt = e >= 16 * n0 ? 1 : 0;
+        const int nn = tn[rt], e2 = e - rt * 16 * n0;
+        const int row = (int)((unsigned)e2 / (unsigned)nn), j = e2 - row * nn;
+        int col, n, xl, uu;
+        if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
+          float sum = 0.f;
+#pragma unroll
+          for (int w = 0; w < MK_CW; w++) sum += red[(w * 32 + rt * 16 + row) * 8 + j];
+          const int orow = xl >= 0 ? d.ml[xl + j] : j;
+          stage[orow * d.sstride + col] += sum;
+        }
+      }
+      continue;
+    }
+    // Sum the warps' partials of this row group in warp order into the stage, one 16-row tile at a time.
+    float* red = SM_MMR;
+#pragma unroll
+    for (int rt = 0; rt < 2; rt++) {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        float* r = red + (warp * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
+        r[0] = acc[rt][nt][0];
+        r[1] = acc[rt][nt][1];
+        r[8 * RED_TOK] = acc[rt][nt][2];
+        r[8 * RED_TOK + 1] = acc[rt][nt][3];
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
+      }
+      consumers_sync();
+      // Only the tile's tokens (tn: 0 when it has no valid rows), not all of its MMA columns.
+      const int nn = tn[rt];
+      for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
+        const int row = (int)((unsigned)e / (unsigned)nn), j = e - row * nn;
+        int col, n, xl, uu;
+        if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
+          float sum = 0.f;
+#pragma unroll
+          for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
+          const int orow = xl >= 0 ? d.ml[xl + j] : j;
+          stage[orow * d.sstride + col] += sum;
+        }
+      }
+      consumers_sync();
     }
   }
   if (stat && threadIdx.x == 0) {
     stat[0] += twait;
     stat[1] += clock64() - tstart;
+#if !MK_PHASE
     stat[4] += gtimer() - gstart;
+#endif
   }
 }
 
@@ -1781,7 +1912,14 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
         prefetch_matmul(p, s, cur, first);
       }
       __syncthreads();
+#if MK_PHASE
+      // Experiment builds: the profile's ring column reports the per-instruction preparation time instead.
+      const unsigned long long tprep = p.prof && threadIdx.x == 0 ? gtimer() : 0;
       prep(p, s, cur);
+      if (p.prof && threadIdx.x == 0) mk_stat[4] += gtimer() - tprep;
+#else
+      prep(p, s, cur);
+#endif
       if (cur.op == OP_MOE_UP) {
         op_moe_up(p, s, cur);
       } else {

@@ -20,10 +20,10 @@ pub const RING_ROWS: usize = 32;
 /// Consumer warps of a block (`MK_CW`: all warps but the producer).
 pub const CONSUMER_WARPS: usize = THREADS / 32 - 1;
 
-/// Floats of the consumer warps' partial-sum buffer (`SM_MMR`: warps x one 16-row MMA tile x tokens rounded
-/// to 8).
+/// Floats of the consumer warps' partial-sum buffer (`SM_MMR`): up to 8 tokens a double buffer of warps x one
+/// 32-row group x 8 tokens; above 8, warps x one 16-row MMA tile x tokens rounded to 8.
 pub fn mmr_floats(max_tokens: usize) -> usize {
-    CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8
+    (CONSUMER_WARPS * 2 * 32 * 8).max(CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8)
 }
 pub const TILE_MAX: usize = 128;
 /// Most blocks one (token, head) of attention is split over (`ATTN_SMAX` in megakernel.cu).
