@@ -527,7 +527,7 @@ struct Smem {
   unsigned int ring_it;  // chunks this block has streamed through the weight ring so far (same on every thread)
   // Producer warp only: chunks of the block's next ring call already issued ahead of it (see prefetch_matmul),
   // and that call's identity (checked when it comes).
-  int pre, pre_c0, pre_rows, pre_kc;
+  int pre, pre_c0, pre_rows, pre_kc, pre_k0;
 };
 
 // Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
@@ -916,7 +916,7 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
   const TileRows& d = mk_tile;
   const int warp = threadIdx.x >> 5;
   if (warp == MK_CW) {
-    if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || k0 != 0)) __trap();
+    if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0)) __trap();
     ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
     s.pre = 0;
   } else if (T <= 8) {
@@ -1045,15 +1045,27 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
   }
   __syncthreads();
   if (vec) {
-    const int q = K / 4;
-    for (int i = threadIdx.x; i < T * q; i += MK_THREADS) {
-      const int t = i / q, c = i - t * q;
-      const float4 g = __ldg(reinterpret_cast<const float4*>(normw) + c);
-      float4* x = reinterpret_cast<float4*>(SM_XS + t * xstride) + c;
-      const float f = SM_INV[t];
-      float4 v = *x;
-      v.x *= f * g.x; v.y *= f * g.y; v.z *= f * g.z; v.w *= f * g.w;
-      *x = v;
+    // Four norm-weight loads in flight per thread before any use (one memory latency, not four).
+    const unsigned int q = K / 4, tot = T * q;
+    for (unsigned int i0 = threadIdx.x; i0 < tot; i0 += 4 * MK_THREADS) {
+      float4 g[4];
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        const unsigned int i = i0 + u * MK_THREADS;
+        if (i < tot) g[u] = __ldg(reinterpret_cast<const float4*>(normw) + (i % q));
+      }
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        const unsigned int i = i0 + u * MK_THREADS;
+        if (i < tot) {
+          const unsigned int t = i / q, c = i - t * q;
+          float4* x = reinterpret_cast<float4*>(SM_XS + t * xstride) + c;
+          const float f = SM_INV[t];
+          float4 v = *x;
+          v.x *= f * g[u].x; v.y *= f * g[u].y; v.z *= f * g[u].z; v.w *= f * g[u].w;
+          *x = v;
+        }
+      }
     }
   } else {
     for (int i = threadIdx.x; i < T * K; i += MK_THREADS) {
@@ -1162,7 +1174,7 @@ __device__ __noinline__ void prefetch_matmul(const Params& p, Smem& s, const DIn
     case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
     default: break;
   }
-  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc;
+  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc; s.pre_k0 = 0;
 }
 
 __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
@@ -1415,11 +1427,40 @@ __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, 
 // scratch[w2 + (ks * T + t) * E + e]. The MoE instructions add the splits in order and pick the experts
 // themselves (route_tokens), so routing costs no single-block step on the critical path. A fused RMSNorm
 // prologue normalizes the activations as they load (prep computed each token's factor).
-__device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int tile) {
+// Geometry of router tile `tile`: its weight rows and K split (the activation side is set by op_router).
+__device__ __forceinline__ void router_geom(const Params& p, const DInstr& I, int tile, TileRows& d, int& k0, int& kc,
+                                            int& rows) {
   const int nks = (int)I.ws2;
   const int rt = tile / nks, ks = tile - rt * nks;
-  const int k0 = ks * I.n, kc = min(I.n, I.k - k0);
-  const int r0 = rt * I.tile_rows, rows = min(I.tile_rows, I.E - r0);
+  k0 = ks * I.n;
+  kc = min(I.n, I.k - k0);
+  const int r0 = rt * I.tile_rows;
+  rows = min(I.tile_rows, I.E - r0);
+  d = TileRows{};
+  d.mode = 0; d.c0 = r0; d.cols = rows; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
+  d.sstride = I.tile_rows;
+}
+
+// Producer warp: the first chunks of router tile `tile` while the block waits for the router's input.
+__device__ __noinline__ void prefetch_router(const Params& p, Smem& s, const DInstr& I, int tile) {
+  TileRows d;
+  int k0, kc, rows;
+  router_geom(p, I, tile, d, k0, kc, rows);
+  int n = 0;
+  switch (I.fmt) {
+    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, rows, s.ring_it, 0, RING_NS); break;
+    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, rows, s.ring_it, 0, RING_NS); break;
+    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, rows, s.ring_it, 0, RING_NS); break;
+    default: break;
+  }
+  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = rows; s.pre_kc = kc; s.pre_k0 = k0;
+}
+
+__device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int tile) {
+  TileRows d;
+  int k0, kc, rows;
+  router_geom(p, I, tile, d, k0, kc, rows);
+  const int r0 = d.c0;
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   const float* xs = SM_XS + k0;  // resident rows (prep): row t at t * I.k, this split's columns from k0
   int xstride = I.k;
@@ -1431,12 +1472,10 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
   }
   for (int i = threadIdx.x; i < p.T * I.tile_rows; i += MK_THREADS) SM_STAGE[i] = 0.f;
   __syncthreads();
-  TileRows d{};
-  d.mode = 0; d.c0 = r0; d.cols = rows; d.split = 0; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
-  d.xstride = xstride; d.sstride = I.tile_rows;
+  d.xstride = xstride;
   rows_dot(I.fmt, p.weights, d, k0, kc, xs, rows, SM_STAGE, p.T, s);
   __syncthreads();
-  float* part = p.scratch + I.w2 + (long long)ks * p.T * I.E;
+  float* part = p.scratch + I.w2 + (long long)(k0 / I.n) * p.T * I.E;  // this K split's partial logits
   for (int i = threadIdx.x; i < p.T * rows; i += MK_THREADS) {
     const int t = i / rows, r = i - t * rows;
     part[t * I.E + r0 + r] = SM_STAGE[t * I.tile_rows + r];
@@ -1834,11 +1873,28 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
 // Per-instruction preparation, run by every block that works on the instruction: activations that all of the
 // block's tiles share are loaded into shared memory once (normalized in place for a fused RMSNorm), and the MoE
 // routing lists are built.
+// What the shared activation buffer holds after a resident matmul / router preparation (x, xw, k, normw low and
+// high words, fragment order), so that the next instruction reading the same rows the same way (q, k and v of an
+// attention layer) skips the load, the norm and the rewrite. x = -1: nothing reusable.
+__shared__ int mk_xkey[6];
+
 __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
-  if (threadIdx.x == 0) mk_flags[0] = 0;
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
-  if (I.op == OP_MATMUL || I.op == OP_ROUTER) {
-    if ((long long)p.T * I.k <= MK_XS) {
+  const bool res = (I.op == OP_MATMUL || I.op == OP_ROUTER) && (long long)p.T * I.k <= MK_XS;
+  const int key[6] = {I.x, I.xw, I.k, (int)(I.normw & 0xffffffff), (int)(I.normw >> 32), mma_fmt(I.fmt) ? 1 : 0};
+  bool hit = res;
+#pragma unroll
+  for (int i = 0; i < 6; i++) hit = hit && mk_xkey[i] == key[i];
+  __syncthreads();  // every thread has read the key
+  if (threadIdx.x == 0) {
+    mk_flags[0] = 0;
+#pragma unroll
+    for (int i = 0; i < 6; i++) mk_xkey[i] = res ? key[i] : -1;  // anything else may overwrite the buffer
+  }
+  if (hit) {
+    if (threadIdx.x == 0) mk_flags[0] = 1;
+  } else if (I.op == OP_MATMUL || I.op == OP_ROUTER) {
+    if (res) {
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, false);
       if (normw) {
         __syncthreads();
@@ -1871,7 +1927,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
   Smem s;
   s.ring_it = 0;
-  s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0;
+  s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
       mbar_init(mk_bars + i, 1);
@@ -1882,6 +1938,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   }
   if (threadIdx.x < 5) mk_stat[threadIdx.x] = 0;
   if (threadIdx.x == 0) mk_flags[1] = -1;
+  if (threadIdx.x < 6) mk_xkey[threadIdx.x] = -1;
   __shared__ DInstr cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;
@@ -1908,8 +1965,9 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
           while (ld_acquire(c) < target) __nanosleep(32);
         }
         if (p.prof) t1 = gtimer();
-      } else if ((threadIdx.x >> 5) == MK_CW && cur.op == OP_MATMUL && mma_fmt(cur.fmt)) {
-        prefetch_matmul(p, s, cur, first);
+      } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
+        if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
+        else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
       __syncthreads();
 #if MK_PHASE
