@@ -35,15 +35,18 @@ if has verify; then
   $B/mimoc make-tiny "$W/moe" --arch moe --seed 3 >/dev/null
   $B/mimoc make-tiny "$W/dense" --arch dense --seed 4 >/dev/null
   $B/mimoc make-tiny "$W/moe8" --arch moe --seed 5 --fp8 >/dev/null
-  VARIANTS=${MIMO_VERIFY:-"moe: moe:--no-fuse moe:--experts_bf16 moe:--dense_fp8 moe:--max-tokens_4 dense: dense:--no-fuse moe8:"}
+  # Each entry: [ENV=VALUE@]checkpoint:mimoc-flags ('_' for spaces); the environment applies to mimort (e.g. the
+  # MIMO_MOE_DOWN_EM=1 knob, which forces MoE down's expert-major mode on plans too small to need it).
+  VARIANTS=${MIMO_VERIFY:-"moe: moe:--no-fuse moe:--experts_bf16 moe:--dense_fp8 moe:--max-tokens_4 dense: dense:--no-fuse moe8: MIMO_MOE_DOWN_EM=1@moe: MIMO_MOE_DOWN_EM=1@moe:--max-tokens_4"}
   for v in $VARIANTS; do
+    envs=""; [[ $v == *@* ]] && { envs=${v%%@*}; v=${v#*@}; }
     v=${v//_/ }
-    ck=${v%%:*}; flags=${v#*:}; tag=$(echo "$ck $flags" | tr -c 'a-z0-9\n' '_')
+    ck=${v%%:*}; flags=${v#*:}; tag=$(echo "${envs:+$envs }$ck $flags" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '_')
     rm -rf "$W/p_$tag"
     if $B/mimoc compile "$W/$ck" -o "$W/p_$tag" $flags > "$W/compile_$tag.log" 2>&1; then
-      timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_$tag" --prefill 40 --decode 24 --json "$W/verify_$tag.json" > "$W/verify_$tag.log" 2>&1
+      timeout ${MIMO_VERIFY_TIMEOUT:-90} env $envs $B/mimort verify-gpu "$W/p_$tag" --prefill 40 --decode 24 --json "$W/verify_$tag.json" > "$W/verify_$tag.log" 2>&1
       rc=$?
-      echo "verify $ck $flags: rc=$rc $(tr -d '\n ' < "$W/verify_$tag.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
+      echo "verify ${envs:+$envs }$ck $flags: rc=$rc $(tr -d '\n ' < "$W/verify_$tag.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
       [ $rc -ne 0 ] && tail -5 "$W/verify_$tag.log" | tee -a "$OUT/summary.txt"
     else
       echo "compile $ck $flags FAILED"; tail -20 "$W/compile_$tag.log" | tee -a "$OUT/summary.txt"

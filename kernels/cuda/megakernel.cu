@@ -1080,21 +1080,30 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
 __device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw, int K, float eps) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const bool vec = ((K | xw | x) & 3) == 0;
-  for (int t = 0; t < p.T; t++) {
-    const float* row = p.arena + x + (long long)t * xw;
-    float a = 0.f;
-    if (vec) {
+  // Four tokens at a time, so that their loads are in flight together (one latency per four tokens).
+  for (int t0 = 0; t0 < p.T; t0 += 4) {
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      if (t0 + q >= p.T) break;
+      const float* row = p.arena + x + (long long)(t0 + q) * xw;
+      if (vec) {
 #pragma unroll 4
-      for (int k = 4 * threadIdx.x; k < K; k += 4 * MK_THREADS) {
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(row + k));
-        a += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-      }
-    } else {
+        for (int k = 4 * threadIdx.x; k < K; k += 4 * MK_THREADS) {
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(row + k));
+          a[q] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+      } else {
 #pragma unroll 8
-      for (int k = threadIdx.x; k < K; k += MK_THREADS) { const float v = ldcg(row + k); a += v * v; }
+        for (int k = threadIdx.x; k < K; k += MK_THREADS) { const float v = ldcg(row + k); a[q] += v * v; }
+      }
     }
-    a = warp_sum(a);
-    if (lane == 0) SM_RED[t * MK_WARPS + warp] = a;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      if (t0 + q >= p.T) break;
+      const float v = warp_sum(a[q]);
+      if (lane == 0) SM_RED[(t0 + q) * MK_WARPS + warp] = v;
+    }
   }
   __syncthreads();
   if (threadIdx.x < p.T) {
@@ -1765,6 +1774,75 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
   }
 }
 
+// DOWN, expert-major: when the routed pairs' activations do not all fit in shared memory (verify blocks; the
+// encoder's test knob forces it). Work item (u, cb) = routed expert u's down rows [cb * WC, + WC) against u's
+// members only, whose activations load once per item instead of once per 32-column tile; the unweighted outputs
+// y[pair][c] go to scratch[I.kv_k ...]. Items are dealt to every block round-robin; a per-column-block arrival
+// counter (scratch[I.kv_v + cb], reset by the last arrival) lets the last of column block cb's U items combine it:
+// out[t, c] = residual + sum_k w[t, k] * y[(t, k)][c], k ascending (the order of the per-tile path).
+__device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
+  return I.kv_k >= 0 && (I.heads == 1 || (long long)p.T * I.topk * I.inter > MK_XS);
+}
+
+__device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DInstr& I) {
+  const int U = SM_IV[IV_U], H = I.n, WC = I.window, G = gridDim.x;
+  const int ncb = (H + WC - 1) / WC;
+  const int* ids = SM_IV + IV_IDS;
+  const int* cnt = SM_IV + IV_CNT;
+  const int* mst = SM_IV + IV_MST;
+  const int* ml = SM_IV + IV_ML;
+  const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
+  float* y = p.scratch + I.kv_k;
+  unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.kv_v);
+  int first = ((int)blockIdx.x - I.rot) % G;
+  if (first < 0) first += G;
+  for (int item = first; item < U * ncb; item += G) {
+    const int u = item % U, cb = item / U;
+    const int m = cnt[u];
+    const int* mem = ml + mst[u];
+    const int c0 = cb * WC, cols = min(WC, H - c0);
+    long long we, wse;
+    expert_offsets(I.fmt, I.w, I.ws, ids[u], H, I.inter, &we, &wse);
+    const int kcw = chunk_width(I.inter, m);
+    TileRows d{};
+    d.mode = 1; d.c0 = c0; d.cols = cols; d.split = 0; d.w = we; d.ws = wse; d.K = I.inter; d.n = m;
+    d.xstride = kcw; d.sstride = WC;
+    __syncthreads();
+    for (int i = threadIdx.x; i < m * WC; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    for (int k0 = 0; k0 < I.inter; k0 += kcw) {
+      const int kc = min(kcw, I.inter - k0);
+      __syncthreads();
+      load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
+      __syncthreads();
+      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
+      const int j = i / cols, c = i - j * cols;
+      y[(long long)mem[j] * H + c0 + c] = SM_STAGE[j * WC + c];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      const unsigned int old = atomicAdd(ctr + cb, 1u);
+      mk_flags[2] = old == (unsigned int)(U - 1);
+      if (old == (unsigned int)(U - 1)) {
+        atomicExch(ctr + cb, 0u);  // every item of this column block arrived: ready for the next MoE
+        __threadfence();
+      }
+    }
+    __syncthreads();
+    if (!mk_flags[2]) continue;
+    for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+      const int t = i / cols, c = c0 + (i - t * cols);
+      float a = 0.f;
+      for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * ldcg(y + (long long)(t * I.topk + k) * H + c);
+      if (I.res >= 0) a = ldcg(p.arena + I.res + (long long)t * I.resw + c) + a;
+      p.arena[I.out + (long long)t * I.outw + c] = a;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Row-wise small ops: one tile = one token.
 __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& I, int t) {
@@ -1915,7 +1993,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     // The routing lists of the MoE up this block ran just before (same routing buffer) are still in SM_IV.
     if (mk_flags[1] != (int)I.aux) moe_unique(p, s, I);
     const int P = p.T * I.topk;
-    if ((long long)P * I.inter <= MK_XS) {
+    if ((long long)P * I.inter <= MK_XS && !moe_down_em(p, I)) {
       load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
       if (threadIdx.x == 0) mk_flags[0] = 1;
     }
@@ -1957,8 +2035,9 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     const int ntiles = (cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles) * (cur.op == OP_ATTN ? attn_splits(p.T, cur.nh) : 1);
     int first = ((int)blockIdx.x - cur.rot) % (int)G;
     if (first < 0) first += G;
-    // MoE up schedules its own work over every block (see op_moe_up).
-    if (first < ntiles || cur.op == OP_MOE_UP) {
+    // MoE up, and MoE down in expert-major mode, schedule their own work over every block.
+    const bool all = cur.op == OP_MOE_UP || (cur.op == OP_MOE_DOWN && moe_down_em(p, cur));
+    if (first < ntiles || all) {
       if (threadIdx.x == 0) {
         for (int d = 0; d < cur.ndeps; d++) {
           const unsigned int* c = p.done + cur.deps[d];
@@ -1980,6 +2059,8 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
 #endif
       if (cur.op == OP_MOE_UP) {
         op_moe_up(p, s, cur);
+      } else if (all) {
+        op_moe_down_em(p, s, cur);
       } else {
         for (int tile = first; tile < ntiles; tile += G) {
           switch (cur.op) {

@@ -205,6 +205,12 @@ pub struct Encoded {
     pub logits: (usize, usize),
 }
 
+/// Column block width of MoE down's expert-major mode: a routed expert's members (<= max_tokens) times the block
+/// fit the tile stage; at most 256 columns (8 ring row groups per work item).
+pub fn moe_down_cols(max_tokens: usize) -> usize {
+    (stage_floats(max_tokens) / max_tokens.max(1) / 32 * 32).clamp(32, 256)
+}
+
 /// Floats of the tile-output stage (`MK_STAGE`).
 pub fn stage_floats(max_tokens: usize) -> usize {
     (3 * max_tokens * TILE_MAX).max(1024)
@@ -284,12 +290,22 @@ pub fn encode(
     // Scratch (f32): [MoE up -> down activations | router partial logits | attention split counters | attention
     // split partials | LM-head sampling candidates].
     let mut moe_len = 0usize;
+    // MoE down, expert-major mode (see `moe_down_cols`): per-pair outputs and per-column-block counters.
+    let mut moe_y_len = 0usize;
+    let mut moe_ctr_len = 0usize;
     let mut router_len = 0usize;
     let mut attn_heads = 0usize;
     let mut attn_len = 0usize;
     for ins in &program.instrs {
         match ins {
-            Instr::Moe { top_k, inter, .. } => moe_len = moe_len.max(mt * top_k * inter),
+            Instr::Moe {
+                top_k, inter, down, ..
+            } => {
+                moe_len = moe_len.max(mt * top_k * inter);
+                let h = wd(*down).dims[1];
+                moe_y_len = moe_y_len.max(mt * top_k * h);
+                moe_ctr_len = moe_ctr_len.max(h.div_ceil(moe_down_cols(mt)));
+            }
             Instr::Router { w, spec, .. } => {
                 let k = wd(*w).dims[1];
                 router_len = router_len.max(router_splits(k).1 * mt * spec.n_experts);
@@ -304,7 +320,10 @@ pub fn encode(
     let router_off = moe_len;
     // Arrival counters sit just below the partials (the kernel indexes them downwards from the partials).
     let attn_off = router_off + router_len + attn_heads;
-    let cand_off = attn_off + attn_len;
+    let moe_y_off = attn_off + attn_len;
+    let moe_ctr_off = moe_y_off + moe_y_len;
+    let cand_off = moe_ctr_off + moe_ctr_len;
+    let force_em = std::env::var_os("MIMO_MOE_DOWN_EM").is_some_and(|v| v == "1");
     let mut scratch_len = cand_off;
     let mut lm_tiles = 0i32;
     let base = |op: i32| DInstr {
@@ -650,6 +669,13 @@ pub fn encode(
                 dd.tile_rows = 32;
                 route(&mut dd);
                 dd.ntiles = h.div_ceil(32) as i32;
+                // Expert-major mode (taken in the kernel when the pairs' activations do not fit in shared
+                // memory, or always with the MIMO_MOE_DOWN_EM=1 test knob): column block width, per-pair
+                // outputs and arrival counters in scratch.
+                dd.window = moe_down_cols(mt) as i32;
+                dd.kv_k = moe_y_off as i32;
+                dd.kv_v = moe_ctr_off as i32;
+                dd.heads = force_em as i32;
                 let mut reads = vec![Res::Scratch, arena(*routing)];
                 if let Some(r) = residual {
                     dd.res = bufs[*r as usize].offset as i32;
@@ -792,6 +818,11 @@ pub fn encode(
             d
         })
         .collect();
+    if scratch_len > i32::MAX as usize {
+        return Err(format!(
+            "device scratch of {scratch_len} floats exceeds the encoding's 32-bit offsets"
+        ));
+    }
     Ok(Encoded {
         instrs,
         kv,

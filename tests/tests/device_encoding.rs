@@ -3,7 +3,7 @@
 //! overlap. Runs without a GPU: it checks the descriptors the kernel will read.
 
 use mimo_ir::plan::{Instr, Plan};
-use mimo_kernels::device::{encode, op, DInstr, ATTN_SPLITS};
+use mimo_kernels::device::{encode, moe_down_cols, op, stage_floats, DInstr, ATTN_SPLITS};
 use mimo_models::config::Arch;
 use mimo_tests::util::{compile_bf16, tiny};
 
@@ -80,6 +80,19 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
                 let parts = heads * ATTN_SPLITS * (at.vd as usize + 2);
                 assert!(at.aux as usize + parts <= lm.aux as usize);
             }
+            // MoE down's expert-major mode: per-pair outputs (pairs x hidden) then one arrival counter per
+            // column block, after the attention partials and before the LM-head candidates; a routed expert's
+            // members times a column block fit the tile stage.
+            let (y, ctr, wc) = (dn.kv_k as usize, dn.kv_v as usize, dn.window as usize);
+            assert_eq!(wc, moe_down_cols(mt));
+            assert!(wc % 32 == 0 && mt * wc <= stage_floats(mt));
+            for (_, at) in of(ins, op::ATTN) {
+                let parts = mt * at.nh as usize * ATTN_SPLITS * (at.vd as usize + 2);
+                assert!(y >= at.aux as usize + parts);
+            }
+            assert!(y >= part_end && ctr >= y + mt * dn.topk as usize * dn.n as usize);
+            assert!(ctr + (dn.n as usize).div_ceil(wc) <= lm.aux as usize);
+            assert_eq!(dn.heads, 0, "expert-major forced without the test knob");
             assert!(lm.aux as usize >= part_end);
             assert!(lm.aux as usize + 2 * mt * lm.ntiles as usize <= enc.scratch_len);
             let am = of(ins, op::ARGMAX);
