@@ -528,6 +528,7 @@ struct Smem {
   // Producer warp only: chunks of the block's next ring call already issued ahead of it (see prefetch_matmul),
   // and that call's identity (checked when it comes).
   int pre, pre_c0, pre_rows, pre_kc, pre_k0;
+  long long pre_w;
 };
 
 // Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
@@ -916,7 +917,8 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
   const TileRows& d = mk_tile;
   const int warp = threadIdx.x >> 5;
   if (warp == MK_CW) {
-    if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0)) __trap();
+    if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
+      __trap();
     ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
     s.pre = 0;
   } else if (T <= 8) {
@@ -1169,6 +1171,21 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
   kc1 = (long long)p.T * I.k <= MK_XS ? I.k : min(I.k, chunk_width(I.k, p.T));
 }
 
+// Producer warp: issue the first ring chunks of the block's next ring call (weight rows of `d`, columns
+// [k0, k0 + kc)) ahead of it, into slots the block's previous ring call released; the call checks the identity.
+// Weights do not depend on activations, so this overlaps dependency waits, activation loads and epilogues.
+__device__ __noinline__ void prefetch_call(const Params& p, Smem& s, int fmt, const TileRows& d, int k0, int kc,
+                                           int nrows) {
+  int n = 0;
+  switch (fmt) {
+    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    default: break;
+  }
+  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc; s.pre_k0 = k0; s.pre_w = d.w;
+}
+
 // Producer warp: issue the first chunks of matmul tile `tile`'s first ring call ahead of it. Weights do not depend
 // on activations, so this runs while the block waits for the instruction's producers (or finishes the previous
 // tile's epilogue); the slots it fills were released by the block's previous ring call.
@@ -1176,14 +1193,7 @@ __device__ __noinline__ void prefetch_matmul(const Params& p, Smem& s, const DIn
   TileRows d;
   int nrows, kc;
   matmul_geom(p, I, tile, d, nrows, kc);
-  int n = 0;
-  switch (I.fmt) {
-    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
-    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
-    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, 0, kc, nrows, s.ring_it, 0, RING_NS); break;
-    default: break;
-  }
-  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc; s.pre_k0 = 0;
+  prefetch_call(p, s, I.fmt, d, 0, kc, nrows);
 }
 
 __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
@@ -1211,6 +1221,9 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
+      // The next K chunk's first weights stream in while the consumers load its activations.
+      if (producer && k0 + kcw < I.k && mma_fmt(I.fmt))
+        prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.k - k0 - kcw), nrows);
     }
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
@@ -1455,14 +1468,7 @@ __device__ __noinline__ void prefetch_router(const Params& p, Smem& s, const DIn
   TileRows d;
   int k0, kc, rows;
   router_geom(p, I, tile, d, k0, kc, rows);
-  int n = 0;
-  switch (I.fmt) {
-    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, rows, s.ring_it, 0, RING_NS); break;
-    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, rows, s.ring_it, 0, RING_NS); break;
-    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, rows, s.ring_it, 0, RING_NS); break;
-    default: break;
-  }
-  s.pre = n; s.pre_c0 = d.c0; s.pre_rows = rows; s.pre_kc = kc; s.pre_k0 = k0;
+  prefetch_call(p, s, I.fmt, d, k0, kc, rows);
 }
 
 __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I, int tile) {
@@ -1664,9 +1670,21 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   int u0, ustep, q, nb;
   if (U <= G) {
-    u0 = ((b + 1) * U - 1) / G;
-    const int st = u0 * G / U;
-    nb = (u0 + 1) * G / U - st;
+    // One block per routed expert, the other G - U shared in proportion to a cost of 8 + members (the expert's
+    // weights stream once whatever its members; members add activation chunks and MMA columns): expert u gets
+    // blocks [u + floor((G - U) C_u / C), u + 1 + floor((G - U) C_{u+1} / C)), C_u = its cost prefix sum.
+    int ctot = 0;
+    for (int u = 0; u < U; u++) ctot += 8 + cnt[u];
+    const long long R = G - U;
+    int cu = 0, st = 0;
+    u0 = U - 1;
+    for (int u = 0; u < U; u++) {
+      const int stn = u + 1 + (int)(R * (cu + 8 + cnt[u]) / ctot);
+      if (b < stn) { u0 = u; break; }
+      cu += 8 + cnt[u];
+      st = stn;
+    }
+    nb = u0 + 1 + (int)(R * (cu + 8 + cnt[u0]) / ctot) - st;
     q = b - st;
     ustep = U;
   } else {
@@ -1703,6 +1721,8 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
           load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
           __syncthreads();
           rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
+          if ((threadIdx.x >> 5) == MK_CW && k0 + kcw < I.k && mma_fmt(I.fmt))
+            prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.k - k0 - kcw), sstride);
         }
       }
       __syncthreads();
@@ -1815,6 +1835,8 @@ __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DIns
       load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
+      if ((threadIdx.x >> 5) == MK_CW && k0 + kcw < I.inter && mma_fmt(I.fmt))
+        prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.inter - k0 - kcw), cols);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
@@ -2005,7 +2027,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
   Smem s;
   s.ring_it = 0;
-  s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0;
+  s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0; s.pre_w = 0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
       mbar_init(mk_bars + i, 1);

@@ -320,9 +320,11 @@ pub fn encode(
     let router_off = moe_len;
     // Arrival counters sit just below the partials (the kernel indexes them downwards from the partials).
     let attn_off = router_off + router_len + attn_heads;
-    let moe_y_off = attn_off + attn_len;
-    let moe_ctr_off = moe_y_off + moe_y_len;
-    let cand_off = moe_ctr_off + moe_ctr_len;
+    // Regions after the attention partials start on 16-byte boundaries (the LM-head candidates are read as
+    // float2 pairs).
+    let moe_y_off = (attn_off + attn_len).next_multiple_of(4);
+    let moe_ctr_off = (moe_y_off + moe_y_len).next_multiple_of(4);
+    let cand_off = (moe_ctr_off + moe_ctr_len).next_multiple_of(4);
     let force_em = std::env::var_os("MIMO_MOE_DOWN_EM").is_some_and(|v| v == "1");
     let mut scratch_len = cand_off;
     let mut lm_tiles = 0i32;

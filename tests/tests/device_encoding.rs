@@ -94,6 +94,8 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
             assert!(ctr + (dn.n as usize).div_ceil(wc) <= lm.aux as usize);
             assert_eq!(dn.heads, 0, "expert-major forced without the test knob");
             assert!(lm.aux as usize >= part_end);
+            // The kernel reads the candidates as float2 pairs.
+            assert_eq!(lm.aux % 4, 0);
             assert!(lm.aux as usize + 2 * mt * lm.ntiles as usize <= enc.scratch_len);
             let am = of(ins, op::ARGMAX);
             assert_eq!(am.len(), 1);
