@@ -307,6 +307,12 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_PHASE
 #define MK_PHASE 0
 #endif
+#ifndef MK_MOEW
+#define MK_MOEW 1  // MoE-up blocks shared among experts by cost (0: equally)
+#endif
+#ifndef MK_CHUNKPRE
+#define MK_CHUNKPRE 1  // the next K chunk's weights prefetched in chunked matmul / MoE paths
+#endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -1174,7 +1180,7 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
 // Producer warp: issue the first ring chunks of the block's next ring call (weight rows of `d`, columns
 // [k0, k0 + kc)) ahead of it, into slots the block's previous ring call released; the call checks the identity.
 // Weights do not depend on activations, so this overlaps dependency waits, activation loads and epilogues.
-__device__ __noinline__ void prefetch_call(const Params& p, Smem& s, int fmt, const TileRows& d, int k0, int kc,
+__device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt, const TileRows& d, int k0, int kc,
                                            int nrows) {
   int n = 0;
   switch (fmt) {
@@ -1222,7 +1228,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
       // The next K chunk's first weights stream in while the consumers load its activations.
-      if (producer && k0 + kcw < I.k && mma_fmt(I.fmt))
+      if (MK_CHUNKPRE && producer && k0 + kcw < I.k && mma_fmt(I.fmt))
         prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.k - k0 - kcw), nrows);
     }
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
@@ -1669,7 +1675,13 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   // Fused RMSNorm prologue: prep left each token's 1 / rms in SM_INV.
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   int u0, ustep, q, nb;
-  if (U <= G) {
+  if (U <= G && !MK_MOEW) {
+    u0 = ((b + 1) * U - 1) / G;
+    const int st = u0 * G / U;
+    nb = (u0 + 1) * G / U - st;
+    q = b - st;
+    ustep = U;
+  } else if (U <= G) {
     // One block per routed expert, the other G - U shared in proportion to a cost of 8 + members (the expert's
     // weights stream once whatever its members; members add activation chunks and MMA columns): expert u gets
     // blocks [u + floor((G - U) C_u / C), u + 1 + floor((G - U) C_{u+1} / C)), C_u = its cost prefix sum.
@@ -1721,7 +1733,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
           load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
           __syncthreads();
           rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
-          if ((threadIdx.x >> 5) == MK_CW && k0 + kcw < I.k && mma_fmt(I.fmt))
+          if (MK_CHUNKPRE && (threadIdx.x >> 5) == MK_CW && k0 + kcw < I.k && mma_fmt(I.fmt))
             prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.k - k0 - kcw), sstride);
         }
       }
@@ -1835,7 +1847,7 @@ __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DIns
       load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
-      if ((threadIdx.x >> 5) == MK_CW && k0 + kcw < I.inter && mma_fmt(I.fmt))
+      if (MK_CHUNKPRE && (threadIdx.x >> 5) == MK_CW && k0 + kcw < I.inter && mma_fmt(I.fmt))
         prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.inter - k0 - kcw), cols);
     }
     __syncthreads();
