@@ -310,9 +310,6 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (0: equally)
 #endif
-#ifndef MK_CHUNKPRE
-#define MK_CHUNKPRE 1  // the next K chunk's weights prefetched in chunked matmul / MoE paths
-#endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -1227,9 +1224,6 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
-      // The next K chunk's first weights stream in while the consumers load its activations.
-      if (MK_CHUNKPRE && producer && k0 + kcw < I.k && mma_fmt(I.fmt))
-        prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.k - k0 - kcw), nrows);
     }
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
@@ -1733,8 +1727,6 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
           load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
           __syncthreads();
           rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
-          if (MK_CHUNKPRE && (threadIdx.x >> 5) == MK_CW && k0 + kcw < I.k && mma_fmt(I.fmt))
-            prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.k - k0 - kcw), sstride);
         }
       }
       __syncthreads();
@@ -1847,8 +1839,6 @@ __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DIns
       load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
       __syncthreads();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
-      if (MK_CHUNKPRE && (threadIdx.x >> 5) == MK_CW && k0 + kcw < I.inter && mma_fmt(I.fmt))
-        prefetch_call(p, s, I.fmt, d, k0 + kcw, min(kcw, I.inter - k0 - kcw), cols);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
