@@ -2101,9 +2101,11 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       t1 = t0;
     }
     // Completion: publish this block's share of instruction i (release orders all prior writes of the block).
+    // The descriptor is read before the barrier: past it, other threads already publish the next one.
+    const int routed = cur.op == OP_MOE_UP ? (int)cur.aux : -1;
     __syncthreads();
     if (threadIdx.x == 0) {
-      mk_flags[1] = cur.op == OP_MOE_UP ? (int)cur.aux : -1;  // SM_IV holds this MoE's routing lists
+      mk_flags[1] = routed;  // SM_IV holds this MoE's routing lists
       __threadfence();
       red_release(p.done + i, 1u);
       if (p.prof) {
