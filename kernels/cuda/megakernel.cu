@@ -923,7 +923,6 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
       __trap();
     ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
-    __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
     s.pre = 0;
   } else if (T <= 8) {
     ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
@@ -1187,7 +1186,6 @@ __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt,
     case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
     default: break;
   }
-  __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
   s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc; s.pre_k0 = k0; s.pre_w = d.w;
 }
 
@@ -1557,7 +1555,6 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
-    __syncwarp();  // every lane's reads of ch before lane 0 removes the winner (racecheck: warp-level WAR)
     if (lane == 0) {
       raw[k] = bi;
       rw[k] = lg[bi];
