@@ -1176,7 +1176,7 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
 
 // Producer warp: issue the first ring chunks of the block's next ring call (weight rows of `d`, columns
 // [k0, k0 + kc)) ahead of it, into slots the block's previous ring call released; the call checks the identity.
-// Weights do not depend on activations, so this overlaps dependency waits, activation loads and epilogues.
+// Weights do not depend on activations, so this overlaps dependency waits and the previous tile's epilogue.
 __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt, const TileRows& d, int k0, int kc,
                                            int nrows) {
   int n = 0;
@@ -1297,6 +1297,23 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   }
 }
 
+// Arrival counter of a split computation: the block's results are written (all threads, before the call); thread
+// 0 counts the block in and, when it is the n-th arrival, resets the counter for the next instruction. True in
+// every thread of the last block to arrive (which then combines the splits).
+__device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) {
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned int old = atomicAdd(ctr, 1u);
+    mk_flags[2] = old == n - 1;
+    if (old == n - 1) {
+      atomicExch(ctr, 0u);
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  return mk_flags[2];
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Attention. Tile = (token, head, split): when the forward has fewer (token, head) pairs than half the blocks,
 // each pair's visible positions are split into S contiguous ranges on different blocks (more loads in flight
@@ -1410,17 +1427,7 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   if (threadIdx.x == 0) { part[sp * (vd + 2)] = M; part[sp * (vd + 2) + 1] = L; }
   __syncthreads();
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th;  // counters below the partials
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned int old = atomicAdd(ctr, 1u);
-    mk_flags[2] = old == (unsigned int)(S - 1);
-    if (old == (unsigned int)(S - 1)) {
-      atomicExch(ctr, 0u);  // every split arrived: ready for the next attention instruction
-      __threadfence();
-    }
-  }
-  __syncthreads();
-  if (!mk_flags[2]) return;
+  if (!last_arrival(ctr, S)) return;
   float Mall = sink;
   for (int k = 0; k < S; k++) if (ldcg(part + k * (vd + 2) + 1) > 0.f) Mall = fmaxf(Mall, ldcg(part + k * (vd + 2)));
   float Lall = I.sinks >= 0 ? __expf(sink - Mall) : 0.f;
@@ -1846,17 +1853,7 @@ __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DIns
       y[(long long)mem[j] * H + c0 + c] = SM_STAGE[j * WC + c];
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      const unsigned int old = atomicAdd(ctr + cb, 1u);
-      mk_flags[2] = old == (unsigned int)(U - 1);
-      if (old == (unsigned int)(U - 1)) {
-        atomicExch(ctr + cb, 0u);  // every item of this column block arrived: ready for the next MoE
-        __threadfence();
-      }
-    }
-    __syncthreads();
-    if (!mk_flags[2]) continue;
+    if (!last_arrival(ctr + cb, U)) continue;
     for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
       const int t = i / cols, c = c0 + (i - t * cols);
       float a = 0.f;
@@ -1972,14 +1969,14 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Per-instruction preparation, run by every block that works on the instruction: activations that all of the
-// block's tiles share are loaded into shared memory once (normalized in place for a fused RMSNorm), and the MoE
-// routing lists are built.
 // What the shared activation buffer holds after a resident matmul / router preparation (x, xw, k, normw low and
 // high words, fragment order), so that the next instruction reading the same rows the same way (q, k and v of an
 // attention layer) skips the load, the norm and the rewrite. x = -1: nothing reusable.
 __shared__ int mk_xkey[6];
 
+// Per-instruction preparation, run by every block that works on the instruction: activations that all of the
+// block's tiles share are loaded into shared memory once (normalized in place for a fused RMSNorm) unless the
+// buffer already holds them (mk_xkey), and the MoE routing lists are built.
 __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   const bool res = (I.op == OP_MATMUL || I.op == OP_ROUTER) && (long long)p.T * I.k <= MK_XS;

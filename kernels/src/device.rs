@@ -288,7 +288,8 @@ pub fn encode(
     }
     let mut out: Vec<(DInstr, Vec<Res>, Vec<Res>)> = vec![];
     // Scratch (f32): [MoE up -> down activations | router partial logits | attention split counters | attention
-    // split partials | LM-head sampling candidates].
+    // split partials | MoE down expert-major per-pair outputs | their column-block counters | LM-head sampling
+    // candidates].
     let mut moe_len = 0usize;
     // MoE down, expert-major mode (see `moe_down_cols`): per-pair outputs and per-column-block counters.
     let mut moe_y_len = 0usize;

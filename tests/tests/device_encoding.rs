@@ -72,22 +72,19 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
                 .iter()
                 .find(|d| d.op == op::MATMUL && d.aux >= 0)
                 .expect("LM head with candidates");
-            // Attention split counters (one per token x head, just below the partials) and partials come
-            // after the router partials and before the LM-head candidates.
-            for (_, at) in of(ins, op::ATTN) {
-                let heads = mt * at.nh as usize;
-                assert!(at.aux as usize >= part_end + heads);
-                let parts = heads * ATTN_SPLITS * (at.vd as usize + 2);
-                assert!(at.aux as usize + parts <= lm.aux as usize);
-            }
             // MoE down's expert-major mode: per-pair outputs (pairs x hidden) then one arrival counter per
             // column block, after the attention partials and before the LM-head candidates; a routed expert's
             // members times a column block fit the tile stage.
             let (y, ctr, wc) = (dn.kv_k as usize, dn.kv_v as usize, dn.window as usize);
             assert_eq!(wc, moe_down_cols(mt));
             assert!(wc % 32 == 0 && mt * wc <= stage_floats(mt));
+            // Attention split counters (one per token x head, just below the partials) and partials come
+            // after the router partials and before the expert-major outputs and the LM-head candidates.
             for (_, at) in of(ins, op::ATTN) {
-                let parts = mt * at.nh as usize * ATTN_SPLITS * (at.vd as usize + 2);
+                let heads = mt * at.nh as usize;
+                assert!(at.aux as usize >= part_end + heads);
+                let parts = heads * ATTN_SPLITS * (at.vd as usize + 2);
+                assert!(at.aux as usize + parts <= lm.aux as usize);
                 assert!(y >= at.aux as usize + parts);
             }
             assert!(y >= part_end && ctr >= y + mt * dn.topk as usize * dn.n as usize);
