@@ -6,6 +6,7 @@
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
 # Stages (default all but ncu / variants): env verify sanitize hf bench bigverify peer ncu variants
+# sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
 # timed at T = 1 and 16 (results bench_NAME.json).
@@ -62,6 +63,12 @@ if has sanitize; then
       > "$W/san_$tool.log" 2>&1
     echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
   done
+  if [ "${MIMO_RACECHECK_ALL:-0}" = 1 ]; then
+    # Every hazard (warnings too), grouped by kind and by the two accesses.
+    timeout ${MIMO_SANITIZE_TIMEOUT:-240} compute-sanitizer --tool racecheck --racecheck-report all --print-limit 2000 \
+      $B/mimort verify-gpu "$W/p_moe_" --prefill 8 --decode 2 > "$W/race_all.log" 2>&1
+    python3 tools/race_summary.py "$W/race_all.log" | tee -a "$OUT/summary.txt"
+  fi
 fi
 
 if has hf; then
