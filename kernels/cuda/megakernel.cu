@@ -504,25 +504,44 @@ __device__ __forceinline__ void bf16_pairs(uint4 w, unsigned int (&p)[4]) {
   p[3] = pack_h2(bf16hi(w.y), bf16hi(w.w));
 }
 
-// Rewrite activation rows (nrows x width floats at xstride, width a multiple of 32) in place into B fragments:
-// the 8 floats x[8t .. 8t + 7] of each 32-element step become hi pairs (8t + q, 8t + q + 4) then lo pairs.
+// Eight activations x[8t .. 8t + 7] of a 32-element step as B fragments: hi pairs (8t + q, 8t + q + 4) in h, the
+// rounding residues (lo) in l; hi + lo carries ~22 bits of each float.
+__device__ __forceinline__ void frag8(const float (&v)[8], uint4& h, uint4& l) {
+  unsigned int hh[4], ll[4];
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    const __half2 a = __floats2half2_rn(v[q], v[q + 4]);
+    const float2 back = __half22float2(a);
+    hh[q] = *reinterpret_cast<const unsigned int*>(&a);
+    ll[q] = pack_h2(v[q] - back.x, v[q + 4] - back.y);
+  }
+  h = make_uint4(hh[0], hh[1], hh[2], hh[3]);
+  l = make_uint4(ll[0], ll[1], ll[2], ll[3]);
+}
+// Store eight floats at dst (32-byte aligned) as they are, or as B fragments (see frag8).
+__device__ __forceinline__ void store8(float* dst, const float (&v)[8], bool frag) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  if (frag) {
+    uint4 h, l;
+    frag8(v, h, l);
+    d[0] = h;
+    d[1] = l;
+  } else {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
+// Rewrite activation rows (nrows x width floats at xstride, width a multiple of 32) in place into B fragments
+// (the loaders write fragments directly; this serves their unaligned fallbacks).
 __device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int width) {
   const int per = width / 8;
   for (int i = threadIdx.x; i < nrows * per; i += MK_THREADS) {
     const int j = i / per, c = i - j * per;
-    float4* p = reinterpret_cast<float4*>(xs + j * xstride + 8 * c);
-    const float4 a = p[0], b = p[1];
+    float* p = xs + j * xstride + 8 * c;
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    unsigned int h[4], l[4];
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-      const __half2 hh = __floats2half2_rn(v[q], v[q + 4]);
-      const float2 back = __half22float2(hh);
-      h[q] = *reinterpret_cast<const unsigned int*>(&hh);
-      l[q] = pack_h2(v[q] - back.x, v[q + 4] - back.y);
-    }
-    reinterpret_cast<uint4*>(p)[0] = make_uint4(h[0], h[1], h[2], h[3]);
-    reinterpret_cast<uint4*>(p)[1] = make_uint4(l[0], l[1], l[2], l[3]);
+    store8(p, v, true);
   }
 }
 
@@ -923,6 +942,7 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
       __trap();
     ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
+    __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
     s.pre = 0;
   } else if (T <= 8) {
     ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
@@ -972,55 +992,139 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
 #define IV_BITS 1552
 
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
-// optionally scaled by inv[row(j)] * normw[k0 + kk] (inv is per source row: per token); with frag, rewritten into B-fragment order. 16-byte loads, 8 in
-// flight per thread.
+// optionally scaled by inv[row(j)] * normw[k0 + kk] (inv is per source row: per token); with frag, in B-fragment
+// order (frag8). Aligned rows go in units of 8 columns, four units per thread in flight with their norm weights
+// (one memory round trip per round), each unit normalized and converted on its way into shared memory.
 __device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
                           int xstride, float* xs, const float* inv, const float* normw, bool frag) {
-  bool vec = ((rs | k0 | kc | xstride) & 3) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
-             (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
+  const bool vec = ((rs | k0 | xstride) & 3) == 0 && (kc & 7) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
+                   (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
   if (vec) {
-    const int q = kc >> 2;
-    const int tot = nrows * q;
-    for (int b = threadIdx.x; b < tot; b += 8 * MK_THREADS) {
-      float4 v[8];
+    constexpr int U = 4;
+    const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
+    for (unsigned int b = threadIdx.x; b < tot; b += U * MK_THREADS) {
+      float4 v[U][2], g[U][2];
+      float f[U];
+      // Loads from a clamped unit index, so that every array element is assigned on every path (registers).
 #pragma unroll
-      for (int u = 0; u < 8; u++) {
-        int i = b + u * MK_THREADS;
-        if (i < tot) {
-          int j = i / q, c = i - j * q;
-          int row = list ? list[j] / div : j;
-          v[u] = __ldcg(reinterpret_cast<const float4*>(src + row * rs + k0) + c);
-        }
+      for (int u = 0; u < U; u++) {
+        const unsigned int i = min(b + u * MK_THREADS, tot - 1);
+        const unsigned int j = i / q, c = i - j * q;
+        const int row = list ? list[j] / div : (int)j;
+        const float4* sp = reinterpret_cast<const float4*>(src + row * rs + k0) + 2 * c;
+        v[u][0] = __ldcg(sp);
+        v[u][1] = __ldcg(sp + 1);
+        const float4* gp = normw ? reinterpret_cast<const float4*>(normw + k0) + 2 * c : sp;
+        g[u][0] = __ldg(gp);
+        g[u][1] = __ldg(gp + 1);
+        f[u] = normw ? inv[row] : 1.f;
       }
 #pragma unroll
-      for (int u = 0; u < 8; u++) {
-        int i = b + u * MK_THREADS;
+      for (int u = 0; u < U; u++) {
+        const unsigned int i = b + u * MK_THREADS;
         if (i < tot) {
-          int j = i / q, c = i - j * q;
-          float4 x = v[u];
+          const unsigned int j = i / q, c = i - j * q;
+          float x[8] = {v[u][0].x, v[u][0].y, v[u][0].z, v[u][0].w, v[u][1].x, v[u][1].y, v[u][1].z, v[u][1].w};
           if (normw) {
-            float4 g = __ldg(reinterpret_cast<const float4*>(normw + k0) + c);
-            float f = inv[list ? list[j] / div : j];
-            x.x *= f * g.x; x.y *= f * g.y; x.z *= f * g.z; x.w *= f * g.w;
+            const float gg[8] = {g[u][0].x, g[u][0].y, g[u][0].z, g[u][0].w, g[u][1].x, g[u][1].y, g[u][1].z, g[u][1].w};
+#pragma unroll
+            for (int e = 0; e < 8; e++) x[e] *= f[u] * gg[e];
           }
-          *reinterpret_cast<float4*>(xs + j * xstride + 4 * c) = x;
+          store8(xs + j * xstride + 8 * c, x, frag);
         }
       }
     }
-  } else {
-    for (int i = threadIdx.x; i < nrows * kc; i += MK_THREADS) {
-      int j = i / kc, k = i - j * kc;
-      int row = list ? list[j] / div : j;
-      float v = ldcg(src + row * rs + k0 + k);
-      if (normw) v *= inv[row] * __ldg(normw + k0 + k);
-      xs[j * xstride + k] = v;
-    }
+    return;
+  }
+  for (int i = threadIdx.x; i < nrows * kc; i += MK_THREADS) {
+    int j = i / kc, k = i - j * kc;
+    int row = list ? list[j] / div : j;
+    float v = ldcg(src + row * rs + k0 + k);
+    if (normw) v *= inv[row] * __ldg(normw + k0 + k);
+    xs[j * xstride + k] = v;
   }
   // Rows for the tensor-core ring go into B-fragment order (see xs_frag).
   if (frag) {
     __syncthreads();
     xs_frag(xs, nrows, xstride, kc);
   }
+}
+
+// The resident activations of a matmul / router (T rows of K at src, row stride rs, into xs at stride K), RMS-
+// normalized with normw when given and in B-fragment order with frag, in one memory round trip: every thread's
+// activation and norm-weight loads (at most MK_XS / 8 / MK_THREADS units of 8 columns) are issued together, the
+// norm weights held in registers across the block reduction of the sums of squares. False (nothing done) when
+// the rows are not 16-byte aligned; the caller then takes the general path.
+__device__ __noinline__ bool load_resident(const float* src, long long rs, int T, int K, float eps, const float* normw,
+                                           bool frag) {
+  if ((rs & 3) != 0 || (K & 7) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 ||
+      (normw && (reinterpret_cast<uintptr_t>(normw) & 15) != 0))
+    return false;
+  constexpr int U = (MK_XS / 8 + MK_THREADS - 1) / MK_THREADS;
+  static_assert(MK_XS / 8 <= 2 * MK_CW * 32 * 8, "per-unit sums fit the partial-sum buffer");
+  const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
+  float4 v[U][2], g[U][2];
+  // Loads from a clamped unit index, so that every array element is assigned on every path (registers).
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    const unsigned int i = min(threadIdx.x + u * MK_THREADS, tot - 1);
+    const unsigned int j = i / q, c = i - j * q;
+    const float4* sp = reinterpret_cast<const float4*>(src + j * rs) + 2 * c;
+    v[u][0] = __ldcg(sp);
+    v[u][1] = __ldcg(sp + 1);
+    const float4* gp = reinterpret_cast<const float4*>(normw ? normw : src) + 2 * c;
+    g[u][0] = __ldg(gp);
+    g[u][1] = __ldg(gp + 1);
+  }
+  if (!normw) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const unsigned int i = threadIdx.x + u * MK_THREADS;
+      if (i < tot) {
+        const unsigned int j = i / q, c = i - j * q;
+        const float x[8] = {v[u][0].x, v[u][0].y, v[u][0].z, v[u][0].w, v[u][1].x, v[u][1].y, v[u][1].z, v[u][1].w};
+        store8(SM_XS + j * K + 8 * c, x, frag);
+      }
+    }
+    return true;
+  }
+  // Raw rows into xs and sums of squares per unit into the partial-sum buffer (free during preparation), then
+  // per token in a fixed order; then each thread normalizes (and converts) its own units in place.
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    const unsigned int i = threadIdx.x + u * MK_THREADS;
+    if (i < tot) {
+      const unsigned int j = i / q, c = i - j * q;
+      float4* xp = reinterpret_cast<float4*>(SM_XS + j * K + 8 * c);
+      xp[0] = v[u][0];
+      xp[1] = v[u][1];
+      SM_MMR[i] = v[u][0].x * v[u][0].x + v[u][0].y * v[u][0].y + v[u][0].z * v[u][0].z + v[u][0].w * v[u][0].w +
+                  v[u][1].x * v[u][1].x + v[u][1].y * v[u][1].y + v[u][1].z * v[u][1].z + v[u][1].w * v[u][1].w;
+    }
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int t = warp; t < T; t += MK_WARPS) {
+    float a = 0.f;
+    for (unsigned int c = lane; c < q; c += 32) a += SM_MMR[t * q + c];
+    a = warp_sum(a);
+    if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    const unsigned int i = threadIdx.x + u * MK_THREADS;
+    if (i < tot) {
+      const unsigned int j = i / q, c = i - j * q;
+      float* xp = SM_XS + j * K + 8 * c;
+      const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
+      const float f = SM_INV[j];
+      const float x[8] = {a.x * (f * g[u][0].x), a.y * (f * g[u][0].y), a.z * (f * g[u][0].z), a.w * (f * g[u][0].w),
+                          b.x * (f * g[u][1].x), b.y * (f * g[u][1].y), b.z * (f * g[u][1].z), b.w * (f * g[u][1].w)};
+      store8(xp, x, frag);
+    }
+  }
+  return true;
 }
 
 // inv[t] = rsqrt(mean(x[t]^2) + eps) for rows resident in xs; then scale them by inv[t] * normw[k]. Every thread
@@ -1080,31 +1184,42 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
   }
 }
 
-// inv[t] = rsqrt(mean(x[t]^2) + eps) over K, read from global memory (activations not resident in xs). The whole
-// block reads each token's row with 16-byte loads, all in flight together (one memory latency per token).
+// inv[t] = rsqrt(mean(x[t]^2) + eps) over K, read from global memory (activations not resident in xs). Eight
+// tokens at a time, each thread's 16-byte loads of all eight rows (up to four per row) issued before any use: one
+// memory round trip per eight tokens and 4096 columns.
 __device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw, int K, float eps) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const bool vec = ((K | xw | x) & 3) == 0;
-  // Four tokens at a time, so that their loads are in flight together (one latency per four tokens).
-  for (int t0 = 0; t0 < p.T; t0 += 4) {
-    float a[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int t0 = 0; t0 < p.T; t0 += 8) {
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (vec) {
+      const unsigned int n4 = (unsigned int)K >> 2;
+      for (unsigned int kb = threadIdx.x; kb < n4; kb += 4 * MK_THREADS) {
+        // Clamped rows and columns (every element assigned on every path: registers), masked when added.
+        float4 v[8][4];
 #pragma unroll
-    for (int q = 0; q < 4; q++) {
-      if (t0 + q >= p.T) break;
-      const float* row = p.arena + x + (long long)(t0 + q) * xw;
-      if (vec) {
-#pragma unroll 4
-        for (int k = 4 * threadIdx.x; k < K; k += 4 * MK_THREADS) {
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(row + k));
-          a[q] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-        }
-      } else {
+        for (int q = 0; q < 8; q++)
+#pragma unroll
+          for (int u = 0; u < 4; u++) {
+            const unsigned int k = min(kb + u * MK_THREADS, n4 - 1);
+            v[q][u] = __ldcg(reinterpret_cast<const float4*>(p.arena + x + (long long)min(t0 + q, p.T - 1) * xw) + k);
+          }
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+#pragma unroll
+          for (int u = 0; u < 4; u++)
+            if (kb + u * MK_THREADS < n4)
+              a[q] += v[q][u].x * v[q][u].x + v[q][u].y * v[q][u].y + v[q][u].z * v[q][u].z + v[q][u].w * v[q][u].w;
+      }
+    } else {
+      for (int q = 0; q < 8 && t0 + q < p.T; q++) {
+        const float* row = p.arena + x + (long long)(t0 + q) * xw;
 #pragma unroll 8
         for (int k = threadIdx.x; k < K; k += MK_THREADS) { const float v = ldcg(row + k); a[q] += v * v; }
       }
     }
 #pragma unroll
-    for (int q = 0; q < 4; q++) {
+    for (int q = 0; q < 8; q++) {
       if (t0 + q >= p.T) break;
       const float v = warp_sum(a[q]);
       if (lane == 0) SM_RED[(t0 + q) * MK_WARPS + warp] = v;
@@ -1186,6 +1301,7 @@ __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt,
     case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
     default: break;
   }
+  __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
   s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc; s.pre_k0 = k0; s.pre_w = d.w;
 }
 
@@ -1562,6 +1678,7 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
+    __syncwarp();  // every lane's reads of ch before lane 0 removes the winner (racecheck: warp-level WAR)
     if (lane == 0) {
       raw[k] = bi;
       rw[k] = lg[bi];
@@ -1994,14 +2111,16 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     if (threadIdx.x == 0) mk_flags[0] = 1;
   } else if (I.op == OP_MATMUL || I.op == OP_ROUTER) {
     if (res) {
-      load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, false);
-      if (normw) {
-        __syncthreads();
-        rms_resident(s, p.T, I.k, I.k, I.eps, normw);
-      }
-      if (mma_fmt(I.fmt)) {
-        __syncthreads();
-        xs_frag(SM_XS, p.T, I.k, I.k);
+      if (!load_resident(p.arena + I.x, I.xw, p.T, I.k, I.eps, normw, mma_fmt(I.fmt))) {
+        load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, false);
+        if (normw) {
+          __syncthreads();
+          rms_resident(s, p.T, I.k, I.k, I.eps, normw);
+        }
+        if (mma_fmt(I.fmt)) {
+          __syncthreads();
+          xs_frag(SM_XS, p.T, I.k, I.k);
+        }
       }
       if (threadIdx.x == 0) mk_flags[0] = 1;
     } else if (normw) {
