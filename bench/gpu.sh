@@ -5,7 +5,7 @@
 # Binaries are built on the CI-like machine and carried (see bench/README.md):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
-# Stages (default all but ncu / variants): env verify sanitize hf bench bigverify peer ncu variants
+# Stages (default all but ncu / variants / racerepro): env verify sanitize racerepro hf bench bigverify peer ncu variants
 # sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
@@ -69,6 +69,19 @@ if has sanitize; then
       $B/mimort verify-gpu "$W/p_moe_" --prefill 8 --decode 2 > "$W/race_all.log" 2>&1
     python3 tools/race_summary.py "$W/race_all.log" | tee -a "$OUT/summary.txt"
   fi
+fi
+
+if has racerepro; then
+  # racecheck on minimal kernels of the megakernel's synchronization patterns (tools/racecheck_repro.cu): which of
+  # its reports the tool also makes on correct code.
+  log "racecheck on minimal kernels (tools/racecheck_repro.cu)"
+  nvcc -arch=sm_90a -o "$W/race_repro" tools/racecheck_repro.cu > "$W/race_repro_build.log" 2>&1 || tail -5 "$W/race_repro_build.log" | tee -a "$OUT/summary.txt"
+  for m in plain named ring; do
+    "$W/race_repro" $m 2>&1 | tee -a "$OUT/summary.txt"
+    compute-sanitizer --tool racecheck --racecheck-report all "$W/race_repro" $m > "$W/race_repro_$m.log" 2>&1
+    echo "racecheck $m: rc=$? $(grep -E 'RACECHECK SUMMARY' "$W/race_repro_$m.log" | tail -1)" | tee -a "$OUT/summary.txt"
+    grep -E "(Error|Warning):" -A3 "$W/race_repro_$m.log" | head -12 | tee -a "$OUT/summary.txt"
+  done
 fi
 
 if has hf; then

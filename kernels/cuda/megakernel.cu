@@ -84,11 +84,14 @@ struct Params {
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
 
-__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
+// Dependency counters: polled with relaxed loads (an acquire load invalidates the SM's L1 on every poll, local
+// memory included), then one acquire fence once the count is reached (the PTX acquire pattern).
+__device__ __forceinline__ unsigned int ld_relaxed(const unsigned int* p) {
   unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+__device__ __forceinline__ void fence_acquire() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 __device__ __forceinline__ void red_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -308,7 +311,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #define MK_PHASE 0
 #endif
 #ifndef MK_MOEW
-#define MK_MOEW 1  // MoE-up blocks shared among experts by cost (0: equally)
+#define MK_MOEW 2  // MoE-up items over blocks by cost (1: blocks shared among experts by cost, 0: equally)
 #endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
@@ -1782,16 +1785,82 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
 // UP: the block's share of (routed expert, column tile) work. Blocks are split into contiguous groups, one group
 // per routed expert, so a block loads its expert's member activations once and streams all of its column tiles
 // (batched as far as the stage holds them) through one pass of the weight ring. scratch[(t * topk + k) * inter + c] = silu(gate) * up for every member pair (t, k).
-__device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I) {
-  const int G = gridDim.x, b = blockIdx.x;
-  const int U = SM_IV[IV_U];
-  const int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
+// The SwiGLU column tiles q + j nb (j < nt) of routed expert u: gate and up rows, activations of its members
+// (normalized with normw by the factors prep left in SM_INV) resident when they fit, else in K chunks.
+__device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DInstr& I, const float* normw, int u,
+                                             int q, int nb, int nt) {
   const int* ids = SM_IV + IV_IDS;
   const int* cnt = SM_IV + IV_CNT;
   const int* mst = SM_IV + IV_MST;
   const int* ml = SM_IV + IV_ML;
+  const int m = cnt[u];
+  const int* mem = ml + mst[u];
+  long long we, wse;
+  expert_offsets(I.fmt, I.w, I.ws, ids[u], 2 * I.inter, I.k, &we, &wse);
+  const int kcw = chunk_width(I.k, m);
+  const bool full = kcw == I.k;
+  const int tr = I.tile_rows;
+  const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
+  __syncthreads();
+  if (full && nt > 0) {
+    load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
+  }
+  for (int jb = 0; jb < nt; jb += B) {
+    const int nbt = min(B, nt - jb);
+    const int sstride = nbt * 2 * tr;
+    TileRows d{};
+    d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
+    d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
+    for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    if (full) {
+      __syncthreads();
+      rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, s);
+    } else {
+      for (int k0 = 0; k0 < I.k; k0 += kcw) {
+        int kc = min(kcw, I.k - k0);
+        __syncthreads();
+        load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
+        __syncthreads();
+        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
+      const int jm = i / (nbt * tr), rem = i - jm * (nbt * tr);
+      const int j = rem / tr, c = rem - j * tr;
+      const int col = (q + (jb + j) * nb) * tr + c;
+      if (col >= I.inter) continue;
+      float g = SM_STAGE[jm * sstride + j * 2 * tr + c], uu = SM_STAGE[jm * sstride + j * 2 * tr + tr + c];
+      p.scratch[(long long)mem[jm] * I.inter + col] = silu_f(g) * uu;
+    }
+    __syncthreads();
+  }
+}
+
+__device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I) {
+  const int G = gridDim.x, b = blockIdx.x;
+  const int U = SM_IV[IV_U];
+  const int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
+  const int* cnt = SM_IV + IV_CNT;
   // Fused RMSNorm prologue: prep left each token's 1 / rms in SM_INV.
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+#if MK_MOEW == 2
+  // Items (expert u, column tile j) in expert-major order, each costing 8 + members (the tile's weights stream
+  // once whatever its members; members add activation loads and MMA columns). Block b takes the items whose cost
+  // prefix starts in [b C / G, (b + 1) C / G): contiguous tiles of one or a few experts, balanced to within one
+  // item whatever the member counts and however the experts divide among the blocks.
+  long long ctot = 0;
+  for (int u = 0; u < U; u++) ctot += (long long)ctiles * (8 + cnt[u]);
+  const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
+  long long pu = 0;
+  for (int u = 0; u < U && pu < hi; u++) {
+    const long long w = 8 + cnt[u];
+    const int j0 = lo <= pu ? 0 : (int)min((long long)ctiles, (lo - pu + w - 1) / w);
+    const int j1 = (int)min((long long)ctiles, (hi - pu + w - 1) / w);
+    pu += ctiles * w;
+    if (j1 > j0) moe_up_tiles(p, s, I, normw, u, j0, 1, j1 - j0);
+  }
+#else
   int u0, ustep, q, nb;
   if (U <= G && !MK_MOEW) {
     u0 = ((b + 1) * U - 1) / G;
@@ -1800,8 +1869,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     q = b - st;
     ustep = U;
   } else if (U <= G) {
-    // One block per routed expert, the other G - U shared in proportion to a cost of 8 + members (the expert's
-    // weights stream once whatever its members; members add activation chunks and MMA columns): expert u gets
+    // One block per routed expert, the other G - U shared in proportion to a cost of 8 + members: expert u gets
     // blocks [u + floor((G - U) C_u / C), u + 1 + floor((G - U) C_{u+1} / C)), C_u = its cost prefix sum.
     int ctot = 0;
     for (int u = 0; u < U; u++) ctot += 8 + cnt[u];
@@ -1820,51 +1888,9 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   } else {
     u0 = b; ustep = G; q = 0; nb = 1;
   }
-  for (int u = u0; u < U; u += ustep) {
-    const int m = cnt[u];
-    const int* mem = ml + mst[u];
-    long long we, wse;
-    expert_offsets(I.fmt, I.w, I.ws, ids[u], 2 * I.inter, I.k, &we, &wse);
-    const int kcw = chunk_width(I.k, m);
-    const bool full = kcw == I.k;
-    const int tr = I.tile_rows;
-    const int nt = q < ctiles ? (ctiles - q + nb - 1) / nb : 0;  // this block's column tiles of expert u
-    const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
-    __syncthreads();
-    if (full && nt > 0) {
-      load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
-    }
-    for (int jb = 0; jb < nt; jb += B) {
-      const int nbt = min(B, nt - jb);
-      const int sstride = nbt * 2 * tr;
-      TileRows d{};
-      d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
-      d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
-      for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
-      if (full) {
-        __syncthreads();
-        rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, s);
-      } else {
-        for (int k0 = 0; k0 < I.k; k0 += kcw) {
-          int kc = min(kcw, I.k - k0);
-          __syncthreads();
-          load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
-          __syncthreads();
-          rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
-        }
-      }
-      __syncthreads();
-      for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
-        const int jm = i / (nbt * tr), rem = i - jm * (nbt * tr);
-        const int j = rem / tr, c = rem - j * tr;
-        const int col = (q + (jb + j) * nb) * tr + c;
-        if (col >= I.inter) continue;
-        float g = SM_STAGE[jm * sstride + j * 2 * tr + c], uu = SM_STAGE[jm * sstride + j * 2 * tr + tr + c];
-        p.scratch[(long long)mem[jm] * I.inter + col] = silu_f(g) * uu;
-      }
-      __syncthreads();
-    }
-  }
+  for (int u = u0; u < U; u += ustep)
+    moe_up_tiles(p, s, I, normw, u, q, nb, q < ctiles ? (ctiles - q + nb - 1) / nb : 0);
+#endif
 }
 
 // DOWN: tile = output column tile over H; its rows span the routed experts, so one pipelined pass streams the
@@ -2181,8 +2207,9 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       if (threadIdx.x == 0) {
         for (int d = 0; d < cur.ndeps; d++) {
           const unsigned int* c = p.done + cur.deps[d];
-          while (ld_acquire(c) < target) __nanosleep(32);
+          while (ld_relaxed(c) < target) __nanosleep(32);
         }
+        fence_acquire();
         if (p.prof) t1 = gtimer();
       } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
         if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
@@ -2222,7 +2249,8 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     __syncthreads();
     if (threadIdx.x == 0) {
       mk_flags[1] = routed;  // SM_IV holds this MoE's routing lists
-      __threadfence();
+      // The barrier orders the block's writes before this thread's release (cumulative at gpu scope), so no
+      // separate fence: the release is the only one on the completion path.
       red_release(p.done + i, 1u);
       if (p.prof) {
         unsigned long long* r = p.prof + ((long long)i * G + blockIdx.x) * 4;

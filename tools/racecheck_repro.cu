@@ -1,0 +1,102 @@
+// Minimal kernels for the megakernel's compute-sanitizer racecheck reports (bench/gpu.sh stage `racerepro`).
+// Each kernel uses one synchronization pattern of the megakernel, correctly, in a 256-thread block whose last warp
+// plays the producer; racecheck's verdict on each tells which of its megakernel reports are about that pattern.
+//   plain : a write by warp 0, __syncthreads, a read by warp 7 (control: must be clean)
+//   named : the same after warps 0-6 synchronized once on their own named barrier (bar.sync 1, 224), as the
+//           consumers do at every row group
+//   ring  : a two-slot shared-memory ring filled by cp.async.bulk from warp 7 on "full" mbarriers, read by warps
+//           0-6, which release each slot on an "empty" mbarrier the producer waits on before refilling it
+// Build and run: nvcc -arch=sm_90a -o repro racecheck_repro.cu && compute-sanitizer --tool racecheck ./repro MODE
+#include <cstdio>
+#include <cstring>
+
+__device__ __forceinline__ unsigned int su32(const void* p) { return (unsigned int)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned int parity) {
+  asm volatile(
+      "{\n .reg .pred P1;\n"
+      "W_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      " @!P1 bra W_%=;\n"
+      "}\n" ::"r"(su32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__global__ void k_plain(int* out) {
+  __shared__ int x;
+  if (threadIdx.x == 0) x = 7;
+  __syncthreads();
+  if (threadIdx.x == 224) out[0] = x;
+}
+
+__global__ void k_named(int* out) {
+  __shared__ int x;
+  if (threadIdx.x < 224) asm volatile("bar.sync 1, 224;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) x = 7;
+  __syncthreads();
+  if (threadIdx.x == 224) out[0] = x;
+}
+
+__global__ void k_ring(const int4* src, int* out, int iters) {
+  __shared__ __align__(128) int4 slot[2][32];
+  __shared__ __align__(8) unsigned long long full[2], empty[2];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; i++) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + i)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 7;" ::"r"(su32(empty + i)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == 7) {
+    for (int it = 0; it < iters; it++) {
+      const int s = it & 1;
+      if (it >= 2) mbar_wait(empty + s, ((it >> 1) - 1) & 1);
+      if (lane == 0) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(512)
+                     : "memory");
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];" ::"r"(
+                su32(slot[s])),
+            "l"(src + 32 * it), "r"(su32(full + s))
+            : "memory");
+      }
+      __syncwarp();
+    }
+  } else {
+    int acc = 0;
+    for (int it = 0; it < iters; it++) {
+      const int s = it & 1;
+      mbar_wait(full + s, (it >> 1) & 1);
+      acc += slot[s][lane].x;
+      __syncwarp();
+      if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
+    }
+    atomicAdd(out, acc);
+  }
+}
+
+int main(int argc, char** argv) {
+  const char* mode = argc > 1 ? argv[1] : "plain";
+  const int iters = 8;
+  int *out, host = 0;
+  int4* src;
+  cudaMalloc(&out, sizeof(int));
+  cudaMemset(out, 0, sizeof(int));
+  cudaMalloc(&src, sizeof(int4) * 32 * iters);
+  int4 h[32 * iters];
+  for (int i = 0; i < 32 * iters; i++) h[i] = make_int4(i, 0, 0, 0);
+  cudaMemcpy(src, h, sizeof(h), cudaMemcpyHostToDevice);
+  if (!strcmp(mode, "plain")) k_plain<<<1, 256>>>(out);
+  else if (!strcmp(mode, "named")) k_named<<<1, 256>>>(out);
+  else if (!strcmp(mode, "ring")) k_ring<<<1, 256>>>(src, out, iters);
+  else { fprintf(stderr, "mode: plain | named | ring\n"); return 2; }
+  const cudaError_t e = cudaDeviceSynchronize();
+  cudaMemcpy(&host, out, sizeof(int), cudaMemcpyDeviceToHost);
+  // ring: 7 consumer warps each add every element of every slot: 7 * sum(0 .. 32 iters - 1).
+  const int want = !strcmp(mode, "ring") ? 7 * (32 * iters) * (32 * iters - 1) / 2 : 7;
+  printf("%s: %s, out %d (want %d)\n", mode, cudaGetErrorString(e), host, want);
+  return e == cudaSuccess && host == want ? 0 : 1;
+}
