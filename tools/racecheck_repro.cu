@@ -6,6 +6,7 @@
 //           consumers do at every row group
 //   ring  : a two-slot shared-memory ring filled by cp.async.bulk from warp 7 on "full" mbarriers, read by warps
 //           0-6, which release each slot on an "empty" mbarrier the producer waits on before refilling it
+//   ringbar: the ring, then the plain pattern (write by warp 0, __syncthreads, read by warp 7) after it
 // Build and run: nvcc -arch=sm_90a -o repro racecheck_repro.cu && compute-sanitizer --tool racecheck ./repro MODE
 #include <cstdio>
 #include <cstring>
@@ -38,8 +39,9 @@ __global__ void k_named(int* out) {
   if (threadIdx.x == 224) out[0] = x;
 }
 
-__global__ void k_ring(const int4* src, int* out, int iters) {
+__global__ void k_ring(const int4* src, int* out, int iters, bool bar_after) {
   __shared__ __align__(128) int4 slot[2][32];
+  __shared__ int x;
   __shared__ __align__(8) unsigned long long full[2], empty[2];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
@@ -76,6 +78,12 @@ __global__ void k_ring(const int4* src, int* out, int iters) {
     }
     atomicAdd(out, acc);
   }
+  if (bar_after) {
+    __syncthreads();
+    if (threadIdx.x == 0) x = 7;
+    __syncthreads();
+    if (threadIdx.x == 224) atomicAdd(out + 1, x);
+  }
 }
 
 int main(int argc, char** argv) {
@@ -83,20 +91,21 @@ int main(int argc, char** argv) {
   const int iters = 8;
   int *out, host = 0;
   int4* src;
-  cudaMalloc(&out, sizeof(int));
-  cudaMemset(out, 0, sizeof(int));
+  cudaMalloc(&out, 2 * sizeof(int));
+  cudaMemset(out, 0, 2 * sizeof(int));
   cudaMalloc(&src, sizeof(int4) * 32 * iters);
   int4 h[32 * iters];
   for (int i = 0; i < 32 * iters; i++) h[i] = make_int4(i, 0, 0, 0);
   cudaMemcpy(src, h, sizeof(h), cudaMemcpyHostToDevice);
   if (!strcmp(mode, "plain")) k_plain<<<1, 256>>>(out);
   else if (!strcmp(mode, "named")) k_named<<<1, 256>>>(out);
-  else if (!strcmp(mode, "ring")) k_ring<<<1, 256>>>(src, out, iters);
-  else { fprintf(stderr, "mode: plain | named | ring\n"); return 2; }
+  else if (!strcmp(mode, "ring")) k_ring<<<1, 256>>>(src, out, iters, false);
+  else if (!strcmp(mode, "ringbar")) k_ring<<<1, 256>>>(src, out, iters, true);
+  else { fprintf(stderr, "mode: plain | named | ring | ringbar\n"); return 2; }
   const cudaError_t e = cudaDeviceSynchronize();
   cudaMemcpy(&host, out, sizeof(int), cudaMemcpyDeviceToHost);
   // ring: 7 consumer warps each add every element of every slot: 7 * sum(0 .. 32 iters - 1).
-  const int want = !strcmp(mode, "ring") ? 7 * (32 * iters) * (32 * iters - 1) / 2 : 7;
+  const int want = !strncmp(mode, "ring", 4) ? 7 * (32 * iters) * (32 * iters - 1) / 2 : 7;
   printf("%s: %s, out %d (want %d)\n", mode, cudaGetErrorString(e), host, want);
   return e == cudaSuccess && host == want ? 0 : 1;
 }

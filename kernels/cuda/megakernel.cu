@@ -311,7 +311,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #define MK_PHASE 0
 #endif
 #ifndef MK_MOEW
-#define MK_MOEW 2  // MoE-up items over blocks by cost (1: blocks shared among experts by cost, 0: equally)
+#define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
@@ -1434,139 +1434,177 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Attention. Tile = (token, head, split): when the forward has fewer (token, head) pairs than half the blocks,
-// each pair's visible positions are split into S contiguous ranges on different blocks (more loads in flight
-// on the long global-attention layers); each split leaves its unnormalized (max, sum, output) in scratch and the
-// last split to finish (an arrival counter) combines them in split order (deterministic) with the sink.
+// Attention, grouped by kv head. Tile = (token, kv head, head group, split): up to MK_WARPS query heads that share
+// a kv head (one per warp) read each K / V row once, from shared memory, instead of once per head. When the
+// forward has fewer (token, kv head, group) triples than blocks, each one's visible positions are split into S
+// contiguous ranges on different blocks; each split leaves its heads' unnormalized (max, sum, output) in scratch
+// and the last split to finish (an arrival counter) combines them in split order (deterministic) with the sinks.
 #define ATTN_SMAX 8
-__device__ __forceinline__ int attn_splits(int T, int nh) { return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * nh))); }
+static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
+__device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
+__device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
+  return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
+}
 
-// Online softmax of one warp over positions j = a + warp + MK_WARPS * i in [a, b], NP positions per step (their
-// K and V rows loaded before any arithmetic: one memory latency per step). QU / VU: q / v elements per lane.
-template <int QU, int VU, int NP>
-__device__ __forceinline__ void attn_warp(const DInstr& I, const float* q, const float* K, const float* V, int kvh,
-                                          int a, int b, float& m, float& l, float (&o)[VU]) {
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// K / V rows of positions [j0, j0 + n) of kv head kvh into shared memory (kb: n x qd, vb: n x vd), 16-byte
+// asynchronous copies through L2 (one commit group per call).
+__device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int kvh, int j0, int n, float* kb,
+                                           float* vb) {
+  const int qd = I.qd, vd = I.vd, kq = qd / 4, vq = vd / 4;
+  const float* K = p.kv + I.kv_k;
+  const float* V = p.kv + I.kv_v;
+  const long long krow = (long long)I.nkv * qd, vrow = (long long)I.nkv * vd;
+  for (int i = threadIdx.x; i < n * (kq + vq); i += MK_THREADS) {
+    const int r = i / (kq + vq), c = i - r * (kq + vq);
+    const long long slot = (j0 + r) % I.kv_cap;
+    if (c < kq) cp_async16(kb + r * qd + 4 * c, K + slot * krow + kvh * qd + 4 * c);
+    else cp_async16(vb + r * vd + 4 * (c - kq), V + slot * vrow + kvh * vd + 4 * (c - kq));
+  }
+  cp_async_commit();
+}
+
+// One online-softmax step of a head over position row r of the staged chunk.
+template <int VU>
+__device__ __forceinline__ void attn_update(float d, const float* vrow, int vd, int lane, float& m, float& l,
+                                            float (&o)[VU]) {
+  const float mn = fmaxf(m, d);
+  const float cc = __expf(m - mn), e = __expf(d - mn);
+  l = l * cc + e;
+#pragma unroll
+  for (int u = 0; u < VU; u++) o[u] = o[u] * cc + e * (lane + 32 * u < vd ? vrow[lane + 32 * u] : 0.f);
+  m = mn;
+}
+
+// Warp w takes head g0 + w of kv head kvh's group (lanes split the head dims: QU / VU elements per lane) over
+// positions [a, b]. Positions stream through two shared-memory buffers, the next chunk's copies in flight while
+// this one is read; four positions at a time, so their score reductions (warp shuffles) overlap.
+template <int QU, int VU>
+__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, float& m, float& l,
+                          float (&o)[VU]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int qd = I.qd, vd = I.vd;
-  const int krow = I.nkv * qd, vrow = I.nkv * vd;
+  const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
+  const int ch = min(32, MK_XS / (2 * (qd + vd))) & ~3;  // positions per chunk (a multiple of 4), two buffers
   float qr[QU];
+  const float* q = p.arena + I.x + (long long)t * I.xw + (long long)(kvh * G + min(g0 + warp, G - 1)) * qd;
 #pragma unroll
-  for (int u = 0; u < QU; u++) qr[u] = lane + 32 * u < qd ? q[lane + 32 * u] : 0.f;
-  for (int j0 = a + warp; j0 <= b; j0 += NP * MK_WARPS) {
-    float kr[NP][QU], vr[NP][VU];
+  for (int u = 0; u < QU; u++) qr[u] = lane + 32 * u < qd ? ldcg(q + lane + 32 * u) : 0.f;
+  m = -INFINITY;
+  l = 0.f;
 #pragma unroll
-    for (int q4 = 0; q4 < NP; q4++) {
-      const int j = j0 + q4 * MK_WARPS;
-      const int slot = (j <= b ? j : b) % I.kv_cap;
-      const float* kp = K + (long long)slot * krow + kvh * qd;
-      const float* vp = V + (long long)slot * vrow + kvh * vd;
-#pragma unroll
-      for (int u = 0; u < QU; u++) kr[q4][u] = lane + 32 * u < qd && j <= b ? __ldcg(kp + lane + 32 * u) : 0.f;
-#pragma unroll
-      for (int u = 0; u < VU; u++) vr[q4][u] = lane + 32 * u < vd && j <= b ? __ldcg(vp + lane + 32 * u) : 0.f;
+  for (int u = 0; u < VU; u++) o[u] = 0.f;
+  float* buf[2] = {SM_XS, SM_XS + ch * (qd + vd)};
+  if (a <= b) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * qd);
+  for (int j0 = a, c = 0; j0 <= b; j0 += ch, c++) {
+    const int n = min(ch, b - j0 + 1);
+    if (j0 + ch <= b) {
+      float* nb = buf[(c + 1) & 1];
+      attn_stage(p, I, kvh, j0 + ch, min(ch, b - j0 - ch + 1), nb, nb + ch * qd);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-    float d[NP];
+    __syncthreads();
+    const float* kb = buf[c & 1];
+    const float* vb = kb + ch * qd;
+    for (int r0 = 0; r0 < n; r0 += 4) {
+      float d[4];
 #pragma unroll
-    for (int q4 = 0; q4 < NP; q4++) {
-      float acc = 0.f;
+      for (int i = 0; i < 4; i++) {
+        const int r = min(r0 + i, n - 1);  // rows past n are computed and dropped
+        float acc = 0.f;
 #pragma unroll
-      for (int u = 0; u < QU; u++) acc += qr[u] * kr[q4][u];
-      d[q4] = acc;
-    }
-#pragma unroll
-    for (int q4 = 0; q4 < NP; q4++) d[q4] = warp_sum(d[q4]) * I.scale;
-#pragma unroll
-    for (int q4 = 0; q4 < NP; q4++) {
-      if (j0 + q4 * MK_WARPS <= b) {
-        const float mn = fmaxf(m, d[q4]);
-        const float c = __expf(m - mn), e = __expf(d[q4] - mn);
-        l = l * c + e;
-#pragma unroll
-        for (int u = 0; u < VU; u++) o[u] = o[u] * c + e * vr[q4][u];
-        m = mn;
+        for (int u = 0; u < QU; u++) acc += qr[u] * (lane + 32 * u < qd ? kb[r * qd + lane + 32 * u] : 0.f);
+        d[i] = acc;
       }
+#pragma unroll
+      for (int i = 0; i < 4; i++) d[i] = warp_sum(d[i]) * I.scale;
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        if (r0 + i < n) attn_update<VU>(d[i], vb + (r0 + i) * vd, vd, lane, m, l, o);
     }
+    __syncthreads();  // the buffer is refilled two chunks on
   }
 }
 
-template <int QU, int VU, int NP>
+template <int QU, int VU>
 __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int tile) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int S = attn_splits(p.T, I.nh);
-  const int th = tile / S, sp = tile - th * S;
-  const int t = th / I.nh, h = th - t * I.nh;
+  const int S = attn_splits(p.T, I), NG = attn_groups(I);
+  const int tg = tile / S, sp = tile - tg * S;
+  const int tk = tg / NG, g0 = (tg - tk * NG) * MK_WARPS;
+  const int t = tk / I.nkv, kvh = tk - t * I.nkv;
+  const int G = I.nh / I.nkv, vd = I.vd, ng = min(MK_WARPS, G - g0);
   const int P = p.pos[t];
   const int lo = I.window > 0 ? max(0, P + 1 - I.window) : 0;
   const int per = (P - lo + S) / S;  // positions per split (ceil)
   const int a = lo + sp * per, b = min(P, a + per - 1);
-  const int kvh = h / (I.nh / I.nkv);
-  const int qd = I.qd, vd = I.vd;
-  float* q = SM_XS;  // [qd]
-  for (int i = threadIdx.x; i < qd; i += MK_THREADS) q[i] = ldcg(p.arena + I.x + (long long)t * I.xw + h * qd + i);
-  __syncthreads();
-  float m = -INFINITY, l = 0.f, o[VU];
+  const float* sinks = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
+  const int th0 = t * I.nh + kvh * G + g0;  // (token, head) index of the tile's first head
+  float m, l, o[VU];
+  attn_head<QU, VU>(p, I, t, kvh, g0, a, b, m, l, o);
+  if (warp < ng) {
+    if (S == 1) {
+      const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
+      const float Mall = fmaxf(m, sink);
+      const float f = __expf(m - Mall);
+      const float Lall = l * f + (sinks ? __expf(sink - Mall) : 0.f);
+      float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
 #pragma unroll
-  for (int u = 0; u < VU; u++) o[u] = 0.f;
-  attn_warp<QU, VU, NP>(I, q, p.kv + I.kv_k, p.kv + I.kv_v, kvh, a, b, m, l, o);
-  // This split's (max, sum, output) from the warps' online-softmax states.
-  float* wm = SM_RED;
-  float* wl = SM_RED + MK_WARPS;
-  float* wo = SM_XS + 1024;  // [MK_WARPS][vd], after q
-  if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+      for (int u = 0; u < VU; u++)
+        if (lane + 32 * u < vd) out[lane + 32 * u] = o[u] * f / Lall;
+    } else {
+      // Partial of split sp at scratch[I.aux + ((t * nh + h) * S + sp) * (vd + 2)]: max, sum, output.
+      float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * (vd + 2) + sp * (vd + 2);
+      if (lane == 0) { part[0] = m; part[1] = l; }
 #pragma unroll
-  for (int u = 0; u < VU; u++) {
-    const int i = lane + 32 * u;
-    if (i < vd) wo[warp * vd + i] = o[u];
-  }
-  __syncthreads();
-  float M = -INFINITY;
-  for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) M = fmaxf(M, wm[w]);
-  float L = 0.f;
-  for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) L += wl[w] * __expf(wm[w] - M);
-  float* ov = SM_XS + 1024 + MK_WARPS * 256;  // [vd]
-  for (int i = threadIdx.x; i < vd; i += MK_THREADS) {
-    float acc = 0.f;
-    for (int w = 0; w < MK_WARPS; w++) if (wl[w] > 0.f) acc += wo[w * vd + i] * __expf(wm[w] - M);
-    ov[i] = acc;
-  }
-  const float sink = I.sinks >= 0 ? __ldg(reinterpret_cast<const float*>(p.weights + I.sinks) + h) : -INFINITY;
-  float* out = p.arena + I.out + (long long)t * I.outw + h * vd;
-  if (S == 1) {
-    const float Mall = fmaxf(M, sink);
-    const float f = __expf(M - Mall);
-    const float Lall = L * f + (I.sinks >= 0 ? __expf(sink - Mall) : 0.f);
-    __syncthreads();
-    for (int i = threadIdx.x; i < vd; i += MK_THREADS) out[i] = ov[i] * f / Lall;
-    return;
-  }
-  // Partial of split sp at scratch[I.aux + ((t * nh + h) * S + sp) * (vd + 2)]: max, sum, output.
-  float* part = p.scratch + I.aux + (long long)th * S * (vd + 2);
-  __syncthreads();
-  for (int i = threadIdx.x; i < vd; i += MK_THREADS) part[sp * (vd + 2) + 2 + i] = ov[i];
-  if (threadIdx.x == 0) { part[sp * (vd + 2)] = M; part[sp * (vd + 2) + 1] = L; }
-  __syncthreads();
-  unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th;  // counters below the partials
-  if (!last_arrival(ctr, S)) return;
-  float Mall = sink;
-  for (int k = 0; k < S; k++) if (ldcg(part + k * (vd + 2) + 1) > 0.f) Mall = fmaxf(Mall, ldcg(part + k * (vd + 2)));
-  float Lall = I.sinks >= 0 ? __expf(sink - Mall) : 0.f;
-  for (int k = 0; k < S; k++) {
-    const float lk = ldcg(part + k * (vd + 2) + 1);
-    if (lk > 0.f) Lall += lk * __expf(ldcg(part + k * (vd + 2)) - Mall);
-  }
-  for (int i = threadIdx.x; i < vd; i += MK_THREADS) {
-    float acc = 0.f;
-    for (int k = 0; k < S; k++) {
-      const float lk = ldcg(part + k * (vd + 2) + 1);
-      if (lk > 0.f) acc += ldcg(part + k * (vd + 2) + 2 + i) * __expf(ldcg(part + k * (vd + 2)) - Mall);
+      for (int u = 0; u < VU; u++)
+        if (lane + 32 * u < vd) part[2 + lane + 32 * u] = o[u];
     }
-    out[i] = acc / Lall;
+  }
+  if (S == 1) return;
+  __syncthreads();
+  unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th0;  // counters below the partials
+  if (!last_arrival(ctr, S)) return;
+  // Warp w combines head g0 + w: the overall max (with the sink) and sum, then its outputs, splits in order.
+  if (warp >= ng) return;
+  const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * (vd + 2);
+  const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
+  float ms[ATTN_SMAX], ls[ATTN_SMAX];
+#pragma unroll
+  for (int k = 0; k < ATTN_SMAX; k++) {
+    ms[k] = ldcg(part + min(k, S - 1) * (vd + 2));
+    ls[k] = k < S ? ldcg(part + min(k, S - 1) * (vd + 2) + 1) : 0.f;
+  }
+  float Mall = sink;
+#pragma unroll
+  for (int k = 0; k < ATTN_SMAX; k++) if (ls[k] > 0.f) Mall = fmaxf(Mall, ms[k]);
+  float Lall = sinks ? __expf(sink - Mall) : 0.f;
+#pragma unroll
+  for (int k = 0; k < ATTN_SMAX; k++) {
+    ms[k] = ls[k] > 0.f ? __expf(ms[k] - Mall) : 0.f;  // each split's weight
+    Lall += ls[k] * ms[k];
+  }
+  float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
+  for (int e = lane; e < vd; e += 32) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < ATTN_SMAX; k++)
+      if (ls[k] > 0.f) acc += ldcg(part + k * (vd + 2) + 2 + e) * ms[k];
+    out[e] = acc / Lall;
   }
 }
 
 __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
-  if (I.qd <= 192 && I.vd <= 128) attn_tile<6, 4, 8>(p, I, tile);
-  else attn_tile<8, 8, 4>(p, I, tile);
+  if (I.qd <= 192 && I.vd <= 128) attn_tile<6, 4>(p, I, tile);
+  else attn_tile<8, 8>(p, I, tile);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -2196,9 +2234,10 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
     __syncthreads();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
-    // Negative tile counts scale with the tokens of this forward: -n means n * T tiles.
-    // Attention splits each (token, head) over attn_splits blocks when there are few of them.
-    const int ntiles = (cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles) * (cur.op == OP_ATTN ? attn_splits(p.T, cur.nh) : 1);
+    // Negative tile counts scale with the tokens of this forward: -n means n * T tiles. Attention: a tile per
+    // (token, kv head, group of up to MK_WARPS heads), each split over attn_splits blocks when there are few.
+    const int ntiles = cur.op == OP_ATTN ? p.T * cur.nkv * attn_groups(cur) * attn_splits(p.T, cur)
+                                         : (cur.ntiles < 0 ? -cur.ntiles * p.T : cur.ntiles);
     int first = ((int)blockIdx.x - cur.rot) % (int)G;
     if (first < 0) first += G;
     // MoE up, and MoE down in expert-major mode, schedule their own work over every block.

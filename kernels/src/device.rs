@@ -522,13 +522,32 @@ pub fn encode(
                             .into(),
                     );
                 }
+                // K / V rows are staged with 16-byte copies; a tile's query heads share one kv head.
+                if spec.head_dim % 4 != 0 || spec.v_head_dim % 4 != 0 {
+                    return Err(format!(
+                        "attention head dims {} / {} are not multiples of 4 (the megakernel stages K / V rows \
+                         in 16-byte pieces)",
+                        spec.head_dim, spec.v_head_dim
+                    ));
+                }
+                if spec.n_kv_heads == 0
+                    || spec.n_heads % spec.n_kv_heads != 0
+                    || spec.n_heads / spec.n_kv_heads > 128
+                {
+                    return Err(format!(
+                        "attention with {} heads over {} kv heads: the megakernel needs a whole number of \
+                         query heads per kv head, at most 128",
+                        spec.n_heads, spec.n_kv_heads
+                    ));
+                }
                 d.window = spec.window.map(|w| w as i32).unwrap_or(0);
                 d.scale = spec.scale;
                 if let Some(s) = sinks {
                     d.sinks = wd(*s).offset as i64;
                 }
                 d.layer = spec.layer as i32;
-                // Per token, one tile per head, times the kernel's split count (attn_splits).
+                // Per token, one per head (the kernel takes a kv head's query heads together: its own tile
+                // count is T x kv heads x attn_splits; this one staggers the instruction's first block).
                 d.ntiles = -(spec.n_heads as i32);
                 d.aux = attn_off as i64;
                 out.push((
