@@ -4,7 +4,7 @@
     python3 tools/race_summary.py racecheck.log [line offset]
 
 Lines are the generated megakernel.cu's minus the offset (7: the generated file's header before the body of
-kernels/cuda/megakernel.cu); threads 224-255 are the producer warp (MK_CW = 7). bench/gpu.sh runs it for
+kernels/cuda/megakernel.cu; other files' lines as they are); threads 224-255 are the producer warp (MK_CW = 7). bench/gpu.sh runs it for
 MIMO_RACECHECK_ALL=1 (the s5r8 summary in bench/results/gpu-s5r8-sanitizer-summary.txt).
 """
 import re
@@ -17,7 +17,7 @@ def main():
         sys.exit(__doc__)
     offset = int(sys.argv[2]) if len(sys.argv) > 2 else 7
     lines = open(sys.argv[1], errors="replace").read().split("\n")
-    access = re.compile(r"(Write|Read) Thread \((\d+),0,0\) at (.*?)\+0x[0-9a-f]+ in megakernel.cu:(\d+)")
+    access = re.compile(r"(Write|Read) Thread \((\d+),0,0\) at (.*?)\+0x[0-9a-f]+ in (\S+?\.cu):(\d+)")
     pairs = Counter()
     for j, l in enumerate(lines):
         if "Error:" not in l and "Warning:" not in l:
@@ -32,7 +32,8 @@ def main():
             if m:
                 who = "producer warp" if int(m.group(2)) >= 224 else "warps 0-6"
                 fn = m.group(3).split("(")[0].replace("$mimo_forward$", "")
-                accs.append(f"{m.group(1)} by {who} at line {int(m.group(4)) - offset} ({fn})")
+                line = int(m.group(5)) - (offset if m.group(4).endswith("megakernel.cu") else 0)
+                accs.append(f"{m.group(1)} by {who} at line {line} ({fn})")
         pairs[(kind, " / ".join(accs))] += 1
     for l in lines:
         if "RACECHECK SUMMARY" in l:

@@ -7,6 +7,8 @@
 //   ring  : a two-slot shared-memory ring filled by cp.async.bulk from warp 7 on "full" mbarriers, read by warps
 //           0-6, which release each slot on an "empty" mbarrier the producer waits on before refilling it
 //   ringbar: the ring, then the plain pattern (write by warp 0, __syncthreads, read by warp 7) after it
+//   stage : the ring whose consumers, per slot, also sum into a shared stage behind their named barrier (as the
+//           megakernel's row groups do); after the ring, __syncthreads and warp 7 reads the stage
 // Build and run: nvcc -arch=sm_90a -o repro racecheck_repro.cu && compute-sanitizer --tool racecheck ./repro MODE
 #include <cstdio>
 #include <cstring>
@@ -39,9 +41,9 @@ __global__ void k_named(int* out) {
   if (threadIdx.x == 224) out[0] = x;
 }
 
-__global__ void k_ring(const int4* src, int* out, int iters, bool bar_after) {
+__global__ void k_ring(const int4* src, int* out, int iters, int mode) {
   __shared__ __align__(128) int4 slot[2][32];
-  __shared__ int x;
+  __shared__ int x, stage[7];
   __shared__ __align__(8) unsigned long long full[2], empty[2];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
@@ -72,13 +74,26 @@ __global__ void k_ring(const int4* src, int* out, int iters, bool bar_after) {
     for (int it = 0; it < iters; it++) {
       const int s = it & 1;
       mbar_wait(full + s, (it >> 1) & 1);
-      acc += slot[s][lane].x;
+      const int v = slot[s][lane].x;
+      acc += v;
       __syncwarp();
       if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
+      if (mode == 2) {
+        asm volatile("bar.sync 1, 224;" ::: "memory");
+        if (lane == 0) stage[warp] = (it == 0 ? 0 : stage[warp]) + v;
+      }
     }
     atomicAdd(out, acc);
   }
-  if (bar_after) {
+  if (mode == 2) {
+    __syncthreads();
+    if (threadIdx.x == 224) {
+      int t = 0;
+      for (int w = 0; w < 7; w++) t += stage[w];
+      out[1] = t;
+    }
+  }
+  if (mode == 1) {
     __syncthreads();
     if (threadIdx.x == 0) x = 7;
     __syncthreads();
@@ -99,13 +114,14 @@ int main(int argc, char** argv) {
   cudaMemcpy(src, h, sizeof(h), cudaMemcpyHostToDevice);
   if (!strcmp(mode, "plain")) k_plain<<<1, 256>>>(out);
   else if (!strcmp(mode, "named")) k_named<<<1, 256>>>(out);
-  else if (!strcmp(mode, "ring")) k_ring<<<1, 256>>>(src, out, iters, false);
-  else if (!strcmp(mode, "ringbar")) k_ring<<<1, 256>>>(src, out, iters, true);
-  else { fprintf(stderr, "mode: plain | named | ring | ringbar\n"); return 2; }
+  else if (!strcmp(mode, "ring")) k_ring<<<1, 256>>>(src, out, iters, 0);
+  else if (!strcmp(mode, "ringbar")) k_ring<<<1, 256>>>(src, out, iters, 1);
+  else if (!strcmp(mode, "stage")) k_ring<<<1, 256>>>(src, out, iters, 2);
+  else { fprintf(stderr, "mode: plain | named | ring | ringbar | stage\n"); return 2; }
   const cudaError_t e = cudaDeviceSynchronize();
   cudaMemcpy(&host, out, sizeof(int), cudaMemcpyDeviceToHost);
   // ring: 7 consumer warps each add every element of every slot: 7 * sum(0 .. 32 iters - 1).
-  const int want = !strncmp(mode, "ring", 4) ? 7 * (32 * iters) * (32 * iters - 1) / 2 : 7;
+  const int want = !strcmp(mode, "plain") || !strcmp(mode, "named") ? 7 : 7 * (32 * iters) * (32 * iters - 1) / 2;
   printf("%s: %s, out %d (want %d)\n", mode, cudaGetErrorString(e), host, want);
   return e == cudaSuccess && host == want ? 0 : 1;
 }

@@ -1439,7 +1439,9 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 // forward has fewer (token, kv head, group) triples than blocks, each one's visible positions are split into S
 // contiguous ranges on different blocks; each split leaves its heads' unnormalized (max, sum, output) in scratch
 // and the last split to finish (an arrival counter) combines them in split order (deterministic) with the sinks.
-#define ATTN_SMAX 8
+#ifndef ATTN_SMAX
+#define ATTN_SMAX 16
+#endif
 static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
 __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {

@@ -26,8 +26,8 @@ pub fn mmr_floats(max_tokens: usize) -> usize {
     (CONSUMER_WARPS * 2 * 32 * 8).max(CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8)
 }
 pub const TILE_MAX: usize = 128;
-/// Most blocks one (token, head) of attention is split over (`ATTN_SMAX` in megakernel.cu).
-pub const ATTN_SPLITS: usize = 8;
+/// Most blocks one attention tile (token, kv head, head group) is split over (`ATTN_SMAX` in megakernel.cu).
+pub const ATTN_SPLITS: usize = 16;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
 pub const IV_LEN: usize = 1600;
 /// Shared memory one block may use on sm_90 (the 227 KB opt-in limit) less 1 KB for the kernel's static
