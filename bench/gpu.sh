@@ -76,7 +76,7 @@ if has racerepro; then
   # its reports the tool also makes on correct code.
   log "racecheck on minimal kernels (tools/racecheck_repro.cu)"
   nvcc -arch=sm_90a -lineinfo -o "$W/race_repro" tools/racecheck_repro.cu > "$W/race_repro_build.log" 2>&1 || tail -5 "$W/race_repro_build.log" | tee -a "$OUT/summary.txt"
-  for m in plain named ring ringbar stage; do
+  for m in plain named ring ringbar stage ringall loop; do
     "$W/race_repro" $m 2>&1 | tee -a "$OUT/summary.txt"
     compute-sanitizer --tool racecheck --racecheck-report all --print-limit 2000 "$W/race_repro" $m > "$W/race_repro_$m.log" 2>&1
     echo "racecheck $m: rc=$? $(grep -E 'RACECHECK SUMMARY' "$W/race_repro_$m.log" | tail -1)" | tee -a "$OUT/summary.txt"

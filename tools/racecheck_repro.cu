@@ -9,6 +9,11 @@
 //   ringbar: the ring, then the plain pattern (write by warp 0, __syncthreads, read by warp 7) after it
 //   stage : the ring whose consumers, per slot, also sum into a shared stage behind their named barrier (as the
 //           megakernel's row groups do); after the ring, __syncthreads and warp 7 reads the stage
+//   ringall: the ring with every consumer lane arriving on "empty" (count 224) instead of lane 0 after __syncwarp
+//   loop  : the megakernel's instruction loop in miniature: threads < 64 publish a descriptor, barrier, everyone
+//           reads it while thread 0 spins on a global completion counter and warp 7 issues the next ring chunk,
+//           barrier, consumers read the chunk and write a stage behind their named barrier, barrier, warp 7 reads
+//           the stage, barrier, thread 0 releases the counter
 // Build and run: nvcc -arch=sm_90a -o repro racecheck_repro.cu && compute-sanitizer --tool racecheck ./repro MODE
 #include <cstdio>
 #include <cstring>
@@ -49,7 +54,8 @@ __global__ void k_ring(const int4* src, int* out, int iters, int mode) {
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2; i++) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + i)) : "memory");
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 7;" ::"r"(su32(empty + i)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(su32(empty + i)), "r"(mode == 3 ? 224 : 7)
+                   : "memory");
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -76,8 +82,12 @@ __global__ void k_ring(const int4* src, int* out, int iters, int mode) {
       mbar_wait(full + s, (it >> 1) & 1);
       const int v = slot[s][lane].x;
       acc += v;
-      __syncwarp();
-      if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
+      if (mode == 3) {
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
+      } else {
+        __syncwarp();
+        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
+      }
       if (mode == 2) {
         asm volatile("bar.sync 1, 224;" ::: "memory");
         if (lane == 0) stage[warp] = (it == 0 ? 0 : stage[warp]) + v;
@@ -101,6 +111,63 @@ __global__ void k_ring(const int4* src, int* out, int iters, int mode) {
   }
 }
 
+__global__ void k_loop(const int4* src, int* out, unsigned int* done, int iters) {
+  __shared__ __align__(128) int4 slot[2][32];
+  __shared__ int cur[64], stage[7];
+  __shared__ __align__(8) unsigned long long full[2], empty[2];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; i++) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + i)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 7;" ::"r"(su32(empty + i)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  int nxt = threadIdx.x < 64 ? (int)threadIdx.x : 0;
+  for (int it = 0; it < iters; it++) {
+    const int s = it & 1;
+    if (threadIdx.x < 64) cur[threadIdx.x] = nxt + it;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned int v;
+      do {
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(done) : "memory");
+        if (v < (unsigned int)it) __nanosleep(32);
+      } while (v < (unsigned int)it);
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    } else if (warp == 7 && cur[0] >= 0) {
+      if (it >= 2) mbar_wait(empty + s, ((it >> 1) - 1) & 1);
+      if (lane == 0) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(512)
+                     : "memory");
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];" ::"r"(
+                su32(slot[s])),
+            "l"(src + 32 * it), "r"(su32(full + s))
+            : "memory");
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+    if (warp < 7) {
+      mbar_wait(full + s, (it >> 1) & 1);
+      const int v = slot[s][lane].x + cur[1];
+      __syncwarp();
+      if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
+      asm volatile("bar.sync 1, 224;" ::: "memory");
+      if (lane == 0) stage[warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x == 224) {
+      int t = cur[2];
+      for (int w = 0; w < 7; w++) t += stage[w];
+      out[0] += t;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(done) : "memory");
+  }
+}
+
 int main(int argc, char** argv) {
   const char* mode = argc > 1 ? argv[1] : "plain";
   const int iters = 8;
@@ -117,11 +184,25 @@ int main(int argc, char** argv) {
   else if (!strcmp(mode, "ring")) k_ring<<<1, 256>>>(src, out, iters, 0);
   else if (!strcmp(mode, "ringbar")) k_ring<<<1, 256>>>(src, out, iters, 1);
   else if (!strcmp(mode, "stage")) k_ring<<<1, 256>>>(src, out, iters, 2);
-  else { fprintf(stderr, "mode: plain | named | ring | ringbar | stage\n"); return 2; }
+  else if (!strcmp(mode, "ringall")) k_ring<<<1, 256>>>(src, out, iters, 3);
+  else if (!strcmp(mode, "loop")) {
+    unsigned int* done;
+    cudaMalloc(&done, sizeof(unsigned int));
+    cudaMemset(done, 0, sizeof(unsigned int));
+    k_loop<<<1, 256>>>(src, out, done, iters);
+  } else {
+    fprintf(stderr, "mode: plain | named | ring | ringbar | stage | ringall | loop\n");
+    return 2;
+  }
   const cudaError_t e = cudaDeviceSynchronize();
   cudaMemcpy(&host, out, sizeof(int), cudaMemcpyDeviceToHost);
   // ring: 7 consumer warps each add every element of every slot: 7 * sum(0 .. 32 iters - 1).
-  const int want = !strcmp(mode, "plain") || !strcmp(mode, "named") ? 7 : 7 * (32 * iters) * (32 * iters - 1) / 2;
+  int want = !strcmp(mode, "plain") || !strcmp(mode, "named") ? 7 : 7 * (32 * iters) * (32 * iters - 1) / 2;
+  if (!strcmp(mode, "loop")) {
+    // Per iteration: 7 warps' lane-0 values (32 it + 1 + it) plus the descriptor word cur[2] = 2 + it.
+    want = 0;
+    for (int it = 0; it < iters; it++) want += 7 * (33 * it + 1) + 2 + it;
+  }
   printf("%s: %s, out %d (want %d)\n", mode, cudaGetErrorString(e), host, want);
   return e == cudaSuccess && host == want ? 0 : 1;
 }

@@ -994,16 +994,66 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
 #define IV_RW 1296
 #define IV_BITS 1552
 
+// Asynchronous 16-byte copies global -> shared through L2 (no registers held while in flight).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
 // optionally scaled by inv[row(j)] * normw[k0 + kk] (inv is per source row: per token); with frag, in B-fragment
-// order (frag8). Aligned rows go in units of 8 columns, four units per thread in flight with their norm weights
-// (one memory round trip per round), each unit normalized and converted on its way into shared memory.
+// order (frag8). Aligned rows go in units of 8 columns: up to four units per thread, loaded into registers with
+// their norm weights (one memory round trip), each normalized and converted on its way into shared memory; more
+// (K-chunked verify blocks, MoE member rows) are copied asynchronously, all of a thread's units in flight at once,
+// and then normalized and converted in place by the thread that copied them (still one round trip, no barrier).
 __device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
                           int xstride, float* xs, const float* inv, const float* normw, bool frag) {
   const bool vec = ((rs | k0 | xstride) & 3) == 0 && (kc & 7) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
                    (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
+  constexpr int U = 4;
+  if (vec && (unsigned int)nrows * ((unsigned int)kc >> 3) > U * MK_THREADS) {
+    const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
+    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+      const unsigned int j = i / q, c = i - j * q;
+      const int row = list ? list[j] / div : (int)j;
+      const float* sp = src + row * rs + k0 + 8 * c;
+      float* dp = xs + j * xstride + 8 * c;
+      cp_async16(dp, sp);
+      cp_async16(dp + 4, sp + 4);
+    }
+    cp_async_commit();
+    // The norm weights of this thread's first unit column (every unit's when the row length divides the block).
+    const unsigned int c0 = threadIdx.x % q;
+    float4 g0 = make_float4(1.f, 1.f, 1.f, 1.f), g1 = g0;
+    if (normw) {
+      g0 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c0);
+      g1 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c0 + 1);
+    }
+    cp_async_wait<0>();
+    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+      const unsigned int j = i / q, c = i - j * q;
+      float* dp = xs + j * xstride + 8 * c;
+      const float4 a = reinterpret_cast<const float4*>(dp)[0], b = reinterpret_cast<const float4*>(dp)[1];
+      float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      if (normw) {
+        float4 h0 = g0, h1 = g1;
+        if (c != c0) {
+          h0 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c);
+          h1 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c + 1);
+        }
+        const float f = inv[list ? list[j] / div : (int)j];
+        const float gg[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+        for (int e = 0; e < 8; e++) x[e] *= f * gg[e];
+      }
+      store8(dp, x, frag);
+    }
+    return;
+  }
   if (vec) {
-    constexpr int U = 4;
     const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
     for (unsigned int b = threadIdx.x; b < tot; b += U * MK_THREADS) {
       float4 v[U][2], g[U][2];
@@ -1448,13 +1498,6 @@ __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
   return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 // K / V rows of positions [j0, j0 + n) of kv head kvh into shared memory (kb: n x qd, vb: n x vd), 16-byte
 // asynchronous copies through L2 (one commit group per call).
