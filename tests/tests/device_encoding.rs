@@ -110,3 +110,35 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
             .all(|d| d.op != op::ARGMAX && !(d.op == op::MATMUL && d.aux >= 0)));
     }
 }
+
+/// The kernel stages K / V rows in 16-byte pieces and gives each tile one kv head's query heads: a plan that
+/// breaks either gets an encoding error naming it, never a descriptor the kernel would misread.
+#[test]
+fn attention_the_kernel_cannot_tile_is_an_encoding_error() {
+    let (_d, plan) = plan(4);
+    let prog = &plan.programs[0];
+    assert!(encode(&plan, prog, 132, true).is_ok());
+    type Edit = fn(&mut mimo_ir::graph::AttnSpec);
+    let cases: [(Edit, &str); 3] = [
+        (|s| s.head_dim -= 2, "multiples of 4"),
+        (|s| s.v_head_dim += 2, "multiples of 4"),
+        (|s| s.n_kv_heads = 3, "kv heads"),
+    ];
+    for (edit, want) in cases {
+        let mut p = prog.clone();
+        let a = p
+            .instrs
+            .iter_mut()
+            .find_map(|i| match i {
+                Instr::Attention { spec, .. } => Some(spec),
+                _ => None,
+            })
+            .expect("an attention instruction");
+        edit(a);
+        let err = match encode(&plan, &p, 132, true) {
+            Ok(_) => panic!("must be rejected: {want}"),
+            Err(e) => e,
+        };
+        assert!(err.contains(want), "{err}");
+    }
+}
