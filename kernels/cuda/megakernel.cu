@@ -320,6 +320,12 @@ __device__ __forceinline__ unsigned long long gtimer() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// Consumers release a ring slot with one arrival per warp (lane 0, after __syncwarp orders the lanes' reads) or,
+// with MK_ARRIVE_ALL=1, one per thread: the same ordering, in the form compute-sanitizer's racecheck follows (it
+// reports the per-warp form as WAR hazards, also on a minimal correct ring: tools/racecheck_repro.cu).
+#ifndef MK_ARRIVE_ALL
+#define MK_ARRIVE_ALL 0
+#endif
 #define RING_NS 3
 #define RING_ROWS 32
 #define RING_SEG 1024
@@ -845,8 +851,12 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         else mma_steps<FMT, NT, false, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
       }
     }
+#if MK_ARRIVE_ALL
+    mbar_arrive(empty + slot);
+#else
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + slot);
+#endif
     steps += nks;
     if (sg != nseg - 1) continue;
     if (packed) {
@@ -2258,7 +2268,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
       mbar_init(mk_bars + i, 1);
-      mbar_init(mk_bars + RING_NS + i, MK_CW);
+      mbar_init(mk_bars + RING_NS + i, MK_CW * (MK_ARRIVE_ALL ? 32 : 1));
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mk_prof_on = p.prof != nullptr;
