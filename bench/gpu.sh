@@ -2,7 +2,7 @@
 # One device call: check the GPU megakernel against the CPU interpreter and transformers, run the sanitizer, and
 # benchmark decode steps against the HBM floor and the PyTorch peer. Results land under $OUT (JSON + logs).
 #
-# Binaries are built on the CI-like machine and carried (see bench/README.md):
+# Binaries are built on the CI-like machine and carried (see README.md, "The GPU device script"):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
 # Stages (default all but ncu / variants / racerepro): env verify sanitize racerepro hf bench bigverify peer ncu variants
