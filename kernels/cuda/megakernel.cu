@@ -541,6 +541,13 @@ __device__ __forceinline__ void store8(float* dst, const float (&v)[8], bool fra
   }
 }
 
+// The fused RMSNorm of eight activations: x *= f * g, f the row's 1 / rms, g0 / g1 the columns' norm weights.
+__device__ __forceinline__ void scale8(float (&x)[8], float f, float4 g0, float4 g1) {
+  const float g[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+#pragma unroll
+  for (int e = 0; e < 8; e++) x[e] *= f * g[e];
+}
+
 // Rewrite activation rows (nrows x width floats at xstride, width a multiple of 32) in place into B fragments
 // (the loaders write fragments directly; this serves their unaligned fallbacks).
 __device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int width) {
@@ -1054,10 +1061,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
           h0 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c);
           h1 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c + 1);
         }
-        const float f = inv[list ? list[j] / div : (int)j];
-        const float gg[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
-#pragma unroll
-        for (int e = 0; e < 8; e++) x[e] *= f * gg[e];
+        scale8(x, inv[list ? list[j] / div : (int)j], h0, h1);
       }
       store8(dp, x, frag);
     }
@@ -1088,11 +1092,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
         if (i < tot) {
           const unsigned int j = i / q, c = i - j * q;
           float x[8] = {v[u][0].x, v[u][0].y, v[u][0].z, v[u][0].w, v[u][1].x, v[u][1].y, v[u][1].z, v[u][1].w};
-          if (normw) {
-            const float gg[8] = {g[u][0].x, g[u][0].y, g[u][0].z, g[u][0].w, g[u][1].x, g[u][1].y, g[u][1].z, g[u][1].w};
-#pragma unroll
-            for (int e = 0; e < 8; e++) x[e] *= f[u] * gg[e];
-          }
+          if (normw) scale8(x, f[u], g[u][0], g[u][1]);
           store8(xs + j * xstride + 8 * c, x, frag);
         }
       }
@@ -1181,9 +1181,8 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
       const unsigned int j = i / q, c = i - j * q;
       float* xp = SM_XS + j * K + 8 * c;
       const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
-      const float f = SM_INV[j];
-      const float x[8] = {a.x * (f * g[u][0].x), a.y * (f * g[u][0].y), a.z * (f * g[u][0].z), a.w * (f * g[u][0].w),
-                          b.x * (f * g[u][1].x), b.y * (f * g[u][1].y), b.z * (f * g[u][1].z), b.w * (f * g[u][1].w)};
+      float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      scale8(x, SM_INV[j], g[u][0], g[u][1]);
       store8(xp, x, frag);
     }
   }
