@@ -30,6 +30,32 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned int 
       : "memory");
 }
 
+// The two-slot ring of k_ring / k_loop: barrier init by thread 0 ("empty" counts `releases` arrivals), and the
+// producer warp's issue of chunk `it` (waiting for the slot's release two chunks back).
+__device__ __forceinline__ void ring_init(unsigned long long* full, unsigned long long* empty, int releases) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; i++) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + i)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(su32(empty + i)), "r"(releases) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+}
+__device__ __forceinline__ void ring_issue(int4 (*slot)[32], const int4* src, unsigned long long* full,
+                                           unsigned long long* empty, int it) {
+  const int s = it & 1;
+  if (it >= 2) mbar_wait(empty + s, ((it >> 1) - 1) & 1);
+  if ((threadIdx.x & 31) == 0) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(512) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];" ::"r"(
+            su32(slot[s])),
+        "l"(src + 32 * it), "r"(su32(full + s))
+        : "memory");
+  }
+  __syncwarp();
+}
+
 __global__ void k_plain(int* out) {
   __shared__ int x;
   if (threadIdx.x == 0) x = 7;
@@ -51,30 +77,10 @@ __global__ void k_ring(const int4* src, int* out, int iters, int mode) {
   __shared__ int x, stage[7];
   __shared__ __align__(8) unsigned long long full[2], empty[2];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; i++) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + i)) : "memory");
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(su32(empty + i)), "r"(mode == 3 ? 224 : 7)
-                   : "memory");
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  ring_init(full, empty, mode == 3 ? 224 : 7);
   __syncthreads();
   if (warp == 7) {
-    for (int it = 0; it < iters; it++) {
-      const int s = it & 1;
-      if (it >= 2) mbar_wait(empty + s, ((it >> 1) - 1) & 1);
-      if (lane == 0) {
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(512)
-                     : "memory");
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];" ::"r"(
-                su32(slot[s])),
-            "l"(src + 32 * it), "r"(su32(full + s))
-            : "memory");
-      }
-      __syncwarp();
-    }
+    for (int it = 0; it < iters; it++) ring_issue(slot, src, full, empty, it);
   } else {
     int acc = 0;
     for (int it = 0; it < iters; it++) {
@@ -116,13 +122,7 @@ __global__ void k_loop(const int4* src, int* out, unsigned int* done, int iters)
   __shared__ int cur[64], stage[7];
   __shared__ __align__(8) unsigned long long full[2], empty[2];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; i++) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + i)) : "memory");
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 7;" ::"r"(su32(empty + i)) : "memory");
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  ring_init(full, empty, 7);
   int nxt = threadIdx.x < 64 ? (int)threadIdx.x : 0;
   for (int it = 0; it < iters; it++) {
     const int s = it & 1;
@@ -136,17 +136,7 @@ __global__ void k_loop(const int4* src, int* out, unsigned int* done, int iters)
       } while (v < (unsigned int)it);
       asm volatile("fence.acq_rel.gpu;" ::: "memory");
     } else if (warp == 7 && cur[0] >= 0) {
-      if (it >= 2) mbar_wait(empty + s, ((it >> 1) - 1) & 1);
-      if (lane == 0) {
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(512)
-                     : "memory");
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];" ::"r"(
-                su32(slot[s])),
-            "l"(src + 32 * it), "r"(su32(full + s))
-            : "memory");
-      }
-      __syncwarp();
+      ring_issue(slot, src, full, empty, it);
     }
     __syncthreads();
     if (warp < 7) {
