@@ -9,7 +9,7 @@
 # sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
-# timed at T = 1 and 16 (results bench_NAME.json).
+# timed at T = 1 and 16 (results bench_NAME.json); MIMO_VARIANT_SANITIZE="racecheck ..." also runs those tools on it (only on the variants MIMO_VARIANT_SANITIZE_NAMES lists, when set).
 set -uo pipefail
 OUT=${OUT:-/tmp/mimo-out}
 mkdir -p "$OUT"
@@ -76,7 +76,7 @@ if has racerepro; then
   # its reports the tool also makes on correct code.
   log "racecheck on minimal kernels (tools/racecheck_repro.cu)"
   nvcc -arch=sm_90a -lineinfo -o "$W/race_repro" tools/racecheck_repro.cu > "$W/race_repro_build.log" 2>&1 || tail -5 "$W/race_repro_build.log" | tee -a "$OUT/summary.txt"
-  for m in plain named ring ringbar stage ringall loop; do
+  for m in ${MIMO_REPRO_MODES:-plain named ring ringbar stage ringall stagenb stagesw stageall loop}; do
     "$W/race_repro" $m 2>&1 | tee -a "$OUT/summary.txt"
     compute-sanitizer --tool racecheck --racecheck-report all --print-limit 2000 "$W/race_repro" $m > "$W/race_repro_$m.log" 2>&1
     echo "racecheck $m: rc=$? $(grep -E 'RACECHECK SUMMARY' "$W/race_repro_$m.log" | tail -1)" | tee -a "$OUT/summary.txt"
@@ -117,17 +117,20 @@ if has bigverify; then
 fi
 
 if has ncu; then
-  # Nsight Compute on one T = 1 decode step of the bench plan (launch 37: after the 32 prefill chunks of the
-  # context and 4 warm-up steps): stall reasons per SASS line (source page) and the summary sections.
-  log "ncu: one T=1 decode step of the bench plan"
+  # Nsight Compute on one decode step of the bench plan per MIMO_NCU_TOKENS entry (default 1; launch 37: after the
+  # 32 prefill chunks of the context and 4 warm-up steps): stall reasons per SASS line (source page) and the
+  # summary sections.
   [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
-  timeout 420 ncu --clock-control none -k regex:mimo_forward --launch-skip 36 --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
-    --section MemoryWorkloadAnalysis --import-source yes -f -o "$W/prof" \
-    $B/mimort bench "$W/bench" --tokens 1 --context 512 > "$W/ncu_run.log" 2>&1
-  echo "ncu rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$W/ncu_run.log" | tee -a "$OUT/summary.txt"
-  ncu -i "$W/prof.ncu-rep" --page details --csv > "$OUT/ncu_details.csv" 2>&1
-  ncu -i "$W/prof.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_sass.csv.gz"
+  for nt in ${MIMO_NCU_TOKENS:-1}; do
+    log "ncu: one T=$nt decode step of the bench plan"
+    timeout 420 ncu --clock-control none -k regex:mimo_forward --launch-skip 36 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+      --section MemoryWorkloadAnalysis --import-source yes -f -o "$W/prof$nt" \
+      $B/mimort bench "$W/bench" --tokens $nt --context 512 > "$W/ncu_run$nt.log" 2>&1
+    echo "ncu T=$nt rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$W/ncu_run$nt.log" | tee -a "$OUT/summary.txt"
+    ncu -i "$W/prof$nt.ncu-rep" --page details --csv > "$OUT/ncu_details_t$nt.csv" 2>&1
+    ncu -i "$W/prof$nt.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_sass_t$nt.csv.gz"
+  done
   ls -la "$OUT" | tee -a "$OUT/summary.txt"
 fi
 
@@ -142,6 +145,15 @@ if has variants; then
       rm -rf "$W/pv"; cp -r "$W/p_moe_" "$W/pv"; cp "$v" "$W/pv/megakernel.cubin"
       timeout 60 $B/mimort verify-gpu "$W/pv" --prefill 40 --decode 24 --json "$W/verify_$name.json" > "$W/verify_$name.log" 2>&1
       echo "verify $name: rc=$? $(tr -d '\n ' < "$W/verify_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
+      # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
+      for tool in ${MIMO_VARIANT_SANITIZE:-}; do
+        [[ -n ${MIMO_VARIANT_SANITIZE_NAMES:-} && " $MIMO_VARIANT_SANITIZE_NAMES " != *" $name "* ]] && continue
+        ropts=""; [ $tool = racecheck ] && ropts="--racecheck-report all --print-limit 2000"
+        timeout ${MIMO_SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool $ropts \
+          $B/mimort verify-gpu "$W/pv" --prefill 8 --decode 2 > "$W/san_${name}_$tool.log" 2>&1
+        echo "sanitizer $name $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_${name}_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
+        [ $tool = racecheck ] && python3 tools/race_summary.py "$W/san_${name}_$tool.log" | tee -a "$OUT/summary.txt"
+      done
     fi
     cp "$v" "$W/bench/megakernel.cubin"
     timeout 200 $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" 2>&1 \

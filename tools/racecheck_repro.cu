@@ -10,6 +10,9 @@
 //   stage : the ring whose consumers, per slot, also sum into a shared stage behind their named barrier (as the
 //           megakernel's row groups do); after the ring, __syncthreads and warp 7 reads the stage
 //   ringall: the ring with every consumer lane arriving on "empty" (count 224) instead of lane 0 after __syncwarp
+//   stagenb: stage without the named barrier (each warp's lane 0 sums into its own stage word)
+//   stagesw: stage with a __syncwarp after the stage write
+//   stageall: stage with every consumer lane arriving on "empty" (as ringall)
 //   loop  : the megakernel's instruction loop in miniature: threads < 64 publish a descriptor, barrier, everyone
 //           reads it while thread 0 spins on a global completion counter and warp 7 issues the next ring chunk,
 //           barrier, consumers read the chunk and write a stage behind their named barrier, barrier, warp 7 reads
@@ -77,7 +80,8 @@ __global__ void k_ring(const int4* src, int* out, int iters, int mode) {
   __shared__ int x, stage[7];
   __shared__ __align__(8) unsigned long long full[2], empty[2];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  ring_init(full, empty, mode == 3 ? 224 : 7);
+  const bool all = mode == 3 || mode == 6, stage_on = mode == 2 || mode >= 4, named = stage_on && mode != 4;
+  ring_init(full, empty, all ? 224 : 7);
   __syncthreads();
   if (warp == 7) {
     for (int it = 0; it < iters; it++) ring_issue(slot, src, full, empty, it);
@@ -88,20 +92,21 @@ __global__ void k_ring(const int4* src, int* out, int iters, int mode) {
       mbar_wait(full + s, (it >> 1) & 1);
       const int v = slot[s][lane].x;
       acc += v;
-      if (mode == 3) {
+      if (all) {
         asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
       } else {
         __syncwarp();
         if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
       }
-      if (mode == 2) {
-        asm volatile("bar.sync 1, 224;" ::: "memory");
+      if (stage_on) {
+        if (named) asm volatile("bar.sync 1, 224;" ::: "memory");
         if (lane == 0) stage[warp] = (it == 0 ? 0 : stage[warp]) + v;
+        if (mode == 5) __syncwarp();
       }
     }
     atomicAdd(out, acc);
   }
-  if (mode == 2) {
+  if (stage_on) {
     __syncthreads();
     if (threadIdx.x == 224) {
       int t = 0;
@@ -175,13 +180,16 @@ int main(int argc, char** argv) {
   else if (!strcmp(mode, "ringbar")) k_ring<<<1, 256>>>(src, out, iters, 1);
   else if (!strcmp(mode, "stage")) k_ring<<<1, 256>>>(src, out, iters, 2);
   else if (!strcmp(mode, "ringall")) k_ring<<<1, 256>>>(src, out, iters, 3);
+  else if (!strcmp(mode, "stagenb")) k_ring<<<1, 256>>>(src, out, iters, 4);
+  else if (!strcmp(mode, "stagesw")) k_ring<<<1, 256>>>(src, out, iters, 5);
+  else if (!strcmp(mode, "stageall")) k_ring<<<1, 256>>>(src, out, iters, 6);
   else if (!strcmp(mode, "loop")) {
     unsigned int* done;
     cudaMalloc(&done, sizeof(unsigned int));
     cudaMemset(done, 0, sizeof(unsigned int));
     k_loop<<<1, 256>>>(src, out, done, iters);
   } else {
-    fprintf(stderr, "mode: plain | named | ring | ringbar | stage | ringall | loop\n");
+    fprintf(stderr, "mode: plain | named | ring | ringbar | stage | ringall | stagenb | stagesw | stageall | loop\n");
     return 2;
   }
   const cudaError_t e = cudaDeviceSynchronize();

@@ -320,12 +320,24 @@ __device__ __forceinline__ unsigned long long gtimer() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
-// Consumers release a ring slot with one arrival per warp (lane 0, after __syncwarp orders the lanes' reads) or,
-// with MK_ARRIVE_ALL=1, one per thread: the same ordering, in the form compute-sanitizer's racecheck follows (it
-// reports the per-warp form as WAR hazards, also on a minimal correct ring: tools/racecheck_repro.cu).
+// Consumers release a ring slot with one arrival per thread (MK_ARRIVE_ALL=1, the default) or per warp (lane 0,
+// after __syncwarp orders the lanes' reads): the same ordering, but compute-sanitizer's racecheck follows only the
+// per-thread form (it reports the per-warp one as WAR hazards, also on a minimal correct ring:
+// tools/racecheck_repro.cu 'ring' vs 'ringall'); the two run at the same speed (s7r1).
 #ifndef MK_ARRIVE_ALL
-#define MK_ARRIVE_ALL 0
+#define MK_ARRIVE_ALL 1
 #endif
+// Block barriers reconverge each warp first (MK_SYNCWARP=1): a warp that reaches a barrier with lanes still
+// diverged after a lane-subset shared-memory write is, to racecheck, unordered with the readers past the barrier
+// (RAW errors on correct code: tools/racecheck_repro.cu 'stage' vs 'stagesw'). Independent thread scheduling
+// does not promise reconvergence at the end of a branch, so the __syncwarp is what makes the arrival whole.
+#ifndef MK_SYNCWARP
+#define MK_SYNCWARP 1
+#endif
+__device__ __forceinline__ void block_sync() {
+  if (MK_SYNCWARP) __syncwarp();
+  __syncthreads();
+}
 #define RING_NS 3
 #define RING_ROWS 32
 #define RING_SEG 1024
@@ -381,6 +393,7 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
 }
 // Named barrier of the consumer warps only (the producer keeps streaming).
 __device__ __forceinline__ void consumers_sync() {
+  if (MK_SYNCWARP) __syncwarp();
   asm volatile("bar.sync 1, %0;" ::"n"(MK_CW * 32) : "memory");
 }
 
@@ -466,24 +479,64 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], unsigned int a0, unsigned
 }
 
 // One lane's 8 weights of a K step (elements 8t .. 8t + 7 of its row) as the f16x2 pairs (8t + q, 8t + q + 4).
+#ifndef MK_FP4R
+#define MK_FP4R 1
+#endif
+#if MK_FP4R
+// MXFP4 in the device layout (`mimo_fp4_repack` rewrites every 32-bit word of the plan's MXFP4 weights once at
+// load). An E2M1 code (s, e1, e0, m) placed at f16 bits (15, 11, 10, 9) with every other bit zero IS the f16 of
+// its value times 2^-14 (e = 0: the subnormal m * 2^-15; e > 0: 2^(e - 15) (1 + m / 2)), so decoding is bit
+// placement only, and the 2^14 goes into the E8M0 scale. The device layout puts each pair's two codes where one
+// mask (pair 0), a shift (pair 1), one multiply (pair 2: two shifted copies at once) or the two halves of one
+// 32 x 32 -> 64-bit multiply (pair 3: one half shifts left, the other right) leave them at those bits:
+// 9 instructions per 8 weights, no table. Element e's (m, e0, e1, s) bits in the device word:
+//   e0 9 10 11 15 | e1 1 2 3 7 | e2 0 4 5 6 | e3 24 28 29 30 | e4 25 26 27 31 | e5 17 18 19 23 | e6 16 20 21 22 |
+//   e7 8 12 13 14
+#define FP4_PAIR_MASK 0x8E008E00u
+__device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) {
+  p[0] = w & FP4_PAIR_MASK;
+  p[1] = (w << 8) & FP4_PAIR_MASK;
+  p[2] = ((w & 0x00710071u) * 0x240u) & FP4_PAIR_MASK;  // << 6 and << 9 at once (the copies do not overlap)
+  const unsigned long long t = (unsigned long long)(w & 0x71007100u) * 0x24000u;  // << 14 and << 17
+  p[3] = ((unsigned int)t | (unsigned int)(t >> 32)) & FP4_PAIR_MASK;
+}
+// The E8M0 scale times 2^14: 2^(e - 113), exact for e <= 240 (the repack rejects larger exponents).
+__device__ __forceinline__ float fp4_scale(unsigned int b) { return __uint_as_float(b * 0x800000u + 0x7000000u); }
+// Element e's four code bits (m, e0, e1, s) -> device-word bit positions, packed 5 bits each.
+__constant__ unsigned int FP4_POS[8] = {
+    9u | 10u << 5 | 11u << 10 | 15u << 15,  1u | 2u << 5 | 3u << 10 | 7u << 15,
+    0u | 4u << 5 | 5u << 10 | 6u << 15,    24u | 28u << 5 | 29u << 10 | 30u << 15,
+    25u | 26u << 5 | 27u << 10 | 31u << 15, 17u | 18u << 5 | 19u << 10 | 23u << 15,
+    16u | 20u << 5 | 21u << 10 | 22u << 15, 8u | 12u << 5 | 13u << 10 | 14u << 15};
+// One-time load transform of an MXFP4 weight region (OCP layout: element e of a word in nibble e) into the
+// device layout above; flags (*bad = 1) any E8M0 scale byte above 240, whose 2^14-folded scale would overflow.
+extern "C" __global__ void mimo_fp4_repack(unsigned int* w, unsigned long long nwords, const uint8_t* scales,
+                                           unsigned long long nscales, unsigned int* bad) {
+  const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < nwords; i += stride) {
+    const unsigned int v = w[i];
+    unsigned int r = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const unsigned int pos = FP4_POS[e];
+#pragma unroll
+      for (int b = 0; b < 4; b++) r |= ((v >> (4 * e + b)) & 1u) << ((pos >> (5 * b)) & 31u);
+    }
+    w[i] = r;
+  }
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < nscales; i += stride)
+    if (scales[i] > 240) atomicOr(bad, 1u);
+}
+#else
 // MXFP4 (one word, element e in nibble e): the magnitudes index a register table of E2M1 values (f16 high
 // bytes; the low bytes are zero) with one byte permute per four, a second permute places the pair, and the sign
 // bits (which sit 16 apart, like the pair) are or-ed in.
-#ifndef MK_FASTSCALE
-#define MK_FASTSCALE 1
-#endif
-#if MK_FASTSCALE
 // The table holds half of each E2M1 magnitude ({0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3}, exact in f16) and the
 // E8M0 scale is taken doubled, 2^(e - 126) = float((e + 1) << 23): one IMAD instead of a compare and select for
 // e = 0 (2^-127 is subnormal), and still exact for every e < 254 (254 would overflow to inf).
 #define FP4_TAB0 0x3A383400u
 #define FP4_TAB1 0x42403E3Cu
-__device__ __forceinline__ float e8m0_x2(unsigned int b) { return __uint_as_float(b * 0x800000u + 0x800000u); }
-#else
-#define FP4_TAB0 0x3E3C3800u
-#define FP4_TAB1 0x46444240u
-__device__ __forceinline__ float e8m0_x2(unsigned int b) { return e8m0_to_f32(b); }
-#endif
+__device__ __forceinline__ float fp4_scale(unsigned int b) { return __uint_as_float(b * 0x800000u + 0x800000u); }
 __device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) {
   const unsigned int m = w & 0x77777777u;
   const unsigned int r0 = prmt(FP4_TAB0, FP4_TAB1, m);        // |e0..e3| as f16 high bytes
@@ -493,6 +546,7 @@ __device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) 
   p[2] = prmt(r0, r1, 0x6828u) | ((w << 4) & 0x80008000u);
   p[3] = prmt(r0, r1, 0x7838u) | (w & 0x80008000u);
 }
+#endif
 __device__ __forceinline__ unsigned int e4m3x2_h2(unsigned int v) {
   __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
   return (unsigned int)h.x | ((unsigned int)h.y << 16);
@@ -649,11 +703,11 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, c
       fp4_pairs(lds32(wa + 8 * PITCH), pb[rt]);
       if (SRING) {
         const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
-        sa[rt] = e8m0_x2(lds8(sr));
-        sbv[rt] = e8m0_x2(lds8(sr + 8 * RING_SSTR));
+        sa[rt] = fp4_scale(lds8(sr));
+        sbv[rt] = fp4_scale(lds8(sr + 8 * RING_SSTR));
       } else {
-        sa[rt] = e8m0_x2(__ldg(spr[rt][0] + (k0 + kk) / 32));
-        sbv[rt] = e8m0_x2(__ldg(spr[rt][1] + (k0 + kk) / 32));
+        sa[rt] = fp4_scale(__ldg(spr[rt][0] + (k0 + kk) / 32));
+        sbv[rt] = fp4_scale(__ldg(spr[rt][1] + (k0 + kk) / 32));
       }
     } else if (FMT == FMT_F8) {
       fp8_pairs(lds64(wa), pa[rt]);
@@ -982,7 +1036,7 @@ __device__ __forceinline__ bool mma_fmt(int fmt) { return fmt == FMT_BF16 || fmt
 __device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& dl, int k0, int kc, const float* xs, int nrows,
                          float* stage, int T, Smem& s) {
   if (threadIdx.x == 0) mk_tile = dl;
-  __syncthreads();
+  block_sync();
   const TileRows& d = mk_tile;
   switch (fmt) {
     case FMT_BF16: ring_dispatch_t<FMT_BF16>(W, k0, kc, xs, nrows, stage, T, s); break;
@@ -1108,7 +1162,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
   }
   // Rows for the tensor-core ring go into B-fragment order (see xs_frag).
   if (frag) {
-    __syncthreads();
+    block_sync();
     xs_frag(xs, nrows, xstride, kc);
   }
 }
@@ -1165,7 +1219,7 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
                   v[u][1].x * v[u][1].x + v[u][1].y * v[u][1].y + v[u][1].z * v[u][1].z + v[u][1].w * v[u][1].w;
     }
   }
-  __syncthreads();
+  block_sync();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int t = warp; t < T; t += MK_WARPS) {
     float a = 0.f;
@@ -1173,7 +1227,7 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
     a = warp_sum(a);
     if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
   }
-  __syncthreads();
+  block_sync();
 #pragma unroll
   for (int u = 0; u < U; u++) {
     const unsigned int i = threadIdx.x + u * MK_THREADS;
@@ -1208,13 +1262,13 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
     a = warp_sum(a);
     if (lane == 0) SM_RED[t * MK_WARPS + warp] = a;
   }
-  __syncthreads();
+  block_sync();
   if (threadIdx.x < T) {
     float a = 0.f;
     for (int w = 0; w < MK_WARPS; w++) a += SM_RED[threadIdx.x * MK_WARPS + w];
     SM_INV[threadIdx.x] = rsqrtf(a / K + eps);
   }
-  __syncthreads();
+  block_sync();
   if (vec) {
     // Four norm-weight loads in flight per thread before any use (one memory latency, not four).
     const unsigned int q = K / 4, tot = T * q;
@@ -1287,13 +1341,13 @@ __device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw
       if (lane == 0) SM_RED[(t0 + q) * MK_WARPS + warp] = v;
     }
   }
-  __syncthreads();
+  block_sync();
   if (threadIdx.x < p.T) {
     float a = 0.f;
     for (int w = 0; w < MK_WARPS; w++) a += SM_RED[threadIdx.x * MK_WARPS + w];
     SM_INV[threadIdx.x] = rsqrtf(a / K + eps);
   }
-  __syncthreads();
+  block_sync();
 }
 
 // Argmax / Gumbel-max key of logit v at vocabulary index i for token t: v itself at temperature 0, else
@@ -1390,7 +1444,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   if (mk_flags[0]) {
     d.xstride = I.k;
-    __syncthreads();
+    block_sync();
     rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, s);
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   } else {
@@ -1398,14 +1452,14 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     d.xstride = kcw;
     for (int k0 = 0; k0 < I.k; k0 += kcw) {
       int kc = min(kcw, I.k - k0);
-      __syncthreads();
+      block_sync();
       load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
-      __syncthreads();
+      block_sync();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
-  __syncthreads();
+  block_sync();
   // Bias.
   if (I.bias >= 0) {
     const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
@@ -1413,7 +1467,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       int t = i / nrows, rr = i - t * nrows;
       SM_STAGE[t * sstride + rr] += __ldg(b + d.map(rr));
     }
-    __syncthreads();
+    block_sync();
   }
   // Epilogue stages in order.
   int width = nrows;
@@ -1447,7 +1501,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
         SM_STAGE[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + c0 + c);
       }
     }
-    __syncthreads();
+    block_sync();
   }
   if (I.out >= 0) {
     for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
@@ -1488,7 +1542,7 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
       __threadfence();
     }
   }
-  __syncthreads();
+  block_sync();
   return mk_flags[2];
 }
 
@@ -1565,7 +1619,7 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
     } else {
       cp_async_wait<0>();
     }
-    __syncthreads();
+    block_sync();
     const float* kb = buf[c & 1];
     const float* vb = kb + ch * qd;
     for (int r0 = 0; r0 < n; r0 += 4) {
@@ -1584,7 +1638,7 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
       for (int i = 0; i < 4; i++)
         if (r0 + i < n) attn_update<VU>(d[i], vb + (r0 + i) * vd, vd, lane, m, l, o);
     }
-    __syncthreads();  // the buffer is refilled two chunks on
+    block_sync();  // the buffer is refilled two chunks on
   }
 }
 
@@ -1624,7 +1678,7 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
     }
   }
   if (S == 1) return;
-  __syncthreads();
+  block_sync();
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th0;  // counters below the partials
   if (!last_arrival(ctr, S)) return;
   // Warp w combines head g0 + w: the overall max (with the sink) and sum, then its outputs, splits in order.
@@ -1698,16 +1752,16 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
   const float* xs = SM_XS + k0;  // resident rows (prep): row t at t * I.k, this split's columns from k0
   int xstride = I.k;
   if (!mk_flags[0]) {
-    __syncthreads();
+    block_sync();
     load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, k0, kc, kc, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
     xs = SM_XS;
     xstride = kc;
   }
   for (int i = threadIdx.x; i < p.T * I.tile_rows; i += MK_THREADS) SM_STAGE[i] = 0.f;
-  __syncthreads();
+  block_sync();
   d.xstride = xstride;
   rows_dot(I.fmt, p.weights, d, k0, kc, xs, rows, SM_STAGE, p.T, s);
-  __syncthreads();
+  block_sync();
   float* part = p.scratch + I.w2 + (long long)(k0 / I.n) * p.T * I.E;  // this K split's partial logits
   for (int i = threadIdx.x; i < p.T * rows; i += MK_THREADS) {
     const int t = i / rows, r = i - t * rows;
@@ -1806,10 +1860,10 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
     for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * T * E + i);
     lg[i] = a;
   }
-  __syncthreads();
+  block_sync();
   for (int t = warp; t < T; t += MK_WARPS)
     route_token(I, bias, lg + t * E, ch + t * E, SM_RED + warp * 32, raw + t * I.topk, rw + t * I.topk);
-  __syncthreads();
+  block_sync();
   if (blockIdx.x == 0 && I.aux >= 0) {
     for (int i = threadIdx.x; i < T * I.topk; i += MK_THREADS) {
       const int t = i / I.topk, k = i - t * I.topk;
@@ -1839,38 +1893,38 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     const int e = raw[i];
     if ((unsigned int)e < (unsigned int)E) atomicOr(&bits[e >> 5], 1u << (e & 31));
   }
-  __syncthreads();
+  block_sync();
   if (threadIdx.x == 0) {
     int U = 0;
     for (int w = 0; w < nw; w++) { mst[w] = U; U += __popc(bits[w]); }
     SM_IV[IV_U] = U;
   }
-  __syncthreads();
+  block_sync();
   for (int w = threadIdx.x; w < nw; w += MK_THREADS) {
     unsigned int b = bits[w];
     int pos = mst[w];
     while (b) { int j = __ffs(b) - 1; ids[pos++] = w * 32 + j; b &= b - 1; }
   }
-  __syncthreads();
+  block_sync();
   const int U = SM_IV[IV_U];
   for (int u = threadIdx.x; u < U; u += MK_THREADS) {
     int e = ids[u], c = 0;
     for (int i = 0; i < n; i++) c += raw[i] == e;
     cnt[u] = c;
   }
-  __syncthreads();
+  block_sync();
   if (threadIdx.x == 0) {
     int a = 0, mx = 0;
     for (int u = 0; u < U; u++) { mst[u] = a; a += cnt[u]; mx = max(mx, cnt[u]); }
     mst[U] = a;
     SM_IV[IV_U + 1] = mx;
   }
-  __syncthreads();
+  block_sync();
   for (int u = threadIdx.x; u < U; u += MK_THREADS) {
     int e = ids[u], pos = mst[u];
     for (int i = 0; i < n; i++) if (raw[i] == e) ml[pos++] = i;
   }
-  __syncthreads();
+  block_sync();
   return U;
 }
 
@@ -1893,7 +1947,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
   const bool full = kcw == I.k;
   const int tr = I.tile_rows;
   const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
-  __syncthreads();
+  block_sync();
   if (full && nt > 0) {
     load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
   }
@@ -1905,18 +1959,18 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
     d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
     for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
     if (full) {
-      __syncthreads();
+      block_sync();
       rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, s);
     } else {
       for (int k0 = 0; k0 < I.k; k0 += kcw) {
         int kc = min(kcw, I.k - k0);
-        __syncthreads();
+        block_sync();
         load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
-        __syncthreads();
+        block_sync();
         rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
       }
     }
-    __syncthreads();
+    block_sync();
     for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
       const int jm = i / (nbt * tr), rem = i - jm * (nbt * tr);
       const int j = rem / tr, c = rem - j * tr;
@@ -1925,7 +1979,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
       float g = SM_STAGE[jm * sstride + j * 2 * tr + c], uu = SM_STAGE[jm * sstride + j * 2 * tr + tr + c];
       p.scratch[(long long)mem[jm] * I.inter + col] = silu_f(g) * uu;
     }
-    __syncthreads();
+    block_sync();
   }
 }
 
@@ -2006,7 +2060,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
   if (mk_flags[0]) {
     // Every pair row is resident (prep), indexed by pair id.
     d.ids = ids; d.cnt = cnt; d.mst = mst; d.xpack = -1; d.xstride = I.inter;
-    __syncthreads();
+    block_sync();
     rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, U * colsp, SM_STAGE, maxm, s);
   } else {
     const int cap = MK_XS / I.inter;  // member rows that fit at full width
@@ -2020,15 +2074,15 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
       d.ids = ids + ua; d.cnt = cnt + ua; d.mst = mst + ua; d.xpack = mst[ua]; d.xstride = kcw;
       for (int k0 = 0; k0 < I.inter; k0 += kcw) {
         const int kc = min(kcw, I.inter - k0);
-        __syncthreads();
+        block_sync();
         load_rows(p.scratch, I.inter, ml + mst[ua], 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
-        __syncthreads();
+        block_sync();
         rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, (ub - ua) * colsp, SM_STAGE, gm, s);
       }
       ua = ub;
     }
   }
-  __syncthreads();
+  block_sync();
   const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
   for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
     int t = i / cols, c = i - t * cols;
@@ -2073,21 +2127,21 @@ __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DIns
     TileRows d{};
     d.mode = 1; d.c0 = c0; d.cols = cols; d.split = 0; d.w = we; d.ws = wse; d.K = I.inter; d.n = m;
     d.xstride = kcw; d.sstride = WC;
-    __syncthreads();
+    block_sync();
     for (int i = threadIdx.x; i < m * WC; i += MK_THREADS) SM_STAGE[i] = 0.f;
     for (int k0 = 0; k0 < I.inter; k0 += kcw) {
       const int kc = min(kcw, I.inter - k0);
-      __syncthreads();
+      block_sync();
       load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
-      __syncthreads();
+      block_sync();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
     }
-    __syncthreads();
+    block_sync();
     for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
       const int j = i / cols, c = i - j * cols;
       y[(long long)mem[j] * H + c0 + c] = SM_STAGE[j * WC + c];
     }
-    __syncthreads();
+    block_sync();
     if (!last_arrival(ctr + cb, U)) continue;
     for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
       const int t = i / cols, c = c0 + (i - t * cols);
@@ -2126,7 +2180,7 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) { float v = ldcg(x + i); a += v * v; }
       a = warp_sum(a);
       if (lane == 0) SM_RED[warp] = a;
-      __syncthreads();
+      block_sync();
       float tot = 0.f;
       for (int w = 0; w < MK_WARPS; w++) tot += SM_RED[w];
       float inv = rsqrtf(tot / I.k + I.eps);
@@ -2140,9 +2194,9 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) SM_XS[i] = ldcg(x + i);
-      __syncthreads();
+      block_sync();
       apply_rope_stage(SM_XS, 0, 1, I.k, 0, I.hd, I.rotary, I.theta, p.pos + t);
-      __syncthreads();
+      block_sync();
       for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = SM_XS[i];
       break;
     }
@@ -2193,7 +2247,7 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       for (int o = 16; o > 0; o >>= 1)
         best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
       if (lane == 0) { SM_RED[warp] = bv; SM_IV[warp] = bi; }
-      __syncthreads();
+      block_sync();
       if (threadIdx.x == 0) {
         for (int w = 0; w < MK_WARPS; w++) best_of(bv, bi, SM_RED[w], SM_IV[w]);
         p.out_tokens[t] = bi;
@@ -2219,7 +2273,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   bool hit = res;
 #pragma unroll
   for (int i = 0; i < 6; i++) hit = hit && mk_xkey[i] == key[i];
-  __syncthreads();  // every thread has read the key
+  block_sync();  // every thread has read the key
   if (threadIdx.x == 0) {
     mk_flags[0] = 0;
 #pragma unroll
@@ -2232,11 +2286,11 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
       if (!load_resident(p.arena + I.x, I.xw, p.T, I.k, I.eps, normw, mma_fmt(I.fmt))) {
         load_rows(p.arena + I.x, I.xw, nullptr, 1, p.T, 0, I.k, I.k, SM_XS, nullptr, nullptr, false);
         if (normw) {
-          __syncthreads();
+          block_sync();
           rms_resident(s, p.T, I.k, I.k, I.eps, normw);
         }
         if (mma_fmt(I.fmt)) {
-          __syncthreads();
+          block_sync();
           xs_frag(SM_XS, p.T, I.k, I.k);
         }
       }
@@ -2256,7 +2310,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
       if (threadIdx.x == 0) mk_flags[0] = 1;
     }
   }
-  __syncthreads();
+  block_sync();
 }
 
 
@@ -2286,7 +2340,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     if (p.prof && threadIdx.x == 0) t0 = gtimer();
     // Control: publish the descriptor, fetch the next one, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
-    __syncthreads();
+    block_sync();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
     // Negative tile counts scale with the tokens of this forward: -n means n * T tiles. Attention: a tile per
     // (token, kv head, group of up to MK_WARPS heads), each split over attn_splits blocks when there are few.
@@ -2308,7 +2362,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
         if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
         else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
-      __syncthreads();
+      block_sync();
 #if MK_PHASE
       // Experiment builds: the profile's ring column reports the per-instruction preparation time instead.
       const unsigned long long tprep = p.prof && threadIdx.x == 0 ? gtimer() : 0;
@@ -2330,7 +2384,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
             case OP_MOE_DOWN: op_moe_down(p, s, cur, tile); break;
             default: op_rowwise(p, s, cur, tile); break;
           }
-          __syncthreads();
+          block_sync();
         }
       }
     } else if (p.prof && threadIdx.x == 0) {
@@ -2339,7 +2393,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     // Completion: publish this block's share of instruction i (release orders all prior writes of the block).
     // The descriptor is read before the barrier: past it, other threads already publish the next one.
     const int routed = cur.op == OP_MOE_UP ? (int)cur.aux : -1;
-    __syncthreads();
+    block_sync();
     if (threadIdx.x == 0) {
       mk_flags[1] = routed;  // SM_IV holds this MoE's routing lists
       // The barrier orders the block's writes before this thread's release (cumulative at gpu scope), so no
@@ -2351,6 +2405,6 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       }
     }
   }
-  __syncthreads();
+  block_sync();
   if (p.prof && threadIdx.x < 4) p.prof[(long long)p.ninstr * G * 4 + blockIdx.x * 4 + threadIdx.x] = mk_stat[threadIdx.x];
 }

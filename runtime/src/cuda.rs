@@ -46,7 +46,12 @@ pub fn cuda_available() -> bool {
     present && CudaContext::new(0).is_ok()
 }
 
-fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<CudaFunction> {
+/// The megakernel's entry point and, when the build has one, its MXFP4 load transform (`mimo_fp4_repack`: kernels
+/// built without it read MXFP4 weights in the plan's OCP layout).
+fn load_function(
+    ctx: &Arc<CudaContext>,
+    plan_dir: &Path,
+) -> Result<(CudaFunction, Option<CudaFunction>)> {
     let cubin = plan_dir.join("megakernel.cubin");
     let module = if cubin.is_file() {
         ctx.load_module(cudarc::nvrtc::Ptx::from_file(cubin.clone()))
@@ -59,9 +64,63 @@ fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<CudaFunction
         ctx.load_module(ptx)
             .context("loading the NVRTC-compiled megakernel")?
     };
-    module
+    let forward = module
         .load_function("mimo_forward")
-        .context("megakernel entry point mimo_forward")
+        .context("megakernel entry point mimo_forward")?;
+    Ok((forward, module.load_function("mimo_fp4_repack").ok()))
+}
+
+/// Rewrite every MXFP4 weight of the plan on the device into the megakernel's decode layout (see
+/// `mimo_fp4_repack` in kernels/cuda/megakernel.cu). Fails, naming the weight, on a region the kernel cannot
+/// take (not whole 32-bit words) or on E8M0 scales above 2^113, which the device decode does not represent.
+fn repack_fp4(
+    stream: &Arc<CudaStream>,
+    repack: &CudaFunction,
+    plan: &mimo_ir::plan::Plan,
+    weights: &mut CudaSlice<u8>,
+) -> Result<()> {
+    let mut bad = stream.alloc_zeros::<u32>(plan.weights.len().max(1))?;
+    for (i, w) in plan.weights.iter().enumerate() {
+        if w.dtype != mimo_ir::DType::MXFP4 || w.nbytes == 0 {
+            continue;
+        }
+        if w.offset % 4 != 0 || w.nbytes % 4 != 0 {
+            bail!(
+                "MXFP4 weight {} is not in whole 32-bit words (offset {}, {} bytes)",
+                w.name,
+                w.offset,
+                w.nbytes
+            );
+        }
+        let nwords = w.nbytes / 4;
+        let blocks = nwords.div_ceil(256).min(4096) as u32;
+        let (base, _g) = weights.device_ptr_mut(stream);
+        let (flags, _f) = bad.device_ptr_mut(stream);
+        let (data, scales) = (base + w.offset, base + w.scale_offset);
+        let flag = flags + 4 * i as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(repack);
+        b.arg(&data)
+            .arg(&nwords)
+            .arg(&scales)
+            .arg(&w.scale_nbytes)
+            .arg(&flag);
+        // SAFETY: data / scales lie inside the weight buffer (the plan loader checked every descriptor against
+        // the weight blob), nwords whole words from a 4-byte-aligned offset; flag is element i of `bad`.
+        unsafe { b.launch(cfg) }.with_context(|| format!("repacking MXFP4 weight {}", w.name))?;
+    }
+    let flags = stream.memcpy_dtov(&bad)?;
+    if let Some(i) = flags.iter().position(|&f| f != 0) {
+        bail!(
+            "MXFP4 weight {} has E8M0 scales above 2^113, which the CUDA megakernel does not represent",
+            plan.weights[i].name
+        );
+    }
+    Ok(())
 }
 
 /// NVRTC compile, cached by content hash under $XDG_CACHE_HOME/mimo (or ~/.cache/mimo).
@@ -149,7 +208,7 @@ impl CudaSession {
         }
         let ctx = CudaContext::new(device).map_err(|e| anyhow!("CUDA device {device}: {e:?}"))?;
         let stream = ctx.default_stream();
-        let func = load_function(&ctx, plan_dir)?;
+        let (func, repack) = load_function(&ctx, plan_dir)?;
         let plan = &model.plan;
         let prog = plan
             .program("target")
@@ -172,9 +231,12 @@ impl CudaSession {
                 enc.smem_bytes
             );
         }
-        let weights = stream
+        let mut weights = stream
             .memcpy_stod(model.weights_bytes())
             .context("uploading weights")?;
+        if let Some(r) = &repack {
+            repack_fp4(&stream, r, plan, &mut weights)?;
+        }
         let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
         let arena = stream.alloc_zeros::<f32>(plan.arena_len.max(1))?;
         let kv = stream.alloc_zeros::<f32>(enc.kv.total.max(1))?;
