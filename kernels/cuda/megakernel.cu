@@ -147,8 +147,21 @@ __device__ __forceinline__ float warp_max(float v) {
 // Mode 2 rows per expert: the tile's columns padded to whole 16-row MMA tiles (a tile never straddles experts).
 __device__ __forceinline__ int moe_colsp(int cols) { return (cols + 15) & ~15; }
 
+// n / d for 0 <= n < 2^31 by a multiply-high, an add and a shift (Granlund-Montgomery, rounding the magic up):
+// the consumers' per-group row bookkeeping divides by per-call constants, each a ~20-instruction sequence as a
+// plain unsigned division.
+struct FastDiv {
+  unsigned int m, s;
+  __device__ __forceinline__ void init(unsigned int d) {  // 1 <= d < 2^31
+    s = 0;
+    while ((1u << s) < d) s++;
+    m = (unsigned int)(((1ull << 32) * ((1ull << s) - d)) / d + 1);
+  }
+  __device__ __forceinline__ unsigned int div(unsigned int n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
 // Row and column indices here are never negative: their divisions are done unsigned (fewer instructions than
-// signed ones on the consumers' per-group path).
+// signed ones on the consumers' per-group path), by FastDiv where the divisor is fixed for the call.
 struct TileRows {
   int mode;
   int c0, cols, split;  // map(rr) = rr < cols ? c0 + rr : split + c0 + rr - cols
@@ -161,11 +174,12 @@ struct TileRows {
   const int* cnt;
   const int* mst;
   const int* ml;
+  FastDiv rdiv;         // division by 2 * cols (mode 3) or moe_colsp(cols) (mode 2); set by rows_dot
   // Activation row of member t of a mode-2 list starting at xl (packed or indexed by pair id).
   __device__ __forceinline__ int xrow(int xl, int t) const { return xpack >= 0 ? xl + t - xpack : ml[xl + t]; }
   __device__ __forceinline__ int map(int rr) const {
     if (mode == 3) {
-      const int j = (int)((unsigned)rr / (unsigned)(2 * cols)), r = rr - j * 2 * cols;
+      const int j = (int)rdiv.div((unsigned)rr), r = rr - j * 2 * cols;
       const int c = c0 + j * jstride + (r < cols ? r : r - cols);
       return r < cols ? c : split + c;
     }
@@ -174,7 +188,7 @@ struct TileRows {
   // Mode 3 rows past the last column (a partial final tile) do nothing.
   __device__ __forceinline__ bool valid(int rr) const {
     if (mode != 3) return true;
-    const int j = (int)((unsigned)rr / (unsigned)(2 * cols)), r = rr - j * 2 * cols;
+    const int j = (int)rdiv.div((unsigned)rr), r = rr - j * 2 * cols;
     return c0 + j * jstride + (r < cols ? r : r - cols) < split;
   }
 };
@@ -231,7 +245,7 @@ __device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int
   if (r >= nrows) return false;
   if (d.mode == 2) {
     const int colsp = moe_colsp(d.cols);
-    u = (int)((unsigned)r / (unsigned)colsp);
+    u = (int)d.rdiv.div((unsigned)r);
     col = r - u * colsp;
     n = d.cnt[u];
     xl = d.mst[u];
@@ -391,10 +405,30 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
       "l"(src), "r"(bytes), "r"(smem_u32(bar))
       : "memory");
 }
-// Named barrier of the consumer warps only (the producer keeps streaming).
+// Barrier of the consumer warps only (the producer keeps streaming): an mbarrier the consumers arrive on, each
+// then waiting for the phase of its own arrival (MK_CBAR=1, the default), or named barrier 1 (MK_CBAR=0). Same
+// speed (s7r4); racecheck mis-orders block barriers that follow a named one (RAW errors on correct code:
+// tools/racecheck_repro.cu 'stage' vs 'stagenb') and reports 0 hazards with the mbarrier (s7r4).
+#ifndef MK_CBAR
+#define MK_CBAR 1
+#endif
+__shared__ __align__(8) unsigned long long mk_cbar;
 __device__ __forceinline__ void consumers_sync() {
   if (MK_SYNCWARP) __syncwarp();
+#if MK_CBAR
+  unsigned long long st;
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];" : "=l"(st) : "r"(smem_u32(&mk_cbar)) : "memory");
+  asm volatile(
+      "{\n .reg .pred P1;\n"
+      "CB_%=:\n"
+      " mbarrier.try_wait.shared::cta.b64 P1, [%0], %1;\n"
+      " @!P1 bra CB_%=;\n"
+      "}\n" ::"r"(smem_u32(&mk_cbar)),
+      "l"(st)
+      : "memory");
+#else
   asm volatile("bar.sync 1, %0;" ::"n"(MK_CW * 32) : "memory");
+#endif
 }
 
 // Elements <-> bytes of a weight format.
@@ -842,11 +876,14 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   bool same = true, packed = false;
   unsigned int xa[2][NT];
   const uint8_t* spr[2][2];
-  unsigned int steps = 0;  // K steps of this call dealt so far (the round-robin position)
+  // Chunk c = g * nseg + sg of the call is ring chunk it + c: its slot and parity, the row group g and segment
+  // sg, and the round-robin position of the call's K steps (rot = steps dealt so far mod MK_CW) all advance
+  // incrementally (no division per chunk).
+  int g = 0, sg = 0, rot = 0, slot = (int)(it % RING_NS);
+  unsigned int parity = (it / RING_NS) & 1u;
+  const int nks_full = seg / SB, nks_last = (kbytes - (nseg - 1) * seg) / SB;
+  const int rot_full = nks_full % MK_CW, rot_last = nks_last % MK_CW;
   for (int c = 0; c < nchunks; c++) {
-    const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
-    const unsigned int u = it + c;
-    const int slot = u % RING_NS;
     if (sg == 0) {
       int xl[2];
 #pragma unroll
@@ -860,7 +897,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         int n = d.n;
         xl[rt] = -1;
         if (d.mode == 2) {
-          const int uu = (int)((unsigned)min(r0, nrows - 1) / (unsigned)moe_colsp(d.cols));
+          const int uu = (int)d.rdiv.div((unsigned)min(r0, nrows - 1));
           n = d.cnt[uu];
           xl[rt] = d.mst[uu];
         }
@@ -881,14 +918,18 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) same = same && __all_sync(0xffffffffu, xa[0][nt] == xa[1][nt]);
     }
-    const int bytes = min(seg, kbytes - sg * seg);
-    const int nks = bytes / SB;
-    const long long tw0 = clock64();
-    mbar_wait(full + slot, (u / RING_NS) & 1);
-    twait += clock64() - tw0;
+    const bool lastseg = sg == nseg - 1;
+    const int nks = lastseg ? nks_last : nks_full;
+    if (stat) {
+      const long long tw0 = clock64();
+      mbar_wait(full + slot, parity);
+      twait += clock64() - tw0;
+    } else {
+      mbar_wait(full + slot, parity);
+    }
     const unsigned int wb = ringb + slot * RING_SLOT + gq * PITCH + tq * (SB / 4);
     const unsigned int sb = ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
-    const int ks0 = (int)((warp + MK_CW - steps % MK_CW) % MK_CW);
+    const int ks0 = warp >= rot ? warp - rot : warp + MK_CW - rot;
     const int kseg = sg * segel;
     // Specializations: hi / lo packed or not; activation rows shared by both tiles or not; MXFP4 scales in the
     // ring or global.
@@ -918,8 +959,18 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + slot);
 #endif
-    steps += nks;
-    if (sg != nseg - 1) continue;
+    rot += lastseg ? rot_last : rot_full;
+    if (rot >= MK_CW) rot -= MK_CW;
+    if (++slot == RING_NS) {
+      slot = 0;
+      parity ^= 1u;
+    }
+    if (!lastseg) {
+      sg++;
+      continue;
+    }
+    sg = 0;
+    const int gcur = g++;  // the group whose partials are summed below
     if (packed) {
       // Fold the lo columns into the hi ones (lane tq ^ 2 holds the same tokens' other half).
 #pragma unroll
@@ -929,7 +980,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     }
     if (NT == 1 && MK_SUM1) {
       // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group.
-      float* red = SM_MMR + (g & 1) * (MK_CW * 32 * 8);
+      float* red = SM_MMR + (gcur & 1) * (MK_CW * 32 * 8);
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
         float* r = red + (warp * 32 + rt * 16 + gq) * 8 + 2 * tq;
@@ -943,13 +994,13 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       consumers_sync();
       // Only the tiles' tokens (tn: 0 when a tile has no valid rows); the summing threads rotate by group.
       const int n0 = tn[0], tot = 16 * (tn[0] + tn[1]);
-      const int me = (int)(((unsigned)threadIdx.x + 32u * (unsigned)g) % (unsigned)(MK_CW * 32));
+      const int me = (int)(((unsigned)threadIdx.x + 32u * (unsigned)gcur) % (unsigned)(MK_CW * 32));
       for (int e = me; e < tot; e += MK_CW * 32) {
         const int rt = e >= 16 * n0 ? 1 : 0;
         const int nn = tn[rt], e2 = e - rt * 16 * n0;
         const int row = (int)((unsigned)e2 / (unsigned)nn), j = e2 - row * nn;
         int col, n, xl, uu;
-        if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
+        if (row_out(d, gcur * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
           float sum = 0.f;
 #pragma unroll
           for (int w = 0; w < MK_CW; w++) sum += red[(w * 32 + rt * 16 + row) * 8 + j];
@@ -979,7 +1030,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
         const int row = (int)((unsigned)e / (unsigned)nn), j = e - row * nn;
         int col, n, xl, uu;
-        if (row_out(d, g * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
+        if (row_out(d, gcur * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
           float sum = 0.f;
 #pragma unroll
           for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
@@ -1035,7 +1086,10 @@ __device__ __forceinline__ bool mma_fmt(int fmt) { return fmt == FMT_BF16 || fmt
 // for the ring formats.
 __device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& dl, int k0, int kc, const float* xs, int nrows,
                          float* stage, int T, Smem& s) {
-  if (threadIdx.x == 0) mk_tile = dl;
+  if (threadIdx.x == 0) {
+    mk_tile = dl;
+    mk_tile.rdiv.init(dl.mode == 3 ? 2 * dl.cols : dl.mode == 2 ? moe_colsp(dl.cols) : 1);
+  }
   block_sync();
   const TileRows& d = mk_tile;
   switch (fmt) {
@@ -2323,6 +2377,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       mbar_init(mk_bars + i, 1);
       mbar_init(mk_bars + RING_NS + i, MK_CW * (MK_ARRIVE_ALL ? 32 : 1));
     }
+    mbar_init(&mk_cbar, MK_CW * 32);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mk_prof_on = p.prof != nullptr;
   }

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Nsight Compute warp-state samples of the megakernel, by device function and by SASS instruction.
+
+Input: the source page `bench/gpu.sh ncu` writes (ncu_sass_tN.csv.gz: one row per SASS instruction, absolute
+addresses, no function names) and an nvdisasm listing of the same cubin (the function labels):
+
+    nvdisasm -c <plan>/megakernel.cubin > mk.sass
+    python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass                 # by function
+    python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --top 40
+    python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --ranges
+
+--fn takes a substring of the mangled name; --top lists its hottest instructions, --ranges its samples by
+straight-line stretch between branch targets (loops show up as the hot stretches).
+"""
+import csv
+import gzip
+import re
+import sys
+from collections import defaultdict
+
+STALLS = ["barrier", "branch_resolving", "dispatch", "drain", "imc", "lg", "long_sb", "math", "membar", "mio",
+          "misc", "no_inst", "not_selected", "selected", "short_sb", "sleep", "tex", "wait"]
+
+
+def functions(sass_path):
+    """[(offset, name)] sorted: the kernel entry and every `$mimo_forward$NAME:` label."""
+    out, pending = [], None
+    for line in open(sass_path):
+        s = line.strip()
+        m = re.match(r"^\$mimo_forward\$(\S+):$", s)
+        if m:
+            pending = m.group(1)
+            continue
+        if s.startswith(".text.mimo_forward:"):
+            pending = "mimo_forward (main loop)"
+            continue
+        m = re.match(r"^/\*([0-9a-f]{4,})\*/", s)
+        if m and pending:
+            out.append((int(m.group(1), 16), pending))
+            pending = None
+    return sorted(out)
+
+
+def rows(csv_path):
+    with gzip.open(csv_path, "rt") if csv_path.endswith(".gz") else open(csv_path) as f:
+        r = list(csv.reader(f))
+    head = next(i for i, x in enumerate(r) if x and x[0] == "Address")
+    cols = r[head]
+    idx = {c: i for i, c in enumerate(cols)}
+    data = [x for x in r[head + 1:] if x and x[0].startswith("0x")]
+    base = int(data[0][0], 16)
+    for x in data:
+        rec = {"off": int(x[0], 16) - base, "src": x[1].strip(),
+               "samples": int(x[idx["Warp Stall Sampling (All Samples)"]] or 0),
+               "instrs": int(x[idx["Instructions Executed"]] or 0)}
+        for s in STALLS:
+            c = idx.get("stall_" + s)
+            rec[s] = int(x[c] or 0) if c is not None and x[c] not in ("", "-") else 0
+        yield rec
+
+
+def owner(funcs, off):
+    lo, hi = 0, len(funcs) - 1
+    if not funcs or off < funcs[0][0]:
+        return "?"
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if funcs[mid][0] <= off:
+            lo = mid
+        else:
+            hi = mid - 1
+    return funcs[lo][1]
+
+
+def top_stalls(rec, total, n=3):
+    parts = sorted(((rec[s], s) for s in STALLS), reverse=True)[:n]
+    return ", ".join(f"{s} {100.0 * v / total:.1f}" for v, s in parts if v)
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    csv_path, sass_path = sys.argv[1], sys.argv[2]
+    args = sys.argv[3:]
+    fn = args[args.index("--fn") + 1] if "--fn" in args else None
+    top = int(args[args.index("--top") + 1]) if "--top" in args else 0
+    funcs = functions(sass_path)
+    recs = list(rows(csv_path))
+    total = sum(r["samples"] for r in recs) or 1
+    if fn is None:
+        agg = defaultdict(lambda: defaultdict(int))
+        for r in recs:
+            a = agg[owner(funcs, r["off"])]
+            for k in ["samples", "instrs"] + STALLS:
+                a[k] += r[k]
+        print(f"{total} samples; share = % of all samples, stall reasons as % of all")
+        print(f"{'function':<60} {'share':>6} {'warp-instrs':>12}  top stall reasons")
+        for name, a in sorted(agg.items(), key=lambda kv: -kv[1]["samples"]):
+            if a["samples"] * 1000 < total:
+                continue
+            print(f"{name[:60]:<60} {100.0 * a['samples'] / total:5.1f}% {a['instrs']:12.3e}  {top_stalls(a, total)}")
+        return
+    mine = [r for r in recs if fn in owner(funcs, r["off"])]
+    ftot = sum(r["samples"] for r in mine) or 1
+    print(f"{fn}: {ftot} samples ({100.0 * ftot / total:.1f}% of all), {len(mine)} instructions")
+    if "--ranges" in args:
+        # Stretches between branch targets / branches: split at every BRA and every target it names.
+        targets = set()
+        for r in mine:
+            m = re.search(r"BRA\s+(?:\S+\s+)?`?\(?\.?L?_?x?_?(\w*)", r["src"])
+            t = re.search(r"0x([0-9a-f]+)", r["src"])
+            if "BRA" in r["src"] and t:
+                targets.add(int(t.group(1), 16))
+        cur, start, acc = [], None, []
+        for r in mine:
+            if r["off"] in targets and cur:
+                acc.append(cur)
+                cur = []
+            cur.append(r)
+            if "BRA" in r["src"] or "EXIT" in r["src"] or "RET" in r["src"]:
+                acc.append(cur)
+                cur = []
+        if cur:
+            acc.append(cur)
+        acc.sort(key=lambda c: -sum(r["samples"] for r in c))
+        for c in acc[:top or 15]:
+            s = sum(r["samples"] for r in c)
+            agg = defaultdict(int)
+            for r in c:
+                for k in STALLS:
+                    agg[k] += r[k]
+            print(f"  {c[0]['off']:#07x}-{c[-1]['off']:#07x} {len(c):4d} instrs {100.0 * s / ftot:5.1f}% of fn, "
+                  f"executed {max(r['instrs'] for r in c):.3e}  {top_stalls(agg, ftot)}")
+        return
+    for r in sorted(mine, key=lambda r: -r["samples"])[:top or 30]:
+        print(f"  {r['off']:#07x} {100.0 * r['samples'] / ftot:5.1f}% {r['instrs']:10d}  {r['src'][:60]:<60} {top_stalls(r, ftot, 2)}")
+
+
+if __name__ == "__main__":
+    main()
