@@ -44,7 +44,8 @@ enum Op {
 };
 enum Fmt { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_F8 = 3, FMT_MXFP4 = 4 };
 // Epilogue stage codes (up to 6 stages, 4 bits each, in order).
-enum Epi { EPI_NONE = 0, EPI_SCALE = 1, EPI_ROPE = 2, EPI_KVWRITE = 3, EPI_SWIGLU = 4, EPI_RESIDUAL = 5 };
+// EPI_ROPE2: RoPE on split-pair tiles (see matmul_geom); EPI_ROPE: on head-aligned tiles.
+enum Epi { EPI_NONE = 0, EPI_SCALE = 1, EPI_ROPE = 2, EPI_KVWRITE = 3, EPI_SWIGLU = 4, EPI_RESIDUAL = 5, EPI_ROPE2 = 6 };
 
 // Must match kernels/src/device.rs `DInstr` (256 bytes).
 struct DInstr {
@@ -327,6 +328,20 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
+// Cost of one MoE-up column tile whose expert has m member rows: its weights at the speed of the consumer path m
+// selects (hi / lo packed for m <= 4, one 8-column MMA tile for m <= 8, two beyond; per byte about 1 : 2 : 3 in
+// the s7 profiles: T = 8 / 16 MoE-up ring time per byte 1.3x / 2x that of T = 1) plus the members' activation
+// rows. MK_MOECOST=0: the session-5 model, 8 + m.
+#ifndef MK_MOECOST
+#define MK_MOECOST 1
+#endif
+__device__ __forceinline__ int moe_cost(int m) {
+#if MK_MOECOST
+  return 8 * (m <= 4 ? 1 : m <= 8 ? 2 : 3) + m;
+#else
+  return 8 + m;
+#endif
+}
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -1447,14 +1462,31 @@ __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0,
 // width of its first ring call (the whole row when the activations are resident, see prep).
 __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, int tile, TileRows& d, int& nrows,
                                             int& kc1) {
-  bool swiglu = false;
-  for (int q = 0; q < I.nepi; q++) swiglu |= ((I.epi >> (4 * q)) & 15) == EPI_SWIGLU;
+  bool swiglu = false, rope2 = false;
+  for (int q = 0; q < I.nepi; q++) {
+    const int e = (I.epi >> (4 * q)) & 15;
+    swiglu |= e == EPI_SWIGLU;
+    rope2 |= e == EPI_ROPE2;
+  }
   const int outn = swiglu ? I.n / 2 : I.n;  // output columns
-  const int c0 = tile * I.tile_rows;
-  const int cols = min(I.tile_rows, outn - c0);
+  int c0 = tile * I.tile_rows, cols = min(I.tile_rows, outn - c0), split = swiglu ? I.n / 2 : 0;
   nrows = swiglu ? 2 * cols : cols;  // weight rows computed
+  if (rope2) {
+    // Split-pair RoPE tiles of R = tile_rows rows (the encoder checks R | rotary, R | head_dim - rotary): a head's
+    // rotary dims make rotary / R tiles, each R / 2 rotated pairs (j, j + rotary / 2) as the rows c0 .. c0 + R/2
+    // and c0 + rotary/2 .. (the SwiGLU gate / up split of TileRows), then its other dims plain R-row tiles. Every
+    // tile has R rows, so the q projection splits into head_dim / R tiles per head instead of head-aligned ones.
+    const int R = I.tile_rows, per = I.hd / R, nrot = I.rotary / R;
+    const int h = tile / per, th = tile - h * per;
+    if (th < nrot) {
+      c0 = h * I.hd + th * (R / 2); cols = R / 2; split = I.rotary / 2;
+    } else {
+      c0 = h * I.hd + I.rotary + (th - nrot) * R; cols = R; split = 0;
+    }
+    nrows = R;
+  }
   d = TileRows{};
-  d.mode = 0; d.c0 = c0; d.cols = cols; d.split = swiglu ? I.n / 2 : 0; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
+  d.mode = 0; d.c0 = c0; d.cols = cols; d.split = split; d.w = I.w; d.ws = I.ws; d.K = I.k; d.n = p.T;
   d.sstride = 2 * I.tile_rows;
   kc1 = (long long)p.T * I.k <= MK_XS ? I.k : min(I.k, chunk_width(I.k, p.T));
 }
@@ -1534,13 +1566,26 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       }
     } else if (e == EPI_ROPE) {
       apply_rope_stage(SM_STAGE, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
+    } else if (e == EPI_ROPE2) {
+      if (d.split) {  // a rotary tile: stage columns c and c + cols are the pair (j, j + rotary / 2)
+        for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+          const int t = i / cols, c = i - t * cols;
+          const int j = (c0 + c) % I.hd;
+          float sn, cs;
+          sincosf((float)p.pos[t] * powf(I.theta, -2.f * (float)j / (float)I.rotary), &sn, &cs);
+          float* st = SM_STAGE + t * sstride + c;
+          const float a = st[0], b = st[cols];
+          st[0] = a * cs - b * sn;
+          st[cols] = b * cs + a * sn;
+        }
+      }
     } else if (e == EPI_KVWRITE) {
       float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
       int rowlen = I.heads * I.hd;
       for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
         int slot = p.pos[t] % I.kv_cap;
-        base[(long long)slot * rowlen + c0 + c] = SM_STAGE[t * sstride + c];
+        base[(long long)slot * rowlen + d.map(c)] = SM_STAGE[t * sstride + c];
       }
     } else if (e == EPI_SWIGLU) {
       for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
@@ -1552,15 +1597,17 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     } else if (e == EPI_RESIDUAL) {
       for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
-        SM_STAGE[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + c0 + c);
+        SM_STAGE[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + d.map(c));
       }
     }
     block_sync();
   }
+  // Output columns: the stage's width after the epilogues (SwiGLU halves it) at their map (split-pair RoPE tiles
+  // are two column runs).
   if (I.out >= 0) {
-    for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
-      int t = i / cols, c = i - t * cols;
-      p.arena[I.out + (long long)t * I.outw + c0 + c] = SM_STAGE[t * sstride + c];
+    for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      int t = i / width, c = i - t * width;
+      p.arena[I.out + (long long)t * I.outw + d.map(c)] = SM_STAGE[t * sstride + c];
     }
   }
   // LM head with in-kernel sampling: each tile leaves its best (key, index) per token in scratch[aux], so the
@@ -2045,16 +2092,16 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   // Fused RMSNorm prologue: prep left each token's 1 / rms in SM_INV.
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
 #if MK_MOEW == 2
-  // Items (expert u, column tile j) in expert-major order, each costing 8 + members (the tile's weights stream
+  // Items (expert u, column tile j) in expert-major order, each costing moe_cost (the tile's weights stream
   // once whatever its members; members add activation loads and MMA columns). Block b takes the items whose cost
   // prefix starts in [b C / G, (b + 1) C / G): contiguous tiles of one or a few experts, balanced to within one
   // item whatever the member counts and however the experts divide among the blocks.
   long long ctot = 0;
-  for (int u = 0; u < U; u++) ctot += (long long)ctiles * (8 + cnt[u]);
+  for (int u = 0; u < U; u++) ctot += (long long)ctiles * moe_cost(cnt[u]);
   const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
   long long pu = 0;
   for (int u = 0; u < U && pu < hi; u++) {
-    const long long w = 8 + cnt[u];
+    const long long w = moe_cost(cnt[u]);
     const int j0 = lo <= pu ? 0 : (int)min((long long)ctiles, (lo - pu + w - 1) / w);
     const int j1 = (int)min((long long)ctiles, (hi - pu + w - 1) / w);
     pu += ctiles * w;
@@ -2069,20 +2116,20 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     q = b - st;
     ustep = U;
   } else if (U <= G) {
-    // One block per routed expert, the other G - U shared in proportion to a cost of 8 + members: expert u gets
-    // blocks [u + floor((G - U) C_u / C), u + 1 + floor((G - U) C_{u+1} / C)), C_u = its cost prefix sum.
+    // One block per routed expert, the other G - U shared in proportion to moe_cost: expert u gets blocks
+    // [u + floor((G - U) C_u / C), u + 1 + floor((G - U) C_{u+1} / C)), C_u = its cost prefix sum.
     int ctot = 0;
-    for (int u = 0; u < U; u++) ctot += 8 + cnt[u];
+    for (int u = 0; u < U; u++) ctot += moe_cost(cnt[u]);
     const long long R = G - U;
     int cu = 0, st = 0;
     u0 = U - 1;
     for (int u = 0; u < U; u++) {
-      const int stn = u + 1 + (int)(R * (cu + 8 + cnt[u]) / ctot);
+      const int stn = u + 1 + (int)(R * (cu + moe_cost(cnt[u])) / ctot);
       if (b < stn) { u0 = u; break; }
-      cu += 8 + cnt[u];
+      cu += moe_cost(cnt[u]);
       st = stn;
     }
-    nb = u0 + 1 + (int)(R * (cu + 8 + cnt[u0]) / ctot) - st;
+    nb = u0 + 1 + (int)(R * (cu + moe_cost(cnt[u0])) / ctot) - st;
     q = b - st;
     ustep = U;
   } else {

@@ -245,6 +245,16 @@ pub fn smem_bytes(max_tokens: usize) -> usize {
 
 /// K splits of a router's logits (split width in elements, count): about 8 splits of a multiple of 32 columns, at
 /// most 512 (one 1 KB bf16 ring segment), so the router spreads over blocks.
+/// Rows of a split-pair RoPE tile for a head of `head_dim` with `rotary` rotated dims: the largest R in
+/// {32, 16, 8} with R <= rotary, R | rotary and R | head_dim - rotary (each head then splits into rotary / R
+/// tiles of R / 2 pairs and (head_dim - rotary) / R plain ones, all R rows); None when there is none (odd pair
+/// counts, tiny heads), and the kernel uses head-aligned tiles.
+pub fn rope_split_rows(head_dim: usize, rotary: usize) -> Option<usize> {
+    [32, 16, 8].into_iter().find(|&r| {
+        r <= rotary && rotary % r == 0 && head_dim >= rotary && (head_dim - rotary) % r == 0
+    })
+}
+
 fn router_splits(k: usize) -> (usize, usize) {
     let kw = if k.is_multiple_of(32) {
         (k.div_ceil(8).div_ceil(32) * 32).clamp(32, 512)
@@ -417,12 +427,23 @@ pub fn encode(
                             d.hd = r.head_dim as i32;
                             d.rotary = r.rotary_dim as i32;
                             d.theta = r.theta;
-                            // Tiles start on head boundaries or past the rotary dims, so every rotated pair
-                            // (i, i + rot/2) lies in one tile: the smallest divisor of head_dim >= max(rot, 32).
-                            tile_rows = (r.rotary_dim.max(32)..=r.head_dim)
-                                .find(|t| r.head_dim % t == 0)
-                                .unwrap_or(r.head_dim);
-                            2
+                            match rope_split_rows(r.head_dim, r.rotary_dim) {
+                                // Split-pair tiles (EPI_ROPE2): R rows each, a rotary tile holding R/2
+                                // rotated pairs (i, i + rot/2) as two row runs.
+                                Some(rows) => {
+                                    tile_rows = rows;
+                                    6
+                                }
+                                // Head-aligned tiles: they start on head boundaries or past the rotary dims,
+                                // so every rotated pair lies in one tile: the smallest divisor of head_dim
+                                // >= max(rot, 32).
+                                None => {
+                                    tile_rows = (r.rotary_dim.max(32)..=r.head_dim)
+                                        .find(|t| r.head_dim % t == 0)
+                                        .unwrap_or(r.head_dim);
+                                    2
+                                }
+                            }
                         }
                         Epilogue::KvWrite {
                             layer,
@@ -908,6 +929,19 @@ mod tests {
     fn router_splits_cover_k_in_ring_steps() {
         assert_eq!(router_splits(4096), (512, 8));
         assert_eq!(router_splits(2048), (256, 8));
+    }
+
+    #[test]
+    fn rope_split_rows_cover_whole_pairs() {
+        // MiMo-V2-Flash: head_dim 192, 64 rotary dims -> 32-row tiles (2 rotary + 4 plain per head).
+        assert_eq!(rope_split_rows(192, 64), Some(32));
+        // Full rotary 128-dim heads; 16-dim heads of the tiny dense model.
+        assert_eq!(rope_split_rows(128, 128), Some(32));
+        assert_eq!(rope_split_rows(16, 16), Some(16));
+        // Five pairs (the tiny MoE: 32-dim heads, 10 rotary dims) cannot split: head-aligned tiles.
+        assert_eq!(rope_split_rows(32, 10), None);
+        assert_eq!(rope_split_rows(64, 24), Some(8));
+        assert_eq!(rope_split_rows(60, 24), None);
         // The tiny models' hidden size still splits (the GPU checks on tiny plans run the split path).
         assert_eq!(router_splits(64), (32, 2));
         assert_eq!(router_splits(100), (100, 1));
