@@ -251,7 +251,10 @@ pub fn smem_bytes(max_tokens: usize) -> usize {
 /// counts, tiny heads), and the kernel uses head-aligned tiles.
 pub fn rope_split_rows(head_dim: usize, rotary: usize) -> Option<usize> {
     [32, 16, 8].into_iter().find(|&r| {
-        r <= rotary && rotary % r == 0 && head_dim >= rotary && (head_dim - rotary) % r == 0
+        r <= rotary
+            && rotary.is_multiple_of(r)
+            && head_dim >= rotary
+            && (head_dim - rotary).is_multiple_of(r)
     })
 }
 
@@ -337,6 +340,8 @@ pub fn encode(
     let moe_ctr_off = (moe_y_off + moe_y_len).next_multiple_of(4);
     let cand_off = (moe_ctr_off + moe_ctr_len).next_multiple_of(4);
     let force_em = std::env::var_os("MIMO_MOE_DOWN_EM").is_some_and(|v| v == "1");
+    // MIMO_ROPE_SPLIT=0 (an experiment knob): head-aligned RoPE tiles even where split-pair ones fit.
+    let rope_split = std::env::var_os("MIMO_ROPE_SPLIT").is_none_or(|v| v != "0");
     let mut scratch_len = cand_off;
     let mut lm_tiles = 0i32;
     let base = |op: i32| DInstr {
@@ -427,7 +432,7 @@ pub fn encode(
                             d.hd = r.head_dim as i32;
                             d.rotary = r.rotary_dim as i32;
                             d.theta = r.theta;
-                            match rope_split_rows(r.head_dim, r.rotary_dim) {
+                            match rope_split_rows(r.head_dim, r.rotary_dim).filter(|_| rope_split) {
                                 // Split-pair tiles (EPI_ROPE2): R rows each, a rotary tile holding R/2
                                 // rotated pairs (i, i + rot/2) as two row runs.
                                 Some(rows) => {
