@@ -148,6 +148,17 @@ __device__ __forceinline__ float warp_max(float v) {
 // Mode 2 rows per expert: the tile's columns padded to whole 16-row MMA tiles (a tile never straddles experts).
 __device__ __forceinline__ int moe_colsp(int cols) { return (cols + 15) & ~15; }
 
+__device__ __forceinline__ unsigned int smem_u32(const void* p) {
+  return (unsigned int)__cvta_generic_to_shared(p);
+}
+// An int of a shared-memory list reached through a generic pointer (the MoE routing lists TileRows points at),
+// loaded as shared memory: LDS instead of a generic load resolved at run time.
+__device__ __forceinline__ int sld(const int* p) {
+  int v;
+  asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(smem_u32(p)));
+  return v;
+}
+
 // n / d for 0 <= n < 2^31 by a multiply-high, an add and a shift (Granlund-Montgomery, rounding the magic up):
 // the consumers' per-group row bookkeeping divides by per-call constants, each a ~20-instruction sequence as a
 // plain unsigned division.
@@ -177,7 +188,7 @@ struct TileRows {
   const int* ml;
   FastDiv rdiv;         // division by 2 * cols (mode 3) or moe_colsp(cols) (mode 2); set by rows_dot
   // Activation row of member t of a mode-2 list starting at xl (packed or indexed by pair id).
-  __device__ __forceinline__ int xrow(int xl, int t) const { return xpack >= 0 ? xl + t - xpack : ml[xl + t]; }
+  __device__ __forceinline__ int xrow(int xl, int t) const { return xpack >= 0 ? xl + t - xpack : sld(ml + xl + t); }
   __device__ __forceinline__ int map(int rr) const {
     if (mode == 3) {
       const int j = (int)rdiv.div((unsigned)rr), r = rr - j * 2 * cols;
@@ -248,8 +259,8 @@ __device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int
     const int colsp = moe_colsp(d.cols);
     u = (int)d.rdiv.div((unsigned)r);
     col = r - u * colsp;
-    n = d.cnt[u];
-    xl = d.mst[u];
+    n = sld(d.cnt + u);
+    xl = sld(d.mst + u);
     return col < d.cols;
   }
   col = r;
@@ -268,14 +279,14 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
     if (!row_out(d, rr, nrows, col, n, xl, u)) continue;
     if (d.mode == 2) {
       long long wse;
-      expert_offsets(fmt, d.w, d.ws, d.ids[u], d.erows, d.K, &wb, &wse);
+      expert_offsets(fmt, d.w, d.ws, sld(d.ids + u), d.erows, d.K, &wb, &wse);
       row = d.c0 + col;
     } else {
       row = d.map(rr);
     }
     for (int t = 0; t < n; t++) {
       int xr = xl >= 0 ? d.xrow(xl, t) : t;
-      int orow = xl >= 0 ? d.ml[xl + t] : t;
+      int orow = xl >= 0 ? sld(d.ml + xl + t) : t;
       // 8 independent loads per lane in flight, 8 partial sums.
       float a8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int kb = 0; kb < kc; kb += 256) {
@@ -332,12 +343,22 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 // selects (hi / lo packed for m <= 4, one 8-column MMA tile for m <= 8, two beyond; per byte about 1 : 2 : 3 in
 // the s7 profiles: T = 8 / 16 MoE-up ring time per byte 1.3x / 2x that of T = 1) plus the members' activation
 // rows. MK_MOECOST=0: the session-5 model, 8 + m.
+// MK_MOE_W1 / W2 / W3: the weight terms of the three paths.
 #ifndef MK_MOECOST
 #define MK_MOECOST 1
 #endif
+#ifndef MK_MOE_W1
+#define MK_MOE_W1 8
+#endif
+#ifndef MK_MOE_W2
+#define MK_MOE_W2 16
+#endif
+#ifndef MK_MOE_W3
+#define MK_MOE_W3 24
+#endif
 __device__ __forceinline__ int moe_cost(int m) {
 #if MK_MOECOST
-  return 8 * (m <= 4 ? 1 : m <= 8 ? 2 : 3) + m;
+  return (m <= 4 ? MK_MOE_W1 : m <= 8 ? MK_MOE_W2 : MK_MOE_W3) + m;
 #else
   return 8 + m;
 #endif
@@ -392,9 +413,6 @@ __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV hold
 #define IV_LEN 1600
 #define SM_MMR (reinterpret_cast<float*>(SM_IV + IV_LEN))  // [2][MK_CW][32][8] or [MK_CW][16][RED_TOK] partials
 
-__device__ __forceinline__ unsigned int smem_u32(const void* p) {
-  return (unsigned int)__cvta_generic_to_shared(p);
-}
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 }
@@ -474,7 +492,7 @@ __device__ __forceinline__ RowInfo ring_row(const uint8_t* W, const TileRows& d,
   if (!o.ok) return o;
   if (d.mode == 2) {
     long long we, wse;
-    expert_offsets(FMT, d.w, d.ws, d.ids[u], d.erows, d.K, &we, &wse);
+    expert_offsets(FMT, d.w, d.ws, sld(d.ids + u), d.erows, d.K, &we, &wse);
     o.rp = row_ptr<FMT>(W, we, d.c0 + o.col, d.K);
     o.sp = srow_ptr<FMT>(W, wse, d.c0 + o.col, d.K);
   } else {
@@ -913,8 +931,8 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         xl[rt] = -1;
         if (d.mode == 2) {
           const int uu = (int)d.rdiv.div((unsigned)min(r0, nrows - 1));
-          n = d.cnt[uu];
-          xl[rt] = d.mst[uu];
+          n = sld(d.cnt + uu);
+          xl[rt] = sld(d.mst + uu);
         }
         tn[rt] = tv ? n : 0;
       }
@@ -1019,7 +1037,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
           float sum = 0.f;
 #pragma unroll
           for (int w = 0; w < MK_CW; w++) sum += red[(w * 32 + rt * 16 + row) * 8 + j];
-          const int orow = xl >= 0 ? d.ml[xl + j] : j;
+          const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
           stage[orow * d.sstride + col] += sum;
         }
       }
@@ -1049,7 +1067,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
           float sum = 0.f;
 #pragma unroll
           for (int w = 0; w < MK_CW; w++) sum += red[(w * 16 + row) * RED_TOK + j];
-          const int orow = xl >= 0 ? d.ml[xl + j] : j;
+          const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
           stage[orow * d.sstride + col] += sum;
         }
       }
