@@ -172,6 +172,10 @@ struct FastDiv {
   __device__ __forceinline__ unsigned int div(unsigned int n) const { return (__umulhi(n, m) + n) >> s; }
 };
 
+// a / b for 0 <= a < 2^12 and 1 <= b <= 64 (the cross-warp sum's element -> (row, token) split): (a + 1/2) / b
+// is at least 1 / (2b) from an integer, far more than the approximate divide's error (~2^-22 relative).
+__device__ __forceinline__ int div_small(int a, int b) { return (int)__fdividef((float)a + 0.5f, (float)b); }
+
 // Row and column indices here are never negative: their divisions are done unsigned (fewer instructions than
 // signed ones on the consumers' per-group path), by FastDiv where the divisor is fixed for the call.
 struct TileRows {
@@ -1031,7 +1035,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       for (int e = me; e < tot; e += MK_CW * 32) {
         const int rt = e >= 16 * n0 ? 1 : 0;
         const int nn = tn[rt], e2 = e - rt * 16 * n0;
-        const int row = (int)((unsigned)e2 / (unsigned)nn), j = e2 - row * nn;
+        const int row = div_small(e2, nn), j = e2 - row * nn;
         int col, n, xl, uu;
         if (row_out(d, gcur * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
           float sum = 0.f;
@@ -1061,7 +1065,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       // Only the tile's tokens (tn: 0 when it has no valid rows), not all of its MMA columns.
       const int nn = tn[rt];
       for (int e = threadIdx.x; e < 16 * nn; e += MK_CW * 32) {
-        const int row = (int)((unsigned)e / (unsigned)nn), j = e - row * nn;
+        const int row = div_small(e, nn), j = e - row * nn;
         int col, n, xl, uu;
         if (row_out(d, gcur * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
           float sum = 0.f;

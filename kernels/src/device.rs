@@ -344,6 +344,12 @@ pub fn encode(
     // bench plan their 32-row q / k tiles balance the blocks better but cost more per tile than that gains
     // (s7r5: T = 1 13.32 vs 12.85 ms, T = 16 47.76 vs 45.83 ms with head-aligned 64-row tiles).
     let rope_split = std::env::var_os("MIMO_ROPE_SPLIT").is_some_and(|v| v == "1");
+    // MIMO_LMHEAD_ROWS=32|64|96|128 (an experiment knob): rows per LM-head tile (default 64).
+    let lm_rows = std::env::var("MIMO_LMHEAD_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|r| r % 32 == 0 && (32..=TILE_MAX).contains(r))
+        .unwrap_or(64);
     let mut scratch_len = cand_off;
     let mut lm_tiles = 0i32;
     let base = |op: i32| DInstr {
@@ -779,8 +785,8 @@ pub fn encode(
                     d.normw = wd(*nw).offset as i64;
                     d.eps = *eps;
                 }
-                d.tile_rows = 64;
-                d.ntiles = wt.dims[0].div_ceil(64) as i32;
+                d.tile_rows = lm_rows as i32;
+                d.ntiles = wt.dims[0].div_ceil(lm_rows) as i32;
                 let mut writes = vec![arena(*o)];
                 if argmax && program.output("logits") == Some(*o) {
                     // Each tile leaves its best sampling candidate per token for the argmax instruction.
