@@ -942,6 +942,93 @@ mod tests {
     fn router_splits_cover_k_in_ring_steps() {
         assert_eq!(router_splits(4096), (512, 8));
         assert_eq!(router_splits(2048), (256, 8));
+        // The tiny models' hidden size still splits (the GPU checks on tiny plans run the split path).
+        assert_eq!(router_splits(64), (32, 2));
+        assert_eq!(router_splits(100), (100, 1));
+    }
+
+    /// The megakernel's MXFP4 device layout (`FP4_POS`, written by `mimo_fp4_repack`) and its decode
+    /// (`fp4_pairs`): every E2M1 code of a word, repacked by the table in the source and decoded by the source's
+    /// mask / shift / multiply expressions, is the f16 of its OCP value times 2^-14, in pair order (element q in
+    /// the low half of pair q, element q + 4 in the high half); and the scale folds the 2^14 back in.
+    #[test]
+    fn fp4_device_layout_decodes_every_code_exactly() {
+        use rand::{Rng, SeedableRng};
+        let src = MEGAKERNEL_CU;
+        for expr in [
+            "p[0] = w & FP4_PAIR_MASK;",
+            "p[1] = (w << 8) & FP4_PAIR_MASK;",
+            "p[2] = ((w & 0x00710071u) * 0x240u) & FP4_PAIR_MASK;",
+            "(unsigned long long)(w & 0x71007100u) * 0x24000u;",
+            "p[3] = ((unsigned int)t | (unsigned int)(t >> 32)) & FP4_PAIR_MASK;",
+            "#define FP4_PAIR_MASK 0x8E008E00u",
+            "return __uint_as_float(b * 0x800000u + 0x7000000u);",
+        ] {
+            assert!(src.contains(expr), "megakernel.cu no longer has `{expr}`");
+        }
+        // The position table: 8 entries "m | e0 << 5 | e1 << 10 | s << 15".
+        let start = src
+            .find("__constant__ unsigned int FP4_POS[8] = {")
+            .expect("FP4_POS table");
+        let body = &src[start..start + src[start..].find("};").unwrap()];
+        let body = &body[body.find('{').unwrap() + 1..];
+        let pos: Vec<[u32; 4]> = body
+            .split(',')
+            .map(|e| {
+                let v: Vec<u32> = e
+                    .split('|')
+                    .map(|t| t.trim().split("u").next().unwrap().trim().parse().unwrap())
+                    .collect();
+                [v[0], v[1], v[2], v[3]]
+            })
+            .collect();
+        assert_eq!(pos.len(), 8);
+        let mut all: Vec<u32> = pos.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..32).collect::<Vec<_>>(),
+            "FP4_POS is a permutation of the 32 bits"
+        );
+        let repack = |w: u32| -> u32 {
+            let mut r = 0u32;
+            for (e, p) in pos.iter().enumerate() {
+                for (b, &bit) in p.iter().enumerate() {
+                    r |= ((w >> (4 * e + b)) & 1) << bit;
+                }
+            }
+            r
+        };
+        let decode = |w: u32| -> [u32; 4] {
+            let m = 0x8E00_8E00u32;
+            let t = (w & 0x7100_7100) as u64 * 0x24000;
+            [
+                w & m,
+                (w << 8) & m,
+                ((w & 0x0071_0071).wrapping_mul(0x240)) & m,
+                ((t as u32) | ((t >> 32) as u32)) & m,
+            ]
+        };
+        let e2m1 = [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let w: u32 = rng.random();
+            let p = decode(repack(w));
+            for q in 0..4 {
+                for (half, e) in [(0, q), (1, q + 4)] {
+                    let code = (w >> (4 * e)) & 15;
+                    let sign = if code & 8 != 0 { -1.0 } else { 1.0 };
+                    let want = sign * e2m1[(code & 7) as usize] * 2f32.powi(-14);
+                    let got = half::f16::from_bits((p[q] >> (16 * half)) as u16).to_f32();
+                    assert_eq!(got, want, "word {w:#010x}, element {e}");
+                }
+            }
+        }
+        // Scale: 2^(b - 127) * 2^14 as float bits (b + 14) << 23, for every byte the repack accepts.
+        for b in 0u32..=240 {
+            let v = f32::from_bits(b.wrapping_mul(0x80_0000).wrapping_add(0x700_0000));
+            assert_eq!(v, 2f32.powi(b as i32 - 113), "scale byte {b}");
+        }
     }
 
     #[test]
@@ -955,9 +1042,6 @@ mod tests {
         assert_eq!(rope_split_rows(32, 10), None);
         assert_eq!(rope_split_rows(64, 24), Some(8));
         assert_eq!(rope_split_rows(60, 24), None);
-        // The tiny models' hidden size still splits (the GPU checks on tiny plans run the split path).
-        assert_eq!(router_splits(64), (32, 2));
-        assert_eq!(router_splits(100), (100, 1));
         for k in (32..9000).step_by(32) {
             let (w, n) = router_splits(k);
             assert!(
