@@ -1014,12 +1014,12 @@ mod tests {
         for _ in 0..20_000 {
             let w: u32 = rng.random();
             let p = decode(repack(w));
-            for q in 0..4 {
+            for (q, &pair) in p.iter().enumerate() {
                 for (half, e) in [(0, q), (1, q + 4)] {
                     let code = (w >> (4 * e)) & 15;
                     let sign = if code & 8 != 0 { -1.0 } else { 1.0 };
                     let want = sign * e2m1[(code & 7) as usize] * 2f32.powi(-14);
-                    let got = half::f16::from_bits((p[q] >> (16 * half)) as u16).to_f32();
+                    let got = half::f16::from_bits((pair >> (16 * half)) as u16).to_f32();
                     assert_eq!(got, want, "word {w:#010x}, element {e}");
                 }
             }
