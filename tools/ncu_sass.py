@@ -8,9 +8,12 @@ addresses, no function names) and an nvdisasm listing of the same cubin (the fun
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass                 # by function
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --top 40
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --ranges
+    nvdisasm -c -g <plan>/megakernel.cubin > mk_lines.sass   # with the cubin's line info (mimoc builds -lineinfo)
+    python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk_lines.sass --fn ring_consumeILi4ELi1E --lines <plan>/megakernel.cu
 
 --fn takes a substring of the mangled name; --top lists its hottest instructions, --ranges its samples by
-straight-line stretch between branch targets (loops show up as the hot stretches).
+straight-line stretch between branch targets (loops show up as the hot stretches), --lines SRC its samples by
+source line of SRC (the generated megakernel.cu the cubin was built from; a listing made with nvdisasm -g).
 """
 import csv
 import gzip
@@ -20,6 +23,21 @@ from collections import defaultdict
 
 STALLS = ["barrier", "branch_resolving", "dispatch", "drain", "imc", "lg", "long_sb", "math", "membar", "mio",
           "misc", "no_inst", "not_selected", "selected", "short_sb", "sleep", "tex", "wait"]
+
+
+def line_map(sass_path):
+    """{offset: source line} from an `nvdisasm -g` listing (the last `//## File ..., line N` before each
+    instruction)."""
+    out, cur = {}, None
+    for line in open(sass_path):
+        m = re.search(r'//## File ".*", line (\d+)', line)
+        if m:
+            cur = int(m.group(1))
+            continue
+        m = re.match(r"^\s*/\*([0-9a-f]{4,})\*/", line)
+        if m and cur is not None:
+            out[int(m.group(1), 16)] = cur
+    return out
 
 
 def functions(sass_path):
@@ -103,6 +121,20 @@ def main():
     mine = [r for r in recs if fn in owner(funcs, r["off"])]
     ftot = sum(r["samples"] for r in mine) or 1
     print(f"{fn}: {ftot} samples ({100.0 * ftot / total:.1f}% of all), {len(mine)} instructions")
+    if "--lines" in args:
+        src = open(args[args.index("--lines") + 1]).read().split("\n")
+        lm = line_map(sass_path)
+        agg = defaultdict(lambda: defaultdict(int))
+        for r in mine:
+            a = agg[lm.get(r["off"], 0)]
+            for k in ["samples", "instrs"] + STALLS:
+                a[k] += r[k]
+            a["static"] += 1
+        for ln, a in sorted(agg.items(), key=lambda kv: -kv[1]["samples"])[:top or 25]:
+            text = src[ln - 1].strip() if 0 < ln <= len(src) else "?"
+            print(f"  line {ln:5d} {100.0 * a['samples'] / ftot:5.1f}% {a['static']:4d} instrs  {text[:70]:<70} "
+                  f"{top_stalls(a, ftot, 2)}")
+        return
     if "--ranges" in args:
         # Stretches between branch targets / branches: split at every BRA and every target it names.
         targets = set()
