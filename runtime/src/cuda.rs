@@ -93,13 +93,13 @@ fn repack_fp4(
             );
         }
         let nwords = w.nbytes / 4;
-        let blocks = nwords.div_ceil(256).min(4096) as u32;
+        let blocks = nwords.div_ceil(256).min(4096) as u32; // >= 1: nwords >= 1
         let (base, _g) = weights.device_ptr_mut(stream);
         let (flags, _f) = bad.device_ptr_mut(stream);
         let (data, scales) = (base + w.offset, base + w.scale_offset);
         let flag = flags + 4 * i as u64;
         let cfg = LaunchConfig {
-            grid_dim: (blocks.max(1), 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
