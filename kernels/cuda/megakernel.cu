@@ -346,11 +346,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 // Cost of one MoE-up column tile whose expert has m member rows: its weights at the speed of the consumer path m
 // selects (hi / lo packed for m <= 4, one 8-column MMA tile for m <= 8, two beyond; per byte about 1 : 2 : 3 in
 // the s7 profiles: T = 8 / 16 MoE-up ring time per byte 1.3x / 2x that of T = 1) plus the members' activation
-// rows. MK_MOECOST=0: the session-5 model, 8 + m.
-// MK_MOE_W1 / W2 / W3: the weight terms of the three paths.
-#ifndef MK_MOECOST
-#define MK_MOECOST 1
-#endif
+// rows. MK_MOE_W1 / W2 / W3 set the weight terms of the three paths (all 8: the session-5 model, 8 + m).
 #ifndef MK_MOE_W1
 #define MK_MOE_W1 8
 #endif
@@ -360,13 +356,7 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOE_W3
 #define MK_MOE_W3 24
 #endif
-__device__ __forceinline__ int moe_cost(int m) {
-#if MK_MOECOST
-  return (m <= 4 ? MK_MOE_W1 : m <= 8 ? MK_MOE_W2 : MK_MOE_W3) + m;
-#else
-  return 8 + m;
-#endif
-}
+__device__ __forceinline__ int moe_cost(int m) { return (m <= 4 ? MK_MOE_W1 : m <= 8 ? MK_MOE_W2 : MK_MOE_W3) + m; }
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -1461,6 +1451,15 @@ __device__ __forceinline__ void best_of(float& bv, int& bi, float ov, int oi) {
 // MATMUL: out[t, c] = epilogue((norm?(x[t]) . W[row(c)]) + bias), one tile = `tile_rows` output columns.
 // With SwiGLU the tile computes gate rows c and up rows N/2 + c.
 
+// Rotate the RoPE pair (*a, *b) = dims (j, j + rot / 2) of a head at position pos.
+__device__ __forceinline__ void rope_pair(float* a, float* b, int pos, int j, int rot, float theta) {
+  float sn, cs;
+  sincosf((float)pos * powf(theta, -2.f * (float)j / (float)rot), &sn, &cs);
+  const float x = *a, y = *b;
+  *a = x * cs - y * sn;
+  *b = y * cs + x * sn;
+}
+
 __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0, int hd, int rot, float theta,
                                  const int* pos) {
   int half = rot / 2;
@@ -1470,13 +1469,7 @@ __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0,
     int j = cg % hd;
     if (j >= half) continue;
     // The pair (j, j + half) lies in the tile: tiles are head aligned when RoPE is present.
-    float inv_freq = powf(theta, -2.f * (float)j / (float)rot);
-    float ang = (float)pos[t] * inv_freq;
-    float sn, cs;
-    sincosf(ang, &sn, &cs);
-    float a = st[t * stride + c], b = st[t * stride + c + half];
-    st[t * stride + c] = a * cs - b * sn;
-    st[t * stride + c + half] = b * cs + a * sn;
+    rope_pair(st + t * stride + c, st + t * stride + c + half, pos[t], j, rot, theta);
   }
 }
 
@@ -1592,13 +1585,8 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       if (d.split) {  // a rotary tile: stage columns c and c + cols are the pair (j, j + rotary / 2)
         for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
           const int t = i / cols, c = i - t * cols;
-          const int j = (c0 + c) % I.hd;
-          float sn, cs;
-          sincosf((float)p.pos[t] * powf(I.theta, -2.f * (float)j / (float)I.rotary), &sn, &cs);
           float* st = SM_STAGE + t * sstride + c;
-          const float a = st[0], b = st[cols];
-          st[0] = a * cs - b * sn;
-          st[cols] = b * cs + a * sn;
+          rope_pair(st, st + cols, p.pos[t], (c0 + c) % I.hd, I.rotary, I.theta);
         }
       }
     } else if (e == EPI_KVWRITE) {
