@@ -38,7 +38,7 @@ if has verify; then
   $B/mimoc make-tiny "$W/moe8" --arch moe --seed 5 --fp8 >/dev/null
   # Each entry: [ENV=VALUE@]checkpoint:mimoc-flags ('_' for spaces); the environment applies to mimort (e.g. the
   # MIMO_MOE_DOWN_EM=1 knob, which forces MoE down's expert-major mode on plans too small to need it).
-  VARIANTS=${MIMO_VERIFY:-"moe: moe:--no-fuse moe:--experts_bf16 moe:--dense_fp8 moe:--max-tokens_4 dense: dense:--no-fuse moe8: MIMO_MOE_DOWN_EM=1@moe: MIMO_MOE_DOWN_EM=1@moe:--max-tokens_4"}
+  VARIANTS=${MIMO_VERIFY:-"moe: moe:--no-fuse moe:--experts_bf16 moe:--dense_fp8 moe:--max-tokens_4 dense: dense:--no-fuse moe8: MIMO_MOE_DOWN_EM=1@moe: MIMO_MOE_DOWN_EM=1@moe:--max-tokens_4 MIMO_ROUTER_FUSE=0@moe:"}
   for v in $VARIANTS; do
     envs=""; [[ $v == *@* ]] && { envs=${v%%@*}; v=${v#*@}; }
     v=${v//_/ }
@@ -105,7 +105,19 @@ if has bench; then
   start=$SECONDS
   make_bench 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
   echo "make-bench $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
-  timeout 300 $B/mimort bench "$W/bench" --tokens ${MIMO_BENCH_TOKENS:-1,4,8,16} --context 512 --json "$OUT/bench_mimo.json" 2>&1 | tee -a "$OUT/summary.txt"
+  # MIMO_TIMELINE=1: every block's start / end per instruction of the profiled forwards (timeline.txt.gz;
+  # tools/timeline.py reads it).
+  tl=""; [ "${MIMO_TIMELINE:-0}" = 1 ] && tl="--timeline $W/timeline.txt"
+  timeout 300 $B/mimort bench "$W/bench" --tokens ${MIMO_BENCH_TOKENS:-1,4,8,16} --context 512 --json "$OUT/bench_mimo.json" $tl 2>&1 | tee -a "$OUT/summary.txt"
+  [ -n "$tl" ] && gzip -c "$W/timeline.txt" > "$OUT/timeline.txt.gz"
+  # MIMO_BENCH_ENVS="VAR=VALUE[,VAR=VALUE] ...": the same kernel again under each environment (encoder knobs such
+  # as MIMO_ROUTER_FUSE=0), results bench_env_TAG.json: an A/B inside one call.
+  for e in ${MIMO_BENCH_ENVS:-}; do
+    tag=$(echo "$e" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '_')
+    log "bench with $e"
+    timeout 300 env ${e//,/ } $B/mimort bench "$W/bench" --tokens ${MIMO_BENCH_TOKENS:-1,4,8,16} --context 512 \
+      --json "$OUT/bench_env_$tag.json" 2>&1 | tee -a "$OUT/summary.txt"
+  done
 fi
 
 if has bigverify; then
@@ -140,23 +152,28 @@ if has variants; then
   for v in bench/variants/*.cubin; do
     [ -f "$v" ] || continue
     name=$(basename "$v" .cubin)
-    log "variant $name"
+    # MIMO_VARIANT_ENV="NAME:VAR=VALUE[,VAR=VALUE] ...": the environment variant NAME runs under (e.g. an older
+    # kernel that needs MIMO_ROUTER_FUSE=0, the encoding it was built for).
+    venv=""
+    for ve in ${MIMO_VARIANT_ENV:-}; do [ "${ve%%:*}" = "$name" ] && venv=${ve#*:}; done
+    venv=${venv//,/ }
+    log "variant $name${venv:+ ($venv)}"
     if [ -d "$W/p_moe_" ]; then
       rm -rf "$W/pv"; cp -r "$W/p_moe_" "$W/pv"; cp "$v" "$W/pv/megakernel.cubin"
-      timeout 60 $B/mimort verify-gpu "$W/pv" --prefill 40 --decode 24 --json "$W/verify_$name.json" > "$W/verify_$name.log" 2>&1
+      timeout 60 env $venv $B/mimort verify-gpu "$W/pv" --prefill 40 --decode 24 --json "$W/verify_$name.json" > "$W/verify_$name.log" 2>&1
       echo "verify $name: rc=$? $(tr -d '\n ' < "$W/verify_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
       # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
       for tool in ${MIMO_VARIANT_SANITIZE:-}; do
         [[ -n ${MIMO_VARIANT_SANITIZE_NAMES:-} && " $MIMO_VARIANT_SANITIZE_NAMES " != *" $name "* ]] && continue
         ropts=""; [ $tool = racecheck ] && ropts="--racecheck-report all --print-limit 2000"
-        timeout ${MIMO_SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool $ropts \
+        timeout ${MIMO_SANITIZE_TIMEOUT:-240} env $venv compute-sanitizer --tool $tool $ropts \
           $B/mimort verify-gpu "$W/pv" --prefill 8 --decode 2 > "$W/san_${name}_$tool.log" 2>&1
         echo "sanitizer $name $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_${name}_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
         [ $tool = racecheck ] && python3 tools/race_summary.py "$W/san_${name}_$tool.log" | tee -a "$OUT/summary.txt"
       done
     fi
     cp "$v" "$W/bench/megakernel.cubin"
-    timeout 200 $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" 2>&1 \
+    timeout 200 env $venv $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" 2>&1 \
       | tee -a "$OUT/summary.txt"
   done
   cp "$W/bench_base.cubin" "$W/bench/megakernel.cubin"

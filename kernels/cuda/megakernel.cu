@@ -273,6 +273,13 @@ __device__ __forceinline__ bool row_out(const TileRows& d, int r, int nrows, int
   return d.valid(r);
 }
 
+// row_out's answer alone: whether tile row r computes an output (mode 2: inside its expert's columns, not padding).
+__device__ __forceinline__ bool row_ok(const TileRows& d, int r, int nrows) {
+  if (r >= nrows) return false;
+  if (d.mode == 2) return r - (int)d.rdiv.div((unsigned)r) * moe_colsp(d.cols) < d.cols;
+  return d.valid(r);
+}
+
 // Scalar path for f32 / f16 weights (small tensors only: the router). Reads plain float activations.
 __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
                                  int nrows, float* stage) {
@@ -916,11 +923,22 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
         const int r0 = g * RING_ROWS + rt * 16;
-        const RowInfo ra = ring_row<FMT>(W, d, r0 + gq, nrows);
-        const RowInfo rb = ring_row<FMT>(W, d, r0 + gq + 8, nrows);
-        spr[rt][0] = ra.sp;
-        spr[rt][1] = rb.sp;
-        const bool tv = __any_sync(0xffffffffu, ra.ok || rb.ok);
+        bool oka, okb;
+        if (FMT == FMT_F8 || (FMT == FMT_MXFP4 && !sring)) {  // the steps read scales through these rows
+          const RowInfo ra = ring_row<FMT>(W, d, r0 + gq, nrows);
+          const RowInfo rb = ring_row<FMT>(W, d, r0 + gq + 8, nrows);
+          spr[rt][0] = ra.sp;
+          spr[rt][1] = rb.sp;
+          oka = ra.ok;
+          okb = rb.ok;
+        } else {
+          // Scales in the ring (MXFP4) or none (bf16): only whether the rows exist.
+          spr[rt][0] = W;
+          spr[rt][1] = W;
+          oka = row_ok(d, r0 + gq, nrows);
+          okb = row_ok(d, r0 + gq + 8, nrows);
+        }
+        const bool tv = __any_sync(0xffffffffu, oka || okb);
         int n = d.n;
         xl[rt] = -1;
         if (d.mode == 2) {
@@ -1532,6 +1550,50 @@ __device__ __noinline__ void prefetch_matmul(const Params& p, Smem& s, const DIn
   prefetch_call(p, s, I.fmt, d, 0, kc, nrows);
 }
 
+// Element i of a small f32 / bf16 / f16 weight.
+__device__ __forceinline__ float wel(int fmt, const uint8_t* W, long long i) {
+  if (fmt == FMT_F32) return __ldg(reinterpret_cast<const float*>(W) + i);
+  const unsigned short u = __ldg(reinterpret_cast<const unsigned short*>(W) + i);
+  return fmt == FMT_BF16 ? __uint_as_float((unsigned int)u << 16) : __half2float(__ushort_as_half(u));
+}
+
+// Fused router (a matmul with E > 0, see kernels/src/device.rs `FusedRouter`): this tile's share of the next
+// router's logits over its output columns, part[tile][t][e] = sum_c W_r[e][col] g[col] h[t][c] (c ascending),
+// and of each token's sum of squares, ss[tile][t] = sum_c h[t][c]^2, from the final stage h. The MoE
+// instructions add the tiles' shares in tile order and scale the logits by 1 / rms. W_r (g folded in) goes
+// through shared memory after the stage at a pitch of width + 1 (conflict-free per-expert rows). The encoder fuses
+// only plain matmuls, whose tile columns are c0 .. c0 + width - 1. (The tile's TileRows is not passed: a reference
+// to it would keep op_matmul's copy in local memory, which its epilogue loops then read element by element.)
+__device__ __noinline__ void router_partials(const Params& p, const DInstr& I, int c0, int tile, int width,
+                                             int sstride) {
+  const int E = I.E, T = p.T, cp = width + 1, K = I.n;
+  float* gw = SM_STAGE + T * sstride;
+  const uint8_t* wr = p.weights + I.w2;
+  const float* g = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
+  for (int i = threadIdx.x; i < E * width; i += MK_THREADS) {
+    const int e = i / width, c = i - e * width, col = c0 + c;
+    const float w = wel(I.inter, wr, (long long)e * K + col);
+    gw[e * cp + c] = g ? w * __ldg(g + col) : w;
+  }
+  block_sync();
+  float* part = p.scratch + I.ws2 + (long long)tile * T * E;
+  for (int i = threadIdx.x; i < T * E; i += MK_THREADS) {
+    const int t = i / E, e = i - t * E;
+    const float* h = SM_STAGE + t * sstride;
+    const float* w = gw + e * cp;
+    float a = 0.f;
+    for (int c = 0; c < width; c++) a += w[c] * h[c];
+    part[i] = a;
+  }
+  float* ss = p.scratch + I.ws2 + (long long)I.ntiles * T * E + (long long)tile * T;
+  for (int t = threadIdx.x; t < T; t += MK_THREADS) {
+    const float* h = SM_STAGE + t * sstride;
+    float a = 0.f;
+    for (int c = 0; c < width; c++) a += h[c] * h[c];
+    ss[t] = a;
+  }
+}
+
 __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
   TileRows d;
   int nrows, kc1;
@@ -1620,6 +1682,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       p.arena[I.out + (long long)t * I.outw + d.map(c)] = SM_STAGE[t * sstride + c];
     }
   }
+  if (I.E > 0) router_partials(p, I, c0, tile, width, sstride);
   // LM head with in-kernel sampling: each tile leaves its best (key, index) per token in scratch[aux], so the
   // argmax instruction only compares one candidate per tile.
   if (I.aux >= 0) {
@@ -1959,17 +2022,54 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
 
 // Every token's routing from the router's partial logits (splits added in order), a warp per token; block 0 also
 // writes the routing buffer (expert ids as floats, then weights), as the CPU interpreter's router does.
+// A fused router (I.ws2 < 0: -(splits)) left, after its splits' partial logits, each split's per-token sums of
+// squares: its logits are scaled by 1 / rms (K = I.qd, eps = I.theta), and SM_INV holds those factors for the
+// MoE up's norm prologue (the same norm). Splits are added in order; when the logits are fewer than the threads,
+// S threads share one (interleaved splits, their sums added in order).
 __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int* raw, float* rw) {
-  const int warp = threadIdx.x >> 5, E = I.E, T = p.T, nks = (int)I.ws2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = I.E, T = p.T, TE = T * E;
+  const bool fused = I.ws2 < 0;
+  const int nks = fused ? (int)-I.ws2 : (int)I.ws2;
   float* lg = SM_XS;          // [T][E] logits, then scores
   float* ch = SM_XS + T * E;  // [T][E] choice scores
   const float* part = p.scratch + I.w2;
   const float* bias = I.bias >= 0 ? reinterpret_cast<const float*>(p.weights + I.bias) : nullptr;
-  for (int i = threadIdx.x; i < T * E; i += MK_THREADS) {
-    float a = 0.f;
+  const int S = max(1, min(nks, MK_THREADS / TE));
+  if (S == 1) {
+    for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+      float a = 0.f;
+#pragma unroll 16
+      for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * TE + i);
+      lg[i] = a;
+    }
+  } else {
+    float* sub = SM_STAGE;  // [S][T * E]
+    if (threadIdx.x < S * TE) {
+      const int sp = threadIdx.x / TE, i = threadIdx.x - sp * TE;
+      float a = 0.f;
 #pragma unroll 8
-    for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * T * E + i);
-    lg[i] = a;
+      for (int k = sp; k < nks; k += S) a += ldcg(part + (long long)k * TE + i);
+      sub[threadIdx.x] = a;
+    }
+    block_sync();
+    for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+      float a = 0.f;
+      for (int sp = 0; sp < S; sp++) a += sub[sp * TE + i];
+      lg[i] = a;
+    }
+  }
+  if (fused) {
+    // Sums of squares: a warp per token, lanes over interleaved splits, added by a fixed shuffle tree.
+    const float* ss = part + (long long)nks * TE;
+    for (int t = warp; t < T; t += MK_WARPS) {
+      float a = 0.f;
+#pragma unroll 4
+      for (int k = lane; k < nks; k += 32) a += ldcg(ss + (long long)k * T + t);
+      a = warp_sum(a);
+      if (lane == 0) SM_INV[t] = rsqrtf(a / I.qd + I.theta);
+    }
+    block_sync();
+    for (int i = threadIdx.x; i < TE; i += MK_THREADS) lg[i] *= SM_INV[i / E];
   }
   block_sync();
   for (int t = warp; t < T; t += MK_WARPS)
@@ -2206,18 +2306,24 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
 }
 
 // DOWN, expert-major: when the routed pairs' activations do not all fit in shared memory (verify blocks; the
-// encoder's test knob forces it). Work item (u, cb) = routed expert u's down rows [cb * WC, + WC) against u's
-// members only, whose activations load once per item instead of once per 32-column tile; the unweighted outputs
-// y[pair][c] go to scratch[I.kv_k ...]. Items are dealt to every block round-robin; a per-column-block arrival
-// counter (scratch[I.kv_v + cb], reset by the last arrival) lets the last of column block cb's U items combine it:
-// out[t, c] = residual + sum_k w[t, k] * y[(t, k)][c], k ascending (the order of the per-tile path).
+// encoder's test knob forces it). Each routed expert's down rows run against its members only; the unweighted
+// outputs y[pair][c] go to scratch[I.kv_k ...]; a per-column-tile arrival counter (scratch[I.kv_v + tile], reset by
+// the last arrival) lets the last of a tile's U experts combine it: out[t, c] = residual + sum_k w[t, k] *
+// y[(t, k)][c], k ascending (the order of the per-tile path).
 __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
   return I.kv_k >= 0 && (I.heads == 1 || (long long)p.T * I.topk * I.inter > MK_XS);
 }
 
-__device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DInstr& I) {
-  const int U = SM_IV[IV_U], H = I.n, WC = I.window, G = gridDim.x;
-  const int ncb = (H + WC - 1) / WC;
+// Expert-major MoE down (verify blocks, whose routed pairs' activations do not fit in shared memory): work items
+// are (routed expert u, column tile of WT = I.window columns) in expert-major order, each costing I.vd + members,
+// and block b takes the items whose cost prefix starts in [b C / G, (b + 1) C / G) (balanced to within one item
+// whatever the member counts: heavy experts no longer pile up on a few blocks). A block's items of one expert are
+// contiguous columns: it loads that expert's member activations once (when they fit at full width) and streams
+// the columns in batches the stage holds, one ring pass each. Per-pair outputs go to scratch; each column tile
+// counts its U expert arrivals and the last one combines the tile (routing weights in slot order, then the
+// residual), so the sum order is fixed.
+__device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, const DInstr& I, int u, int j0, int j1) {
+  const int U = SM_IV[IV_U], H = I.n, WT = I.window;
   const int* ids = SM_IV + IV_IDS;
   const int* cnt = SM_IV + IV_CNT;
   const int* mst = SM_IV + IV_MST;
@@ -2225,42 +2331,78 @@ __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DIns
   const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
   float* y = p.scratch + I.kv_k;
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.kv_v);
-  int first = ((int)blockIdx.x - I.rot) % G;
-  if (first < 0) first += G;
-  for (int item = first; item < U * ncb; item += G) {
-    const int u = item % U, cb = item / U;
-    const int m = cnt[u];
-    const int* mem = ml + mst[u];
-    const int c0 = cb * WC, cols = min(WC, H - c0);
-    long long we, wse;
-    expert_offsets(I.fmt, I.w, I.ws, ids[u], H, I.inter, &we, &wse);
-    const int kcw = chunk_width(I.inter, m);
+  int* last = reinterpret_cast<int*>(SM_RED);  // per tile of a batch: this block combines it
+  const int m = cnt[u];
+  const int* mem = ml + mst[u];
+  long long we, wse;
+  expert_offsets(I.fmt, I.w, I.ws, ids[u], H, I.inter, &we, &wse);
+  const int kcw = chunk_width(I.inter, m);
+  const bool full = kcw == I.inter;
+  const int B = max(1, min(MK_THREADS, MK_STAGE / (m * WT)));  // tiles per batch
+  block_sync();
+  if (full) load_rows(p.scratch, I.inter, mem, 1, m, 0, I.inter, I.inter, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
+  for (int jb = j0; jb < j1; jb += B) {
+    const int nbt = min(B, j1 - jb), c0 = jb * WT, cols = min(nbt * WT, H - c0), sstride = nbt * WT;
     TileRows d{};
     d.mode = 1; d.c0 = c0; d.cols = cols; d.split = 0; d.w = we; d.ws = wse; d.K = I.inter; d.n = m;
-    d.xstride = kcw; d.sstride = WC;
-    block_sync();
-    for (int i = threadIdx.x; i < m * WC; i += MK_THREADS) SM_STAGE[i] = 0.f;
-    for (int k0 = 0; k0 < I.inter; k0 += kcw) {
-      const int kc = min(kcw, I.inter - k0);
+    d.xstride = kcw; d.sstride = sstride;
+    for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    if (full) {
       block_sync();
-      load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
-      block_sync();
-      rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
+      rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, cols, SM_STAGE, m, s);
+    } else {
+      for (int k0 = 0; k0 < I.inter; k0 += kcw) {
+        const int kc = min(kcw, I.inter - k0);
+        block_sync();
+        load_rows(p.scratch, I.inter, mem, 1, m, k0, kc, kcw, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
+        block_sync();
+        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, cols, SM_STAGE, m, s);
+      }
     }
     block_sync();
     for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
       const int j = i / cols, c = i - j * cols;
-      y[(long long)mem[j] * H + c0 + c] = SM_STAGE[j * WC + c];
+      y[(long long)mem[j] * H + c0 + c] = SM_STAGE[j * sstride + c];
+    }
+    // Arrivals, one thread per tile: the barrier orders the block's outputs before each arriving thread's fence.
+    block_sync();
+    if (threadIdx.x < nbt) {
+      unsigned int* cp = ctr + jb + threadIdx.x;
+      __threadfence();
+      const bool lst = atomicAdd(cp, 1u) == (unsigned int)U - 1;
+      if (lst) {
+        atomicExch(cp, 0u);  // ready for the next MoE down
+        __threadfence();
+      }
+      last[threadIdx.x] = lst;
     }
     block_sync();
-    if (!last_arrival(ctr + cb, U)) continue;
-    for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
-      const int t = i / cols, c = c0 + (i - t * cols);
+    for (int i = threadIdx.x; i < nbt * p.T * WT; i += MK_THREADS) {
+      const int q = i / (p.T * WT), r = i - q * (p.T * WT), t = r / WT, c = (jb + q) * WT + (r - t * WT);
+      if (!last[q] || c >= H) continue;
       float a = 0.f;
       for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * ldcg(y + (long long)(t * I.topk + k) * H + c);
       if (I.res >= 0) a = ldcg(p.arena + I.res + (long long)t * I.resw + c) + a;
       p.arena[I.out + (long long)t * I.outw + c] = a;
     }
+    block_sync();
+  }
+}
+
+__device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DInstr& I) {
+  const int U = SM_IV[IV_U], G = gridDim.x, b = blockIdx.x;
+  const int ntile = (I.n + I.window - 1) / I.window;
+  const int* cnt = SM_IV + IV_CNT;
+  long long ctot = 0;
+  for (int u = 0; u < U; u++) ctot += (long long)ntile * (I.vd + cnt[u]);
+  const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
+  long long pu = 0;
+  for (int u = 0; u < U && pu < hi; u++) {
+    const long long w = I.vd + cnt[u];
+    const int j0 = lo <= pu ? 0 : (int)min((long long)ntile, (lo - pu + w - 1) / w);
+    const int j1 = (int)min((long long)ntile, (hi - pu + w - 1) / w);
+    pu += ntile * w;
+    if (j1 > j0) moe_down_em_range(p, s, I, u, j0, j1);
   }
 }
 
@@ -2411,7 +2553,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     }
   } else if (I.op == OP_MOE_UP) {
     moe_unique(p, s, I);
-    if (normw) rms_factors(p, s, I.x, I.xw, I.k, I.eps);
+    if (normw && I.ws2 >= 0) rms_factors(p, s, I.x, I.xw, I.k, I.eps);  // fused router: route_tokens set SM_INV
   } else if (I.op == OP_MOE_DOWN) {
     // The routing lists of the MoE up this block ran just before (same routing buffer) are still in SM_IV.
     if (mk_flags[1] != (int)I.aux) moe_unique(p, s, I);
@@ -2423,6 +2565,7 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   }
   block_sync();
 }
+
 
 
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {

@@ -26,6 +26,8 @@ pub fn mmr_floats(max_tokens: usize) -> usize {
     (CONSUMER_WARPS * 2 * 32 * 8).max(CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8)
 }
 pub const TILE_MAX: usize = 128;
+/// Rows of a matmul tile without RoPE (RoPE tiles are head-aligned or split-pair, LM-head ones 64).
+pub const MATMUL_ROWS: usize = 32;
 /// Most blocks one attention tile (token, kv head, head group) is split over (`ATTN_SMAX` in megakernel.cu).
 pub const ATTN_SPLITS: usize = 16;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
@@ -205,10 +207,17 @@ pub struct Encoded {
     pub logits: (usize, usize),
 }
 
-/// Column block width of MoE down's expert-major mode: a routed expert's members (<= max_tokens) times the block
-/// fit the tile stage; at most 256 columns (8 ring row groups per work item).
+/// Column tile of MoE down's expert-major mode (default): one ring row group. The kernel splits (routed expert,
+/// tile) items over the blocks by cost and counts a tile's expert arrivals. `max_tokens` members times a tile must
+/// fit the tile stage (so must any width `MIMO_MOE_DOWN_COLS`, an experiment knob, asks for).
 pub fn moe_down_cols(max_tokens: usize) -> usize {
-    (stage_floats(max_tokens) / max_tokens.max(1) / 32 * 32).clamp(32, 256)
+    std::env::var("MIMO_MOE_DOWN_COLS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&c| {
+            c % RING_ROWS == 0 && c > 0 && max_tokens.max(1) * c <= stage_floats(max_tokens)
+        })
+        .unwrap_or(RING_ROWS)
 }
 
 /// Floats of the tile-output stage (`MK_STAGE`).
@@ -267,12 +276,147 @@ fn router_splits(k: usize) -> (usize, usize) {
     (kw, k.div_ceil(kw))
 }
 
-/// Encode `program` of `plan`. `argmax` appends an in-kernel argmax / Gumbel sampling of the logits.
+/// A router computed by the epilogue of the matmul just before it (the attention output projection with its
+/// residual add): each of the matmul's tiles leaves `W_r[:, cols] . (g * h[cols])` for every token and expert
+/// (g the router's RMSNorm weight, h the matmul's output columns) and the tokens' sums of squares over its
+/// columns; the MoE instructions add the tiles' shares in tile order and scale by 1 / rms. One serial
+/// instruction per MoE layer fewer. Taken only when the partials stay small: every block of the MoE reads all of
+/// them (tiles x T x experts), so a many-expert router keeps its own instruction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FusedRouter {
+    /// Program index of the matmul.
+    pub matmul: usize,
+    /// Routing buffer the router writes.
+    pub routing: BufId,
+    /// Matmul tiles (32-row, the matmul's own) = partial-logit splits.
+    pub tiles: usize,
+    pub experts: usize,
+    /// Router weight (byte offset, device format), its RMSNorm weight and eps, input width.
+    pub w: u64,
+    pub fmt: i32,
+    pub normw: u64,
+    pub eps: f32,
+    pub k: usize,
+}
+
+/// Most floats of fused-router partials (tiles x T x experts) every MoE block reads in its preparation.
+pub const FUSED_ROUTER_MAX: usize = 32_768;
+
+pub struct FusedRouters(Vec<FusedRouter>);
+
+impl FusedRouters {
+    pub fn by_matmul(&self, i: usize) -> Option<&FusedRouter> {
+        self.0.iter().find(|f| f.matmul == i)
+    }
+    pub fn by_routing(&self, b: BufId) -> Option<&FusedRouter> {
+        self.0.iter().find(|f| f.routing == b)
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The routers of `program` that the preceding matmul's epilogue computes (see [`FusedRouter`]): a router with
+/// an RMSNorm prologue right after the matmul that writes its input, a plain matmul (no RoPE / KV write /
+/// SwiGLU) over exactly the router's K columns, a f32 / bf16 / f16 router weight, the MoE it feeds normalizing the
+/// same input with the same norm, and partials within [`FUSED_ROUTER_MAX`] and the tile stage.
+pub fn fused_routers(plan: &Plan, program: &Program, max_tokens: usize) -> FusedRouters {
+    let mut v = vec![];
+    for (i, pair) in program.instrs.windows(2).enumerate() {
+        let (
+            Instr::MatMul {
+                w: mw,
+                epilogue,
+                out: mo,
+                ..
+            },
+            Instr::Router {
+                x,
+                w,
+                norm: Some((nw, eps)),
+                out: routing,
+                spec,
+                ..
+            },
+        ) = (&pair[0], &pair[1])
+        else {
+            continue;
+        };
+        let plain = epilogue
+            .iter()
+            .all(|e| matches!(e, Epilogue::ResidualAdd | Epilogue::Scale(_)));
+        let (mwt, rwt) = (&plan.weights[*mw as usize], &plan.weights[*w as usize]);
+        let k = rwt.dims[1];
+        let moe_ok = program.instrs.iter().any(|m| {
+            matches!(m, Instr::Moe { x: mx, routing: r, norm: Some((mn, me)), .. }
+                if r == routing && mx == x && mn == nw && me == eps)
+        });
+        let fmt = fmt_of(rwt.dtype);
+        let tiles = mwt.dims[0].div_ceil(MATMUL_ROWS);
+        let e = spec.n_experts;
+        if mo != x
+            || !plain
+            || !moe_ok
+            || !matches!(rwt.dtype, DType::F32 | DType::BF16 | DType::F16)
+            || mwt.dims[0] != k
+            || plan.buffers[*x as usize].width != k
+            || tiles * max_tokens * e > FUSED_ROUTER_MAX
+            || max_tokens * 2 * MATMUL_ROWS + e * (MATMUL_ROWS + 1) > stage_floats(max_tokens)
+        {
+            continue;
+        }
+        v.push(FusedRouter {
+            matmul: i,
+            routing: *routing,
+            tiles,
+            experts: e,
+            w: rwt.offset,
+            fmt,
+            normw: plan.weights[*nw as usize].offset,
+            eps: *eps,
+            k,
+        });
+    }
+    FusedRouters(v)
+}
+
+/// Device-lowering choices of [`encode_with`].
+#[derive(Clone, Copy, Debug)]
+pub struct EncodeOptions {
+    /// Compute routers in the preceding matmul's epilogue where [`fused_routers`] allows it.
+    pub fuse_routers: bool,
+}
+
+impl EncodeOptions {
+    /// The defaults, with `MIMO_ROUTER_FUSE=0` (an experiment knob) keeping every router its own instruction.
+    pub fn from_env() -> Self {
+        EncodeOptions {
+            fuse_routers: std::env::var_os("MIMO_ROUTER_FUSE").is_none_or(|v| v != "0"),
+        }
+    }
+}
+
+/// Encode `program` of `plan` with [`EncodeOptions::from_env`]. `argmax` appends an in-kernel argmax / Gumbel
+/// sampling of the logits.
 pub fn encode(
     plan: &Plan,
     program: &Program,
     max_ctx: usize,
     argmax: bool,
+) -> Result<Encoded, String> {
+    encode_with(plan, program, max_ctx, argmax, EncodeOptions::from_env())
+}
+
+/// Encode `program` of `plan` with explicit lowering options.
+pub fn encode_with(
+    plan: &Plan,
+    program: &Program,
+    max_ctx: usize,
+    argmax: bool,
+    opts: EncodeOptions,
 ) -> Result<Encoded, String> {
     if plan.max_tokens > 16 {
         return Err(format!(
@@ -299,6 +443,11 @@ pub fn encode(
             check_k(w)?;
         }
     }
+    let fused = if opts.fuse_routers {
+        fused_routers(plan, program, mt)
+    } else {
+        FusedRouters(vec![])
+    };
     let mut out: Vec<(DInstr, Vec<Res>, Vec<Res>)> = vec![];
     // Scratch (f32): [MoE up -> down activations | router partial logits | attention split counters | attention
     // split partials | MoE down expert-major per-pair outputs | their column-block counters | LM-head sampling
@@ -320,9 +469,13 @@ pub fn encode(
                 moe_y_len = moe_y_len.max(mt * top_k * h);
                 moe_ctr_len = moe_ctr_len.max(h.div_ceil(moe_down_cols(mt)));
             }
-            Instr::Router { w, spec, .. } => {
+            Instr::Router { w, spec, out, .. } => {
                 let k = wd(*w).dims[1];
-                router_len = router_len.max(router_splits(k).1 * mt * spec.n_experts);
+                router_len = router_len.max(match fused.by_routing(*out) {
+                    // Per matmul tile: T x E partial logits, then T sums of squares after all of them.
+                    Some(f) => f.tiles * mt * (spec.n_experts + 1),
+                    None => router_splits(k).1 * mt * spec.n_experts,
+                });
             }
             Instr::Attention { spec, .. } => {
                 attn_heads = attn_heads.max(mt * spec.n_heads);
@@ -370,7 +523,7 @@ pub fn encode(
             .flatten()
             .ok_or_else(|| format!("layer {layer} has no KV cache"))
     };
-    for ins in &program.instrs {
+    for (ii, ins) in program.instrs.iter().enumerate() {
         match ins {
             Instr::Embed { table, out: o } => {
                 let w = wd(*table);
@@ -427,7 +580,7 @@ pub fn encode(
                     d.resw = bufs[*r as usize].width as i32;
                     reads.push(arena(*r));
                 }
-                let mut tile_rows = 32usize;
+                let mut tile_rows = MATMUL_ROWS;
                 let mut swiglu = false;
                 let mut ends_kv = false;
                 for (q, e) in epilogue.iter().enumerate() {
@@ -498,6 +651,17 @@ pub fn encode(
                 let outn = if swiglu { wt.dims[0] / 2 } else { wt.dims[0] };
                 d.tile_rows = tile_rows as i32;
                 d.ntiles = outn.div_ceil(tile_rows) as i32;
+                if let Some(f) = fused.by_matmul(ii) {
+                    // The next router's logits as an epilogue (see `FusedRouter`): router weight, its format
+                    // and norm weight, and where the tiles' partials go.
+                    debug_assert_eq!(f.tiles, d.ntiles as usize);
+                    d.e = f.experts as i32;
+                    d.w2 = f.w as i64;
+                    d.inter = f.fmt;
+                    d.sinks = f.normw as i64;
+                    d.ws2 = router_off as i64;
+                    writes.push(Res::Scratch);
+                }
                 if !ends_kv {
                     d.out = bufs[*o as usize].offset as i32;
                     d.outw = bufs[*o as usize].width as i32;
@@ -598,6 +762,10 @@ pub fn encode(
                 out: _,
                 spec,
             } => {
+                if fused.by_matmul(ii.wrapping_sub(1)).is_some() {
+                    // Computed by the previous matmul's epilogue.
+                    continue;
+                }
                 // Partial logits over K splits into scratch; the MoE instructions finish the routing.
                 let wt = wd(*w);
                 let mut d = base(op::ROUTER);
@@ -668,7 +836,16 @@ pub fn encode(
                     d.rscale = spec.scaling;
                     d.bias = bias.map(|b| wd(b).offset as i64).unwrap_or(-1);
                     d.w2 = router_off as i64;
-                    d.ws2 = router_splits(wd(*w).dims[1]).1 as i64;
+                    match fused.by_routing(*routing) {
+                        // Partials of a fused router: -(matmul tiles), then 1 / rms from the tiles' sums of
+                        // squares over the router's K (qd) with its norm's eps (theta).
+                        Some(f) => {
+                            d.ws2 = -(f.tiles as i64);
+                            d.qd = f.k as i32;
+                            d.theta = f.eps;
+                        }
+                        None => d.ws2 = router_splits(wd(*w).dims[1]).1 as i64,
+                    }
                 };
                 // The kernel dedupes the routed experts in a 256-entry shared-memory list.
                 if mt * top_k > 256 || mt * top_k * 32 > stage_floats(mt) {
@@ -729,6 +906,13 @@ pub fn encode(
                 // memory, or always with the MIMO_MOE_DOWN_EM=1 test knob): column block width, per-pair
                 // outputs and arrival counters in scratch.
                 dd.window = moe_down_cols(mt) as i32;
+                // Cost of an expert-major item: a weight term plus the expert's members
+                // (`MIMO_MOE_DOWN_W`, an experiment knob).
+                dd.vd = std::env::var("MIMO_MOE_DOWN_W")
+                    .ok()
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .filter(|&w| w > 0)
+                    .unwrap_or(64);
                 dd.kv_k = moe_y_off as i32;
                 dd.kv_v = moe_ctr_off as i32;
                 dd.heads = force_em as i32;

@@ -135,6 +135,10 @@ enum Cmd {
         iters: usize,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write every block's start / end per instruction of the profiled forwards (text, see
+        /// `tools::timeline_text`).
+        #[arg(long)]
+        timeline: Option<PathBuf>,
     },
 }
 
@@ -337,8 +341,15 @@ fn run(cli: Cli) -> Result<()> {
             context,
             iters,
             json,
+            timeline,
         } => {
-            let r = mimo_runtime::tools::bench_gpu(&plan, &parse_list(&tokens)?, context, iters)?;
+            let r = mimo_runtime::tools::bench_gpu(
+                &plan,
+                &parse_list(&tokens)?,
+                context,
+                iters,
+                timeline.as_deref(),
+            )?;
             println!(
                 "device {} ({} SMs), HBM copy {:.0} GB/s, context {}",
                 r.device, r.sms, r.hbm_copy_gbps, r.context
@@ -360,7 +371,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             for pr in &r.profile {
                 println!(
-                    "profile T={}: {:.0} us in-kernel; ring: consumers wait {:.0}%, producer waits {:.0}%; by kind (span / busy / wait us, instrs):",
+                    "profile T={}: {:.0} us in-kernel; ring: consumers wait {:.0}%, producer waits {:.0}%; by kind (span / busy / wait us, instrs, ring us, critical-path us):",
                     pr.tokens,
                     pr.total_us,
                     100.0 * pr.ring_consumer_wait_frac,
@@ -368,8 +379,8 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 for o in &pr.ops {
                     println!(
-                        "  {:>10} {:>9.1} {:>9.1} {:>9.1} {:>5}  ring {:>9.1}",
-                        o.op, o.span_us, o.busy_us, o.wait_us, o.instrs, o.ring_us
+                        "  {:>10} {:>9.1} {:>9.1} {:>9.1} {:>5}  ring {:>9.1}  path {:>9.1}",
+                        o.op, o.span_us, o.busy_us, o.wait_us, o.instrs, o.ring_us, o.advance_us
                     );
                 }
             }

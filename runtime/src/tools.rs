@@ -4,7 +4,7 @@ use crate::cpu::CpuSession;
 use crate::cuda::CudaSession;
 use crate::generate::Backend;
 use crate::model::Model;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::CUevent_flags;
 use serde::Serialize;
 use std::path::Path;
@@ -160,6 +160,9 @@ pub struct OpProfile {
     pub span_us: f64,
     /// Sum over instructions of the mean time consumer warp 0 spent streaming weights through the ring.
     pub ring_us: f64,
+    /// Critical-path share: sum over instructions of how far each one moved the completion frontier (the latest
+    /// completion of it and every earlier instruction). Over all kinds this adds up to the in-kernel time.
+    pub advance_us: f64,
 }
 
 const OP_NAMES: [&str; 13] = [
@@ -178,6 +181,31 @@ const OP_NAMES: [&str; 13] = [
     "argmax",
 ];
 
+/// Every block's timeline of one profiled forward as text: a `T <tokens>` line, then per instruction its index,
+/// kind and, per block, `wait-start,work-start,end` in tenths of a microsecond after the forward's first wait
+/// start (0,0,0 for a block that recorded nothing).
+pub fn timeline_text(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> String {
+    use std::fmt::Write;
+    let base = fwd
+        .instrs
+        .iter()
+        .flat_map(|i| i.blocks.iter().map(|b| b.0))
+        .filter(|&t| t > 0)
+        .min()
+        .unwrap_or(0);
+    let rel = |t: u64| t.saturating_sub(base) / 100;
+    let mut out = format!("T {tokens}\n");
+    for (i, ins) in fwd.instrs.iter().enumerate() {
+        let name = OP_NAMES.get(ins.op as usize).copied().unwrap_or("?");
+        let _ = write!(out, "{i} {name}");
+        for &(t0, t1, t2, _) in &ins.blocks {
+            let _ = write!(out, " {},{},{}", rel(t0), rel(t1), rel(t2));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Aggregate one profiled forward by instruction kind.
 pub fn summarize_profile(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> ProfileReport {
     let prof = &fwd.instrs;
@@ -187,6 +215,13 @@ pub fn summarize_profile(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> Pr
     let nblocks = prof.first().map(|p| p.blocks.len()).unwrap_or(0);
     // Each block's cumulative ring time at the end of its previous instruction.
     let mut ring_before = vec![0u64; nblocks];
+    // Completion frontier; starts at the first block's first wait.
+    let mut front = prof
+        .iter()
+        .flat_map(|i| i.blocks.iter().map(|b| b.0))
+        .filter(|&t| t > 0)
+        .min()
+        .unwrap_or(0);
     for ins in prof {
         let name = OP_NAMES.get(ins.op as usize).copied().unwrap_or("?");
         let mut n = 0usize;
@@ -208,6 +243,9 @@ pub fn summarize_profile(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> Pr
             }
             ring_before[b] = r;
         }
+        let done = ins.blocks.iter().map(|b| b.2).max().unwrap_or(0);
+        let advance = done.saturating_sub(front) as f64 / 1e3;
+        front = front.max(done);
         let nf = n.max(1) as f64 * 1e3;
         let span = if n > 0 {
             (last - first) as f64 / 1e3
@@ -222,6 +260,7 @@ pub fn summarize_profile(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> Pr
                 o.wait_us += wait;
                 o.span_us += span;
                 o.ring_us += ring;
+                o.advance_us += advance;
             }
             None => ops.push(OpProfile {
                 op: name,
@@ -230,6 +269,7 @@ pub fn summarize_profile(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> Pr
                 wait_us: wait,
                 span_us: span,
                 ring_us: ring,
+                advance_us: advance,
             }),
         }
     }
@@ -291,6 +331,7 @@ pub fn bench_gpu(
     tokens: &[usize],
     context: usize,
     iters: usize,
+    timeline: Option<&Path>,
 ) -> Result<BenchReport> {
     let model: Arc<Model> = Model::load(plan_dir, false)?;
     let max_t = *tokens.iter().max().unwrap_or(&1);
@@ -361,11 +402,19 @@ pub fn bench_gpu(
     // One profiled forward per token count (timestamps cost a little, so they stay out of the timed runs).
     gpu.enable_profile()?;
     let mut profile = vec![];
+    let mut lines = String::new();
     for &t in tokens {
         let toks = random_tokens(t, model.plan.model.vocab, 7 + t as u64);
         gpu.launch(&toks, context)?;
         gpu.synchronize()?;
-        profile.push(summarize_profile(t, &gpu.read_profile()?));
+        let fwd = gpu.read_profile()?;
+        if timeline.is_some() {
+            lines.push_str(&timeline_text(t, &fwd));
+        }
+        profile.push(summarize_profile(t, &fwd));
+    }
+    if let Some(path) = timeline {
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(BenchReport {
         device: gpu.device_name(),
@@ -427,7 +476,18 @@ mod tests {
         let add = r.ops.iter().find(|o| o.op == "add").unwrap();
         assert!((add.busy_us - 2.5).abs() < 1e-9, "{}", add.busy_us);
         assert!((add.wait_us - 1.0).abs() < 1e-9, "{}", add.wait_us);
+        // Critical path: the frontier starts at 1 us and moves to 13 (matmul), 14.5 (add), 21 (matmul): the
+        // matmuls advanced it 12 + 6.5 us, the add 1.5, together the in-kernel time.
+        assert!((mm.advance_us - 18.5).abs() < 1e-9, "{}", mm.advance_us);
+        assert!((add.advance_us - 1.5).abs() < 1e-9, "{}", add.advance_us);
+        assert!((mm.advance_us + add.advance_us - r.total_us).abs() < 1e-9);
         // Sorted by busy time, largest first.
         assert_eq!(r.ops[0].op, "matmul");
+        // The timeline: times in tenths of a microsecond after the first wait start (1 us).
+        let tl = timeline_text(1, &fwd);
+        let lines: Vec<&str> = tl.lines().collect();
+        assert_eq!(lines[0], "T 1");
+        assert_eq!(lines[1], "0 matmul 0,20,120 0,40,100");
+        assert_eq!(lines[3], "2 matmul 130,140,200 135,150,190");
     }
 }

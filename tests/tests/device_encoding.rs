@@ -1,9 +1,13 @@
 //! The megakernel's device encoding of a compiled tiny MoE plan: routing spread over blocks (router partial logits
-//! finished by the MoE instructions), LM-head sampling candidates, and a scratch layout whose regions do not
-//! overlap. Runs without a GPU: it checks the descriptors the kernel will read.
+//! finished by the MoE instructions, or computed by the output projection's epilogue when the router is fused),
+//! LM-head sampling candidates, and a scratch layout whose regions do not overlap. Runs without a GPU: it checks
+//! the descriptors the kernel will read.
 
 use mimo_ir::plan::{Instr, Plan};
-use mimo_kernels::device::{encode, moe_down_cols, op, stage_floats, DInstr, ATTN_SPLITS};
+use mimo_kernels::device::{
+    encode_with, fused_routers, moe_down_cols, op, stage_floats, DInstr, EncodeOptions,
+    ATTN_SPLITS, MATMUL_ROWS,
+};
 use mimo_models::config::Arch;
 use mimo_tests::util::{compile_bf16, tiny};
 
@@ -15,6 +19,20 @@ fn plan(max_tokens: usize) -> (tempfile::TempDir, Plan) {
     compile_bf16(&ck, &out, max_tokens);
     let (plan, _w) = mimo_ir::plan::read_plan_dir(&out, false).expect("read plan");
     (dir, plan)
+}
+
+const SEPARATE: EncodeOptions = EncodeOptions {
+    fuse_routers: false,
+};
+const FUSED: EncodeOptions = EncodeOptions { fuse_routers: true };
+
+fn encode(
+    plan: &Plan,
+    prog: &mimo_ir::plan::Program,
+    ctx: usize,
+    argmax: bool,
+) -> Result<Vec<DInstr>, String> {
+    encode_with(plan, prog, ctx, argmax, SEPARATE).map(|e| e.instrs)
 }
 
 fn of(ins: &[DInstr], code: i32) -> Vec<(usize, DInstr)> {
@@ -30,7 +48,7 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
     for mt in [1usize, 4, 16] {
         let (_d, plan) = plan(mt);
         let prog = &plan.programs[0];
-        let enc = encode(&plan, prog, 256, true).expect("encode");
+        let enc = encode_with(&plan, prog, 256, true, SEPARATE).expect("encode");
         let ins = &enc.instrs;
         let routers = of(ins, op::ROUTER);
         let ups = of(ins, op::MOE_UP);
@@ -105,7 +123,6 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
         // Without in-kernel sampling no LM-head candidates are written.
         let enc = encode(&plan, prog, 256, false).expect("encode");
         assert!(enc
-            .instrs
             .iter()
             .all(|d| d.op != op::ARGMAX && !(d.op == op::MATMUL && d.aux >= 0)));
     }
@@ -141,4 +158,112 @@ fn attention_the_kernel_cannot_tile_is_an_encoding_error() {
         };
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// A router right after the output projection that writes its input is computed by that matmul's epilogue:
+/// no router instruction, the matmul carries the router weight / norm / partial region, both MoE halves read
+/// -(tiles) splits with the router's K and eps, the partials (tiles x T x experts, then tiles x T sums of
+/// squares) fit between the MoE activations and the attention counters, and MoE up waits for the matmul.
+#[test]
+fn fused_router_is_computed_by_the_output_projection() {
+    for mt in [1usize, 4, 16] {
+        let (_d, plan) = plan(mt);
+        let prog = &plan.programs[0];
+        let fr = fused_routers(&plan, prog, mt);
+        let n_moe = prog
+            .instrs
+            .iter()
+            .filter(|i| matches!(i, Instr::Moe { .. }))
+            .count();
+        assert_eq!(fr.len(), n_moe, "every tiny MoE layer's router fuses");
+        let sep = encode(&plan, prog, 256, true).expect("encode");
+        let enc = encode_with(&plan, prog, 256, true, FUSED).expect("encode");
+        let ins = &enc.instrs;
+        assert_eq!(ins.len() + n_moe, sep.len());
+        assert!(of(ins, op::ROUTER).is_empty());
+        let ups = of(ins, op::MOE_UP);
+        let downs = of(ins, op::MOE_DOWN);
+        let mms: Vec<(usize, DInstr)> = of(ins, op::MATMUL)
+            .into_iter()
+            .filter(|(_, d)| d.e > 0)
+            .collect();
+        assert_eq!((ups.len(), downs.len(), mms.len()), (n_moe, n_moe, n_moe));
+        let moe_len = ups
+            .iter()
+            .map(|(_, u)| mt * u.topk as usize * u.inter as usize)
+            .max()
+            .unwrap();
+        for ((mi, m), ((_, u), (_, dn))) in mms.iter().zip(ups.iter().zip(&downs)) {
+            let (rw, rnorm, reps, rk) = prog
+                .instrs
+                .iter()
+                .find_map(|i| match i {
+                    Instr::Router {
+                        w,
+                        norm: Some((nw, eps)),
+                        ..
+                    } if plan.weights[*w as usize].offset as i64 == m.w2 => Some((
+                        &plan.weights[*w as usize],
+                        plan.weights[*nw as usize].offset as i64,
+                        *eps,
+                        plan.weights[*w as usize].dims[1],
+                    )),
+                    _ => None,
+                })
+                .expect("the fused matmul carries a router weight");
+            assert_eq!(rw.dtype, mimo_ir::DType::BF16);
+            assert_eq!(
+                (m.e as usize, m.sinks, m.n as usize),
+                (rw.dims[0], rnorm, rk)
+            );
+            assert_eq!(m.tile_rows as usize, MATMUL_ROWS);
+            assert_eq!(m.ntiles as usize, rk.div_ceil(MATMUL_ROWS));
+            assert!(m.res >= 0, "the output projection adds the residual");
+            for d in [u, dn] {
+                assert_eq!(d.w2, m.ws2);
+                assert_eq!(d.ws2, -(m.ntiles as i64));
+                assert_eq!((d.qd as usize, d.theta, d.e), (rk, reps, m.e));
+            }
+            assert_eq!(u.eps, reps);
+            assert!(u.deps[..u.ndeps as usize].contains(&(*mi as i32)));
+            let part = m.ws2 as usize;
+            let part_end = part + m.ntiles as usize * mt * (m.e as usize + 1);
+            assert!(part >= moe_len);
+            for (_, at) in of(ins, op::ATTN) {
+                assert!(at.aux as usize >= part_end + mt * at.nh as usize);
+            }
+            assert!(part_end <= dn.kv_k as usize && part_end <= enc.scratch_len);
+            // The projection's stage plus the router slice (pitch 33) fit the tile stage.
+            assert!(mt * 2 * MATMUL_ROWS + m.e as usize * (MATMUL_ROWS + 1) <= stage_floats(mt));
+        }
+        for (i, d) in ins.iter().enumerate() {
+            assert!(d.deps[..d.ndeps as usize].iter().all(|&j| (j as usize) < i));
+        }
+    }
+}
+
+/// Routers the epilogue cannot take stay instructions: one whose input is not the previous matmul's output
+/// (here: the MoE normalizes with another norm than the router), or whose partials would be too many.
+#[test]
+fn routers_the_epilogue_cannot_take_stay_instructions() {
+    let (_d, plan) = plan(4);
+    let prog = &plan.programs[0];
+    let n = fused_routers(&plan, prog, 4).len();
+    assert!(n > 0);
+    // A MoE whose norm differs from its router's: no fusion for that layer.
+    let mut p = prog.clone();
+    let moe = p
+        .instrs
+        .iter_mut()
+        .find_map(|i| match i {
+            Instr::Moe { norm: Some(nm), .. } => Some(nm),
+            _ => None,
+        })
+        .expect("a MoE with a norm prologue");
+    moe.1 *= 2.0;
+    assert_eq!(fused_routers(&plan, &p, 4).len(), n - 1);
+    let enc = encode_with(&plan, &p, 256, true, FUSED).expect("encode");
+    assert_eq!(of(&enc.instrs, op::ROUTER).len(), 1);
+    // Too many partials for every MoE block to read: none fuse.
+    assert_eq!(fused_routers(&plan, prog, 100_000).len(), 0);
 }
