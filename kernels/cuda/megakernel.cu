@@ -2315,7 +2315,7 @@ __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
 }
 
 // Expert-major MoE down (verify blocks, whose routed pairs' activations do not fit in shared memory): work items
-// are (routed expert u, column tile of WT = I.window columns) in expert-major order, each costing I.vd + members,
+// are (routed expert u, column tile of WT = I.window columns) in expert-major order, each costing em_cost,
 // and block b takes the items whose cost prefix starts in [b C / G, (b + 1) C / G) (balanced to within one item
 // whatever the member counts: heavy experts no longer pile up on a few blocks). A block's items of one expert are
 // contiguous columns: it loads that expert's member activations once (when they fit at full width) and streams
@@ -2389,16 +2389,24 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
   }
 }
 
+// Cost of one expert-major item of an expert with m members: its weight tile streams once per K chunk of the
+// members' activations (I.vd per pass), 9/8 of that with two 8-token MMA column tiles (m > 8), plus the members.
+// (s8r8: at T = 16 a flat 64 + m left the blocks of 9-16-member experts ~2.3x slower than the others.)
+__device__ __forceinline__ int em_cost(const DInstr& I, int m) {
+  const int kc = chunk_width(I.inter, m), passes = (I.inter + kc - 1) / kc;
+  return I.vd * passes * (m > 8 ? 9 : 8) / 8 + m;
+}
+
 __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DInstr& I) {
   const int U = SM_IV[IV_U], G = gridDim.x, b = blockIdx.x;
   const int ntile = (I.n + I.window - 1) / I.window;
   const int* cnt = SM_IV + IV_CNT;
   long long ctot = 0;
-  for (int u = 0; u < U; u++) ctot += (long long)ntile * (I.vd + cnt[u]);
+  for (int u = 0; u < U; u++) ctot += (long long)ntile * em_cost(I, cnt[u]);
   const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
   long long pu = 0;
   for (int u = 0; u < U && pu < hi; u++) {
-    const long long w = I.vd + cnt[u];
+    const long long w = em_cost(I, cnt[u]);
     const int j0 = lo <= pu ? 0 : (int)min((long long)ntile, (lo - pu + w - 1) / w);
     const int j1 = (int)min((long long)ntile, (hi - pu + w - 1) / w);
     pu += ntile * w;

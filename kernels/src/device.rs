@@ -906,7 +906,7 @@ pub fn encode_with(
                 // memory, or always with the MIMO_MOE_DOWN_EM=1 test knob): column block width, per-pair
                 // outputs and arrival counters in scratch.
                 dd.window = moe_down_cols(mt) as i32;
-                // Cost of an expert-major item: a weight term plus the expert's members
+                // Expert-major item cost: this weight per K pass (`em_cost` in the kernel) plus the members
                 // (`MIMO_MOE_DOWN_W`, an experiment knob).
                 dd.vd = std::env::var("MIMO_MOE_DOWN_W")
                     .ok()

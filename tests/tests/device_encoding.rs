@@ -108,6 +108,8 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
             assert!(y >= part_end && ctr >= y + mt * dn.topk as usize * dn.n as usize);
             assert!(ctr + (dn.n as usize).div_ceil(wc) <= lm.aux as usize);
             assert_eq!(dn.heads, 0, "expert-major forced without the test knob");
+            // Expert-major items: 32-column tiles (a ring row group), 64 per K pass of the members.
+            assert_eq!((wc, dn.vd), (32, 64));
             assert!(lm.aux as usize >= part_end);
             // The kernel reads the candidates as float2 pairs.
             assert_eq!(lm.aux % 4, 0);
