@@ -350,20 +350,6 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
-// Cost of one MoE-up column tile whose expert has m member rows: its weights at the speed of the consumer path m
-// selects (hi / lo packed for m <= 4, one 8-column MMA tile for m <= 8, two beyond; per byte about 1 : 2 : 3 in
-// the s7 profiles: T = 8 / 16 MoE-up ring time per byte 1.3x / 2x that of T = 1) plus the members' activation
-// rows. MK_MOE_W1 / W2 / W3 set the weight terms of the three paths (all 8: the session-5 model, 8 + m).
-#ifndef MK_MOE_W1
-#define MK_MOE_W1 8
-#endif
-#ifndef MK_MOE_W2
-#define MK_MOE_W2 16
-#endif
-#ifndef MK_MOE_W3
-#define MK_MOE_W3 24
-#endif
-__device__ __forceinline__ int moe_cost(int m) { return (m <= 4 ? MK_MOE_W1 : m <= 8 ? MK_MOE_W2 : MK_MOE_W3) + m; }
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -1151,6 +1137,21 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
   if ((long long)rows * K <= MK_XS) return K;
   return max(32, (MK_XS / max(rows, 1)) / 32 * 32);
 }
+
+// Cost of one column tile of an expert with m member rows over K columns: its weight rows stream once per K pass
+// of the members' activations (one while m x K fits the activation buffer), each pass costing w, 9/8 of that
+// when m > 8 needs two 8-column MMA tiles, plus the members' activation rows. MoE up: w = MK_MOE_W, K = hidden
+// (1 / 2 / 4 passes for <= 4 / 8 / 16 members at K = 4096: 8 + m, 16 + m, ~36-52); expert-major MoE down: w =
+// I.vd, K = the expert width. (s8r8's per-block timeline: at T = 16 blocks whose experts had 9-16 members ran
+// ~2x longer than the others when these took 24 + m or 64 + m.)
+#ifndef MK_MOE_W
+#define MK_MOE_W 8
+#endif
+__device__ __forceinline__ int pass_cost(int w, int K, int m) {
+  const int kc = chunk_width(K, m), passes = (K + kc - 1) / kc;
+  return w * passes * (m > 8 ? 9 : 8) / 8 + m;
+}
+__device__ __forceinline__ int moe_cost(const DInstr& I, int m) { return pass_cost(MK_MOE_W, I.k, m); }
 
 
 // Routing lists in iv (ints): U, routed expert ids (ascending), member counts, member starts, member pair lists
@@ -2207,11 +2208,11 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   // prefix starts in [b C / G, (b + 1) C / G): contiguous tiles of one or a few experts, balanced to within one
   // item whatever the member counts and however the experts divide among the blocks.
   long long ctot = 0;
-  for (int u = 0; u < U; u++) ctot += (long long)ctiles * moe_cost(cnt[u]);
+  for (int u = 0; u < U; u++) ctot += (long long)ctiles * moe_cost(I, cnt[u]);
   const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
   long long pu = 0;
   for (int u = 0; u < U && pu < hi; u++) {
-    const long long w = moe_cost(cnt[u]);
+    const long long w = moe_cost(I, cnt[u]);
     const int j0 = lo <= pu ? 0 : (int)min((long long)ctiles, (lo - pu + w - 1) / w);
     const int j1 = (int)min((long long)ctiles, (hi - pu + w - 1) / w);
     pu += ctiles * w;
@@ -2229,17 +2230,17 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     // One block per routed expert, the other G - U shared in proportion to moe_cost: expert u gets blocks
     // [u + floor((G - U) C_u / C), u + 1 + floor((G - U) C_{u+1} / C)), C_u = its cost prefix sum.
     int ctot = 0;
-    for (int u = 0; u < U; u++) ctot += moe_cost(cnt[u]);
+    for (int u = 0; u < U; u++) ctot += moe_cost(I, cnt[u]);
     const long long R = G - U;
     int cu = 0, st = 0;
     u0 = U - 1;
     for (int u = 0; u < U; u++) {
-      const int stn = u + 1 + (int)(R * (cu + moe_cost(cnt[u])) / ctot);
+      const int stn = u + 1 + (int)(R * (cu + moe_cost(I, cnt[u])) / ctot);
       if (b < stn) { u0 = u; break; }
-      cu += moe_cost(cnt[u]);
+      cu += moe_cost(I, cnt[u]);
       st = stn;
     }
-    nb = u0 + 1 + (int)(R * (cu + moe_cost(cnt[u0])) / ctot) - st;
+    nb = u0 + 1 + (int)(R * (cu + moe_cost(I, cnt[u0])) / ctot) - st;
     q = b - st;
     ustep = U;
   } else {
@@ -2315,7 +2316,7 @@ __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
 }
 
 // Expert-major MoE down (verify blocks, whose routed pairs' activations do not fit in shared memory): work items
-// are (routed expert u, column tile of WT = I.window columns) in expert-major order, each costing em_cost,
+// are (routed expert u, column tile of WT = I.window columns) in expert-major order, each costing pass_cost(I.vd, ..),
 // and block b takes the items whose cost prefix starts in [b C / G, (b + 1) C / G) (balanced to within one item
 // whatever the member counts: heavy experts no longer pile up on a few blocks). A block's items of one expert are
 // contiguous columns: it loads that expert's member activations once (when they fit at full width) and streams
@@ -2389,24 +2390,16 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
   }
 }
 
-// Cost of one expert-major item of an expert with m members: its weight tile streams once per K chunk of the
-// members' activations (I.vd per pass), 9/8 of that with two 8-token MMA column tiles (m > 8), plus the members.
-// (s8r8: at T = 16 a flat 64 + m left the blocks of 9-16-member experts ~2.3x slower than the others.)
-__device__ __forceinline__ int em_cost(const DInstr& I, int m) {
-  const int kc = chunk_width(I.inter, m), passes = (I.inter + kc - 1) / kc;
-  return I.vd * passes * (m > 8 ? 9 : 8) / 8 + m;
-}
-
 __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DInstr& I) {
   const int U = SM_IV[IV_U], G = gridDim.x, b = blockIdx.x;
   const int ntile = (I.n + I.window - 1) / I.window;
   const int* cnt = SM_IV + IV_CNT;
   long long ctot = 0;
-  for (int u = 0; u < U; u++) ctot += (long long)ntile * em_cost(I, cnt[u]);
+  for (int u = 0; u < U; u++) ctot += (long long)ntile * pass_cost(I.vd, I.inter, cnt[u]);
   const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
   long long pu = 0;
   for (int u = 0; u < U && pu < hi; u++) {
-    const long long w = em_cost(I, cnt[u]);
+    const long long w = pass_cost(I.vd, I.inter, cnt[u]);
     const int j0 = lo <= pu ? 0 : (int)min((long long)ntile, (lo - pu + w - 1) / w);
     const int j1 = (int)min((long long)ntile, (hi - pu + w - 1) / w);
     pu += ntile * w;
