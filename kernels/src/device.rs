@@ -1,7 +1,7 @@
 //! Encoding a plan program into the megakernel's device instruction descriptors (`DInstr`, 256 bytes each,
 //! mirrored by `struct DInstr` in kernels/cuda/megakernel.cu), with the dependency lists the kernel waits on.
 //!
-//! Dependencies are computed from what each instruction reads and writes (arena ranges, a layer's KV cache, the
+//! Dependencies are computed from what each instruction reads and writes (arena ranges, a layer's K or V cache, the
 //! MoE scratch, the sampled-token output): instruction i waits for every earlier j that writes what i reads or
 //! touches what i writes, minus those already implied by another dependency.
 
@@ -181,7 +181,9 @@ fn fmt_of(d: DType) -> i32 {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Res {
     Arena(usize, usize),
-    Kv(usize),
+    /// A layer's K (false) or V (true) cache: separate regions, so the k and v projections of a layer do not
+    /// wait for each other.
+    Kv(usize, bool),
     Scratch,
     Tokens,
 }
@@ -189,7 +191,7 @@ enum Res {
 fn overlaps(a: Res, b: Res) -> bool {
     match (a, b) {
         (Res::Arena(a0, a1), Res::Arena(b0, b1)) => a0 < b1 && b0 < a1,
-        (Res::Kv(x), Res::Kv(y)) => x == y,
+        (Res::Kv(x, a), Res::Kv(y, b)) => x == y && a == b,
         (Res::Scratch, Res::Scratch) | (Res::Tokens, Res::Tokens) => true,
         _ => false,
     }
@@ -627,7 +629,7 @@ pub fn encode_with(
                             if !epilogue.iter().any(|e| matches!(e, Epilogue::Rope(_))) {
                                 d.hd = *head_dim as i32;
                             }
-                            writes.push(Res::Kv(*layer));
+                            writes.push(Res::Kv(*layer, *kind == KvKind::V));
                             ends_kv = q + 1 == epilogue.len();
                             3
                         }
@@ -693,7 +695,11 @@ pub fn encode_with(
                 d.kv_cap = cap as i32;
                 d.kvkind = if *kind == KvKind::K { 0 } else { 1 };
                 d.ntiles = -1;
-                out.push((d, vec![arena(*x)], vec![Res::Kv(*layer)]));
+                out.push((
+                    d,
+                    vec![arena(*x)],
+                    vec![Res::Kv(*layer, *kind == KvKind::V)],
+                ));
             }
             Instr::Attention {
                 q,
@@ -750,7 +756,11 @@ pub fn encode_with(
                 d.aux = attn_off as i64;
                 out.push((
                     d,
-                    vec![arena(*q), Res::Kv(spec.layer)],
+                    vec![
+                        arena(*q),
+                        Res::Kv(spec.layer, false),
+                        Res::Kv(spec.layer, true),
+                    ],
                     vec![arena(*o), Res::Scratch],
                 ));
             }

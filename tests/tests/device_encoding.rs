@@ -269,3 +269,47 @@ fn routers_the_epilogue_cannot_take_stay_instructions() {
     // Too many partials for every MoE block to read: none fuse.
     assert_eq!(fused_routers(&plan, prog, 100_000).len(), 0);
 }
+
+/// A layer's k and v projections write separate cache regions, so neither waits for the other (the v projection
+/// used to wait for every block to finish the k one); attention waits for both, and for q.
+#[test]
+fn k_and_v_projections_are_independent_and_attention_waits_for_both() {
+    let (_d, plan) = plan(4);
+    let prog = &plan.programs[0];
+    let ins = encode(&plan, prog, 256, true).expect("encode");
+    let anc = |i: usize| -> std::collections::BTreeSet<usize> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack = vec![i];
+        while let Some(j) = stack.pop() {
+            for &d in &ins[j].deps[..ins[j].ndeps as usize] {
+                if seen.insert(d as usize) {
+                    stack.push(d as usize);
+                }
+            }
+        }
+        seen
+    };
+    let mut checked = 0;
+    for (ai, at) in of(&ins, op::ATTN) {
+        let writer = |kind: i32| {
+            ins[..ai]
+                .iter()
+                .rposition(|d| {
+                    d.op == op::MATMUL
+                        && d.nepi > 0
+                        && d.layer == at.layer
+                        && d.kvkind == kind
+                        && d.kv_k >= 0
+                        && d.out < 0
+                })
+                .expect("a KV-writing projection")
+        };
+        let (k, v) = (writer(0), writer(1));
+        assert!(k < v, "k before v in the stream");
+        assert!(!anc(v).contains(&k), "v waits for k (layer {})", at.layer);
+        let a = anc(ai);
+        assert!(a.contains(&k) && a.contains(&v));
+        checked += 1;
+    }
+    assert!(checked >= 2);
+}
