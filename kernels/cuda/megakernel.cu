@@ -1153,6 +1153,25 @@ __device__ __forceinline__ int pass_cost(int w, int K, int m) {
 }
 __device__ __forceinline__ int moe_cost(const DInstr& I, int m) { return pass_cost(MK_MOE_W, I.k, m); }
 
+// Block b's share of the items (u, j), u < U experts, j < n column tiles, in expert-major order, item (u, j) costing
+// cost(u): the items whose cost prefix starts in [b C / G, (b + 1) C / G), balanced to within one item. Calls
+// fn(u, j0, j1) for each expert with tiles j0 .. j1 - 1 in the share (contiguous).
+template <class Cost, class Fn>
+__device__ __forceinline__ void cost_share(int U, int n, Cost cost, Fn fn) {
+  const int G = gridDim.x, b = blockIdx.x;
+  long long ctot = 0;
+  for (int u = 0; u < U; u++) ctot += (long long)n * cost(u);
+  const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
+  long long pu = 0;
+  for (int u = 0; u < U && pu < hi; u++) {
+    const long long w = cost(u);
+    const int j0 = lo <= pu ? 0 : (int)min((long long)n, (lo - pu + w - 1) / w);
+    const int j1 = (int)min((long long)n, (hi - pu + w - 1) / w);
+    pu += n * w;
+    if (j1 > j0) fn(u, j0, j1);
+  }
+}
+
 
 // Routing lists in iv (ints): U, routed expert ids (ascending), member counts, member starts, member pair lists
 // (pair p = t * topk + k, ascending inside each expert), routing weights per pair, expert bitmap.
@@ -1704,20 +1723,26 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   }
 }
 
-// Arrival counter of a split computation: the block's results are written (all threads, before the call); thread
-// 0 counts the block in and, when it is the n-th arrival, resets the counter for the next instruction. True in
-// every thread of the last block to arrive (which then combines the splits).
-__device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) {
-  if (threadIdx.x == 0) {
+// Arrival counters of split computations: the block's results are written and ordered by a barrier (all threads,
+// before the call); thread i < cnt counts the block in on ctr[i] and, when it is the n-th arrival, resets that
+// counter for the next instruction. last[i] is true in every thread when this block was the last to arrive on
+// ctr[i] (and then combines those splits).
+__device__ __forceinline__ void arrivals(unsigned int* ctr, int cnt, unsigned int n, int* last) {
+  if ((int)threadIdx.x < cnt) {
+    unsigned int* c = ctr + threadIdx.x;
     __threadfence();
-    const unsigned int old = atomicAdd(ctr, 1u);
-    mk_flags[2] = old == n - 1;
-    if (old == n - 1) {
-      atomicExch(ctr, 0u);
+    const bool lst = atomicAdd(c, 1u) == n - 1;
+    if (lst) {
+      atomicExch(c, 0u);
       __threadfence();
     }
+    last[threadIdx.x] = lst;
   }
   block_sync();
+}
+// One counter: true in every thread of the last block to arrive.
+__device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) {
+  arrivals(ctr, 1, n, mk_flags + 2);
   return mk_flags[2];
 }
 
@@ -2196,7 +2221,6 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
 }
 
 __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I) {
-  const int G = gridDim.x, b = blockIdx.x;
   const int U = SM_IV[IV_U];
   const int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
   const int* cnt = SM_IV + IV_CNT;
@@ -2207,18 +2231,11 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
   // once whatever its members; members add activation loads and MMA columns). Block b takes the items whose cost
   // prefix starts in [b C / G, (b + 1) C / G): contiguous tiles of one or a few experts, balanced to within one
   // item whatever the member counts and however the experts divide among the blocks.
-  long long ctot = 0;
-  for (int u = 0; u < U; u++) ctot += (long long)ctiles * moe_cost(I, cnt[u]);
-  const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
-  long long pu = 0;
-  for (int u = 0; u < U && pu < hi; u++) {
-    const long long w = moe_cost(I, cnt[u]);
-    const int j0 = lo <= pu ? 0 : (int)min((long long)ctiles, (lo - pu + w - 1) / w);
-    const int j1 = (int)min((long long)ctiles, (hi - pu + w - 1) / w);
-    pu += ctiles * w;
-    if (j1 > j0) moe_up_tiles(p, s, I, normw, u, j0, 1, j1 - j0);
-  }
+  cost_share(
+      U, ctiles, [&](int u) { return moe_cost(I, cnt[u]); },
+      [&](int u, int j0, int j1) { moe_up_tiles(p, s, I, normw, u, j0, 1, j1 - j0); });
 #else
+  const int G = gridDim.x, b = blockIdx.x;
   int u0, ustep, q, nb;
   if (U <= G && !MK_MOEW) {
     u0 = ((b + 1) * U - 1) / G;
@@ -2367,17 +2384,7 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
     }
     // Arrivals, one thread per tile: the barrier orders the block's outputs before each arriving thread's fence.
     block_sync();
-    if (threadIdx.x < nbt) {
-      unsigned int* cp = ctr + jb + threadIdx.x;
-      __threadfence();
-      const bool lst = atomicAdd(cp, 1u) == (unsigned int)U - 1;
-      if (lst) {
-        atomicExch(cp, 0u);  // ready for the next MoE down
-        __threadfence();
-      }
-      last[threadIdx.x] = lst;
-    }
-    block_sync();
+    arrivals(ctr + jb, nbt, U, last);
     for (int i = threadIdx.x; i < nbt * p.T * WT; i += MK_THREADS) {
       const int q = i / (p.T * WT), r = i - q * (p.T * WT), t = r / WT, c = (jb + q) * WT + (r - t * WT);
       if (!last[q] || c >= H) continue;
@@ -2391,20 +2398,10 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
 }
 
 __device__ __noinline__ void op_moe_down_em(const Params& p, Smem& s, const DInstr& I) {
-  const int U = SM_IV[IV_U], G = gridDim.x, b = blockIdx.x;
-  const int ntile = (I.n + I.window - 1) / I.window;
   const int* cnt = SM_IV + IV_CNT;
-  long long ctot = 0;
-  for (int u = 0; u < U; u++) ctot += (long long)ntile * pass_cost(I.vd, I.inter, cnt[u]);
-  const long long lo = ctot * b / G, hi = ctot * (b + 1) / G;
-  long long pu = 0;
-  for (int u = 0; u < U && pu < hi; u++) {
-    const long long w = pass_cost(I.vd, I.inter, cnt[u]);
-    const int j0 = lo <= pu ? 0 : (int)min((long long)ntile, (lo - pu + w - 1) / w);
-    const int j1 = (int)min((long long)ntile, (hi - pu + w - 1) / w);
-    pu += ntile * w;
-    if (j1 > j0) moe_down_em_range(p, s, I, u, j0, j1);
-  }
+  cost_share(
+      SM_IV[IV_U], (I.n + I.window - 1) / I.window, [&](int u) { return pass_cost(I.vd, I.inter, cnt[u]); },
+      [&](int u, int j0, int j1) { moe_down_em_range(p, s, I, u, j0, j1); });
 }
 
 // ---------------------------------------------------------------------------------------------------------------

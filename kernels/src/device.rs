@@ -455,7 +455,15 @@ pub fn encode_with(
     // split partials | MoE down expert-major per-pair outputs | their column-block counters | LM-head sampling
     // candidates].
     let mut moe_len = 0usize;
-    // MoE down, expert-major mode (see `moe_down_cols`): per-pair outputs and per-column-block counters.
+    // MoE down, expert-major mode (see `moe_down_cols`): per-pair outputs and per-column-tile counters; its
+    // items cost `em_w` per K pass of the members' activations plus the members (`pass_cost` in the kernel;
+    // `MIMO_MOE_DOWN_W`, an experiment knob).
+    let em_cols = moe_down_cols(mt);
+    let em_w = std::env::var("MIMO_MOE_DOWN_W")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|&w| w > 0)
+        .unwrap_or(64);
     let mut moe_y_len = 0usize;
     let mut moe_ctr_len = 0usize;
     let mut router_len = 0usize;
@@ -469,7 +477,7 @@ pub fn encode_with(
                 moe_len = moe_len.max(mt * top_k * inter);
                 let h = wd(*down).dims[1];
                 moe_y_len = moe_y_len.max(mt * top_k * h);
-                moe_ctr_len = moe_ctr_len.max(h.div_ceil(moe_down_cols(mt)));
+                moe_ctr_len = moe_ctr_len.max(h.div_ceil(em_cols));
             }
             Instr::Router { w, spec, out, .. } => {
                 let k = wd(*w).dims[1];
@@ -769,10 +777,10 @@ pub fn encode_with(
                 w,
                 bias,
                 norm,
-                out: _,
+                out: routing,
                 spec,
             } => {
-                if fused.by_matmul(ii.wrapping_sub(1)).is_some() {
+                if fused.by_routing(*routing).is_some() {
                     // Computed by the previous matmul's epilogue.
                     continue;
                 }
@@ -915,14 +923,8 @@ pub fn encode_with(
                 // Expert-major mode (taken in the kernel when the pairs' activations do not fit in shared
                 // memory, or always with the MIMO_MOE_DOWN_EM=1 test knob): column block width, per-pair
                 // outputs and arrival counters in scratch.
-                dd.window = moe_down_cols(mt) as i32;
-                // Expert-major item cost: this weight per K pass (`em_cost` in the kernel) plus the members
-                // (`MIMO_MOE_DOWN_W`, an experiment knob).
-                dd.vd = std::env::var("MIMO_MOE_DOWN_W")
-                    .ok()
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .filter(|&w| w > 0)
-                    .unwrap_or(64);
+                dd.window = em_cols as i32;
+                dd.vd = em_w;
                 dd.kv_k = moe_y_off as i32;
                 dd.kv_v = moe_ctr_off as i32;
                 dd.heads = force_em as i32;

@@ -35,6 +35,22 @@ fn encode(
     encode_with(plan, prog, ctx, argmax, SEPARATE).map(|e| e.instrs)
 }
 
+/// MoE instructions of a program.
+fn moe_count(prog: &mimo_ir::plan::Program) -> usize {
+    prog.instrs
+        .iter()
+        .filter(|i| matches!(i, Instr::Moe { .. }))
+        .count()
+}
+
+/// Floats of the MoE up -> down activations (scratch's first region): the widest MoE's max_tokens x top_k x inter.
+fn moe_len(ups: &[(usize, DInstr)], mt: usize) -> usize {
+    ups.iter()
+        .map(|(_, u)| mt * u.topk as usize * u.inter as usize)
+        .max()
+        .unwrap()
+}
+
 fn of(ins: &[DInstr], code: i32) -> Vec<(usize, DInstr)> {
     ins.iter()
         .copied()
@@ -53,21 +69,13 @@ fn routing_and_sampling_scratch_regions_are_disjoint_and_wired() {
         let routers = of(ins, op::ROUTER);
         let ups = of(ins, op::MOE_UP);
         let downs = of(ins, op::MOE_DOWN);
-        let n_moe = prog
-            .instrs
-            .iter()
-            .filter(|i| matches!(i, Instr::Moe { .. }))
-            .count();
+        let n_moe = moe_count(prog);
         assert!(n_moe > 0);
         assert_eq!(
             (routers.len(), ups.len(), downs.len()),
             (n_moe, n_moe, n_moe)
         );
-        let moe_len = ups
-            .iter()
-            .map(|(_, u)| mt * u.topk as usize * u.inter as usize)
-            .max()
-            .unwrap();
+        let moe_len = moe_len(&ups, mt);
         for ((ri, r), ((ui, u), (di, dn))) in routers.iter().zip(ups.iter().zip(&downs)) {
             assert!(ri < ui && ui < di);
             // Router tiles cover every (row tile, K split); the splits cover K.
@@ -172,11 +180,7 @@ fn fused_router_is_computed_by_the_output_projection() {
         let (_d, plan) = plan(mt);
         let prog = &plan.programs[0];
         let fr = fused_routers(&plan, prog, mt);
-        let n_moe = prog
-            .instrs
-            .iter()
-            .filter(|i| matches!(i, Instr::Moe { .. }))
-            .count();
+        let n_moe = moe_count(prog);
         assert_eq!(fr.len(), n_moe, "every tiny MoE layer's router fuses");
         let sep = encode(&plan, prog, 256, true).expect("encode");
         let enc = encode_with(&plan, prog, 256, true, FUSED).expect("encode");
@@ -190,11 +194,7 @@ fn fused_router_is_computed_by_the_output_projection() {
             .filter(|(_, d)| d.e > 0)
             .collect();
         assert_eq!((ups.len(), downs.len(), mms.len()), (n_moe, n_moe, n_moe));
-        let moe_len = ups
-            .iter()
-            .map(|(_, u)| mt * u.topk as usize * u.inter as usize)
-            .max()
-            .unwrap();
+        let moe_len = moe_len(&ups, mt);
         for ((mi, m), ((_, u), (_, dn))) in mms.iter().zip(ups.iter().zip(&downs)) {
             let (rw, rnorm, reps, rk) = prog
                 .instrs
