@@ -357,6 +357,14 @@ __device__ __forceinline__ unsigned long long gtimer() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// Diagnostics (variant cubins only; results are wrong): MK_NOCOMPUTE=1 consumers skip the MMA steps (the ring's
+// own rate), MK_NOCOPY=1 the producer completes each slot without copying (the consumers' own rate).
+#ifndef MK_NOCOMPUTE
+#define MK_NOCOMPUTE 0
+#endif
+#ifndef MK_NOCOPY
+#define MK_NOCOPY 0
+#endif
 // Consumers release a ring slot with one arrival per thread (MK_ARRIVE_ALL=1, the default) or per warp (lane 0,
 // after __syncwarp orders the lanes' reads): the same ordering, but compute-sanitizer's racecheck follows only the
 // per-thread form (it reports the per-warp one as WAR hazards, also on a minimal correct ring:
@@ -727,7 +735,10 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
     if (lane == 0) mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
     __syncwarp();
-    if (ok) {
+    if (MK_NOCOPY) {  // diagnostic: the consumers' rate alone (they compute on whatever the slot holds)
+      if (lane == 0) asm volatile("mbarrier.complete_tx.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(full + slot)),
+                                  "r"(cnt * (bytes + sbytes)) : "memory");
+    } else if (ok) {
       bulk_g2s(rbuf + slot * RING_SLOT + lane * PITCH, rp + kb0 + sg * seg, bytes, full + slot);
       if (sring)
         bulk_g2s(rbuf + slot * RING_SLOT + RING_SCALE_OFF + lane * RING_SSTR, sp + (k0 + sg * segel) / 32, sbytes,
@@ -964,8 +975,9 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     const int kseg = sg * segel;
     // Specializations: hi / lo packed or not; activation rows shared by both tiles or not; MXFP4 scales in the
     // ring or global.
+    // MK_NOCOMPUTE (diagnostic): the ring's rate alone, no MMA steps (wrong results).
     if constexpr (NT == 1) {
-      if (packed) {
+      if (packed && !MK_NOCOMPUTE) {
         if (FMT == FMT_MXFP4 && sring) {
           if (same) mma_steps_packed<FMT, true, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
           else mma_steps_packed<FMT, false, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
@@ -975,7 +987,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         }
       }
     }
-    if (!packed) {
+    if (!packed && !MK_NOCOMPUTE) {
       if (FMT == FMT_MXFP4 && sring) {
         if (same) mma_steps<FMT, NT, true, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
         else mma_steps<FMT, NT, false, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);

@@ -390,6 +390,9 @@ pub fn fused_routers(plan: &Plan, program: &Program, max_tokens: usize) -> Fused
 pub struct EncodeOptions {
     /// Compute routers in the preceding matmul's epilogue where [`fused_routers`] allows it.
     pub fuse_routers: bool,
+    /// A layer's K and V caches are separate resources (the v projection does not wait for the k projection);
+    /// false treats them as one, the pre-v13 dependency (kept as an A/B knob).
+    pub split_kv: bool,
 }
 
 impl EncodeOptions {
@@ -397,6 +400,7 @@ impl EncodeOptions {
     pub fn from_env() -> Self {
         EncodeOptions {
             fuse_routers: std::env::var_os("MIMO_ROUTER_FUSE").is_none_or(|v| v != "0"),
+            split_kv: std::env::var_os("MIMO_KV_SPLIT").is_none_or(|v| v != "0"),
         }
     }
 }
@@ -637,7 +641,7 @@ pub fn encode_with(
                             if !epilogue.iter().any(|e| matches!(e, Epilogue::Rope(_))) {
                                 d.hd = *head_dim as i32;
                             }
-                            writes.push(Res::Kv(*layer, *kind == KvKind::V));
+                            writes.push(Res::Kv(*layer, opts.split_kv && *kind == KvKind::V));
                             ends_kv = q + 1 == epilogue.len();
                             3
                         }
@@ -706,7 +710,7 @@ pub fn encode_with(
                 out.push((
                     d,
                     vec![arena(*x)],
-                    vec![Res::Kv(*layer, *kind == KvKind::V)],
+                    vec![Res::Kv(*layer, opts.split_kv && *kind == KvKind::V)],
                 ));
             }
             Instr::Attention {

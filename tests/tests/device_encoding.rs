@@ -23,8 +23,12 @@ fn plan(max_tokens: usize) -> (tempfile::TempDir, Plan) {
 
 const SEPARATE: EncodeOptions = EncodeOptions {
     fuse_routers: false,
+    split_kv: true,
 };
-const FUSED: EncodeOptions = EncodeOptions { fuse_routers: true };
+const FUSED: EncodeOptions = EncodeOptions {
+    fuse_routers: true,
+    split_kv: true,
+};
 
 fn encode(
     plan: &Plan,
@@ -276,7 +280,15 @@ fn routers_the_epilogue_cannot_take_stay_instructions() {
 fn k_and_v_projections_are_independent_and_attention_waits_for_both() {
     let (_d, plan) = plan(4);
     let prog = &plan.programs[0];
-    let ins = encode(&plan, prog, 256, true).expect("encode");
+    for split_kv in [true, false] {
+        let opts = EncodeOptions { split_kv, ..SEPARATE };
+        let ins = encode_with(&plan, prog, 256, true, opts).expect("encode").instrs;
+        check_kv_deps(&ins, split_kv);
+    }
+}
+
+/// Attention waits for both KV writers; v waits for k exactly when K and V are one resource (`split_kv` off).
+fn check_kv_deps(ins: &[DInstr], split_kv: bool) {
     let anc = |i: usize| -> std::collections::BTreeSet<usize> {
         let mut seen = std::collections::BTreeSet::new();
         let mut stack = vec![i];
@@ -306,7 +318,12 @@ fn k_and_v_projections_are_independent_and_attention_waits_for_both() {
         };
         let (k, v) = (writer(0), writer(1));
         assert!(k < v, "k before v in the stream");
-        assert!(!anc(v).contains(&k), "v waits for k (layer {})", at.layer);
+        assert_eq!(
+            anc(v).contains(&k),
+            !split_kv,
+            "v waits for k iff K / V are one resource (layer {})",
+            at.layer
+        );
         let a = anc(ai);
         assert!(a.contains(&k) && a.contains(&v));
         checked += 1;
