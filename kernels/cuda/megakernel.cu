@@ -365,6 +365,16 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_NOCOPY
 #define MK_NOCOPY 0
 #endif
+// MK_LDGSTS=1: the producer warp fills ring slots with 16-byte cp.async (LDGSTS) instead of one bulk copy per row
+// segment: the s9r2 diagnostics put the bulk-copy ring at ~17 GB/s per SM with 32-64 copies a chunk, ~28 with 1-4.
+#ifndef MK_LDGSTS
+#define MK_LDGSTS 0
+#endif
+// MK_ONECOPY=N: the producer fills each slot with N bulk copies from a synthetic range (with MK_NOCOMPUTE: what
+// the ring streams with few large copies instead of one per row and segment).
+#ifndef MK_ONECOPY
+#define MK_ONECOPY 0
+#endif
 // Consumers release a ring slot with one arrival per thread (MK_ARRIVE_ALL=1, the default) or per warp (lane 0,
 // after __syncwarp orders the lanes' reads): the same ordering, but compute-sanitizer's racecheck follows only the
 // per-thread form (it reports the per-warp one as WAR hazards, also on a minimal correct ring:
@@ -733,6 +743,58 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     const int bytes = min(seg, kbytes - sg * seg);
     const int sbytes = sring ? bytes / 16 : 0;
     const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
+    if (MK_ONECOPY) {  // diagnostic: the chunk's bytes in MK_ONECOPY bulk copies from a synthetic 256 MB range
+      const unsigned int tot = cnt * (bytes + sbytes), per = ((tot / MK_ONECOPY) + 15) & ~15u;
+      if (lane == 0) mbar_arrive_expect(full + slot, per * MK_ONECOPY);
+      __syncwarp();
+      const uint8_t* src = W + (unsigned long long)((u * 131u + blockIdx.x * 977u) % 8192u) * 32768ull;
+      if (lane < MK_ONECOPY && per > 0) bulk_g2s(rbuf + slot * RING_SLOT + lane * per, src + lane * per, per, full + slot);
+      continue;
+    }
+#if MK_LDGSTS
+    // The warp copies the chunk with 16-byte cp.async: each instruction takes 32 consecutive 16-byte units of the
+    // chunk's rows (half a 1 KB row segment, coalesced), then every lane's arrival on the full barrier fires when
+    // its own copies have landed (noinc: the barrier counts the 32 lanes).
+    {
+      (void)cnt;
+      const unsigned int okm = __ballot_sync(0xffffffffu, ok);
+      const int nu = bytes >> 4, snu = sbytes >> 4;
+      const uint8_t* src = rp + kb0 + sg * seg;
+      const uint8_t* ssrc = sp + (k0 + sg * segel) / 32;
+      const unsigned int dst = smem_u32(rbuf + slot * RING_SLOT);
+      if ((nu & 31) == 0) {  // whole 512-byte runs: the row is warp-uniform
+        for (int r = 0; r < RING_ROWS; r++) {
+          const uint8_t* rs = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)src, r));
+          if ((okm >> r) & 1u)
+            for (int uu = lane; uu < nu; uu += 32)
+              asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + r * PITCH + uu * 16),
+                           "l"(rs + uu * 16)
+                           : "memory");
+        }
+      } else {
+        for (int f = lane; f < RING_ROWS * nu; f += 32) {
+          const int r = f / nu, uu = f - r * nu;
+          const uint8_t* rs = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)src, r));
+          if ((okm >> r) & 1u)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + r * PITCH + uu * 16),
+                         "l"(rs + uu * 16)
+                         : "memory");
+        }
+      }
+      if (sring) {
+        for (int f = lane; f < RING_ROWS * snu; f += 32) {
+          const int r = f / snu, uu = f - r * snu;
+          const uint8_t* rs = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)ssrc, r));
+          if ((okm >> r) & 1u)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + RING_SCALE_OFF + r * RING_SSTR + uu * 16),
+                         "l"(rs + uu * 16)
+                         : "memory");
+        }
+      }
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(full + slot)) : "memory");
+      continue;
+    }
+#endif
     if (lane == 0) mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
     __syncwarp();
     if (MK_NOCOPY) {  // diagnostic: the consumers' rate alone (they compute on whatever the slot holds)
@@ -2584,7 +2646,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0; s.pre_w = 0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
-      mbar_init(mk_bars + i, 1);
+      mbar_init(mk_bars + i, MK_LDGSTS ? 32 : 1);
       mbar_init(mk_bars + RING_NS + i, MK_CW * (MK_ARRIVE_ALL ? 32 : 1));
     }
     mbar_init(&mk_cbar, MK_CW * 32);
