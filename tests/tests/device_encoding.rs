@@ -281,8 +281,13 @@ fn k_and_v_projections_are_independent_and_attention_waits_for_both() {
     let (_d, plan) = plan(4);
     let prog = &plan.programs[0];
     for split_kv in [true, false] {
-        let opts = EncodeOptions { split_kv, ..SEPARATE };
-        let ins = encode_with(&plan, prog, 256, true, opts).expect("encode").instrs;
+        let opts = EncodeOptions {
+            split_kv,
+            ..SEPARATE
+        };
+        let ins = encode_with(&plan, prog, 256, true, opts)
+            .expect("encode")
+            .instrs;
         check_kv_deps(&ins, split_kv);
     }
 }
