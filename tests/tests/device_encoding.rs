@@ -307,7 +307,7 @@ fn check_kv_deps(ins: &[DInstr], split_kv: bool) {
         seen
     };
     let mut checked = 0;
-    for (ai, at) in of(&ins, op::ATTN) {
+    for (ai, at) in of(ins, op::ATTN) {
         let writer = |kind: i32| {
             ins[..ai]
                 .iter()
