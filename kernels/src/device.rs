@@ -13,8 +13,9 @@ use mimo_ir::{DType, Epilogue, KvKind};
 /// slower: see bench/NOTES.md.)
 pub const THREADS: usize = 256;
 /// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu): 3 slots of 32 rows, each a
-/// 1 KB segment at a padded pitch plus its MXFP4 scale bytes.
-pub const RING_BYTES: usize = 3 * 32 * (1024 + 64 + 80);
+/// 1 KB segment at a padded pitch plus its MXFP4 scale bytes, rounded up to 1 KB (tensor copies into a slot use
+/// the 128-byte swizzle, whose pattern repeats every 1 KB).
+pub const RING_BYTES: usize = 3 * (32 * (1024 + 64 + 80usize)).div_ceil(1024) * 1024;
 /// Rows of a ring chunk (two 16-row tensor-core tiles).
 pub const RING_ROWS: usize = 32;
 /// Consumer warps of a block (`MK_CW`: all warps but the producer).
@@ -1115,8 +1116,14 @@ mod tests {
             cu_define("RING_SEG"),
         );
         let (pad, sstr) = (cu_define("RING_PADMAX"), cu_define("RING_SSTR"));
-        assert_eq!(RING_BYTES, ns * rows * (seg + pad + sstr));
+        // Slots are rounded up to 1 KB (the 128-byte swizzle of tensor copies repeats every 1 KB).
+        let slot = (rows * (seg + pad + sstr)).div_ceil(1024) * 1024;
+        assert!(MEGAKERNEL_CU.contains("+ 1023) & ~1023)"));
+        assert_eq!(RING_BYTES, ns * slot);
         assert_eq!(RING_ROWS, rows);
+        // A tensor-copied slot: two 16-row halves of 16 KB, then their MXFP4 scales (16 rows x 64 B each).
+        let tscale = cu_define("RING_TSCALE_OFF");
+        assert!(2 * 16 * seg <= tscale && tscale + 2 * 16 * 64 <= slot);
         // A segment's MXFP4 scale bytes fit their pitch, which keeps 16-byte copy alignment.
         assert!(seg / 16 <= sstr && sstr % 16 == 0);
         // One producer warp plus the consumer warps; a chunk is whole 16-row MMA tiles, one row per producer lane.
