@@ -64,6 +64,7 @@ struct DInstr {
   float eps, scale, theta, rscale;
 };
 static_assert(sizeof(DInstr) == 256, "DInstr layout");
+static_assert(offsetof(DInstr, w) == 48, "the main loop publishes cur.w from descriptor words 12 / 13");
 
 struct Params {
   const DInstr* instrs;
@@ -81,6 +82,11 @@ struct Params {
   float temperature;
   unsigned long long seed;
   unsigned long long* prof;  // optional: per (instruction, block) wait-start / work-start / end times (ns)
+  // TMA tensor maps of the ring-streamed weights, 3 per instruction (128 bytes each: the weights as a 3-D
+  // [kunit][row][128 B] view, as a 2-D [row][K bytes] view, the MXFP4 scales [row][K / 32]) and per instruction
+  // which of them the runtime could encode (bits 1, 2, 4); null when the runtime has none.
+  const uint8_t* tmaps;
+  const unsigned int* tmok;
 };
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
@@ -365,6 +371,12 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_NOCOPY
 #define MK_NOCOPY 0
 #endif
+// MK_TMAP: ring chunks whose 16-row halves are consecutive weight rows are filled by TMA tensor copies (1: one
+// 3-D box per half, 2: eight 2-D boxes per half) into a 128-byte-swizzled layout instead of one bulk copy per row
+// segment (s9r2: the bulk-copy ring streams ~17 GB/s per SM with 32-64 copies a chunk, ~28 with 1-4); 0: off.
+#ifndef MK_TMAP
+#define MK_TMAP 0
+#endif
 // MK_LDGSTS=1: the producer warp fills ring slots with 16-byte cp.async (LDGSTS) instead of one bulk copy per row
 // segment: the s9r2 diagnostics put the bulk-copy ring at ~17 GB/s per SM with 32-64 copies a chunk, ~28 with 1-4.
 #ifndef MK_LDGSTS
@@ -398,14 +410,21 @@ __device__ __forceinline__ void block_sync() {
 #define RING_SEG 1024
 #define RING_PADMAX 64  // row pitch in a slot = RING_SEG + pad (MXFP4 16, FP8 32, bf16 64): conflict-free fragment loads
 #define RING_SSTR 80    // MXFP4 scale-row pitch (64 scale bytes, padded so 8 rows fall in 8 banks)
-#define RING_SLOT (RING_ROWS * (RING_SEG + RING_PADMAX + RING_SSTR))
+#define RING_SLOT (((RING_ROWS * (RING_SEG + RING_PADMAX + RING_SSTR)) + 1023) & ~1023)  // 1 KB-aligned slots
+#define RING_TSCALE_OFF 32768  // tensor-copied slots: MXFP4 scales after the 32 KB of weights
 #define RING_SCALE_OFF (RING_ROWS * (RING_SEG + RING_PADMAX))
 #define RED_TOK (((MK_MAX_T + 7) / 8) * 8)
 
-extern __shared__ __align__(128) float mk_smem[];            // dynamic: [ring | xs | stage | red | inv | iv | mmr]
+extern __shared__ __align__(1024) float mk_smem[];            // dynamic: [ring | xs | stage | red | inv | iv | mmr]
 __shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
 __shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_consume)
 __shared__ int mk_prof_on;
+// Tensor copies (MK_TMAP): the current instruction's weight map (3-D with MK_TMAP=1, 2-D with 2) and MXFP4 scale
+// map (null: none), the byte offsets they start at, and per ring slot whether tensor copies filled it.
+__shared__ const uint8_t* mk_tmw;
+__shared__ const uint8_t* mk_tms;
+__shared__ long long mk_tmwb;
+__shared__ unsigned char mk_slay[RING_NS];
 __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
@@ -441,6 +460,21 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
       "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+// TMA tensor copies of one box into shared memory (coordinates innermost first), completing on bar.
+__device__ __forceinline__ void tma2d(void* dst, const uint8_t* map, int x0, int x1, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_u32(dst)),
+      "l"(map), "r"(x0), "r"(x1), "r"(smem_u32(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tma3d(void* dst, const uint8_t* map, int x0, int x1, int x2, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+          smem_u32(dst)),
+      "l"(map), "r"(x0), "r"(x1), "r"(x2), "r"(smem_u32(bar))
       : "memory");
 }
 // Barrier of the consumer warps only (the producer keeps streaming): an mbarrier the consumers arrive on, each
@@ -726,6 +760,13 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
   const uint8_t* rp = W;
   const uint8_t* sp = W;
   bool ok = false;
+#if MK_TMAP
+  const uint8_t* const tmw = mk_tmw;
+  const uint8_t* const tms = mk_tms;
+  const int rowbytes = el_bytes<FMT>(d.K);
+  bool tg = false;
+  int rowh[2] = {-1, -1};
+#endif
   ce = min(ce, nchunks);
   for (int c = cb; c < ce; c++) {
     const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
@@ -734,6 +775,26 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     if (sg == 0 || c == cb) {
       const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
       rp = ri.rp; sp = ri.sp; ok = ri.ok;
+#if MK_TMAP
+      // Tensor copies need each 16-row half's valid rows to be a prefix of consecutive weight rows (FP8: starting
+      // on a multiple of 8, so a fragment row's block scale is its permuted row's too).
+      tg = tmw != nullptr && (!sring || tms != nullptr);
+      const unsigned int okm = __ballot_sync(0xffffffffu, ok);
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const unsigned int hm = (okm >> (16 * h)) & 0xffffu;
+        const uint8_t* r0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, 16 * h));
+        const bool cons = (lane >> 4) != h || !ok || rp == r0 + (long long)(lane - 16 * h) * rowbytes;
+        const bool allc = __all_sync(0xffffffffu, cons);
+        rowh[h] = -1;
+        if (hm != 0) {
+          const long long rr = (long long)(r0 - (W + mk_tmwb)) / rowbytes;
+          rowh[h] = (int)rr;
+          if (!allc || (hm & (hm + 1)) != 0 || (FMT == FMT_F8 && (rr & 7) != 0)) tg = false;
+        }
+      }
+      if (okm == 0) tg = false;
+#endif
     }
     if (u >= RING_NS) {
       const long long t0 = clock64();
@@ -743,7 +804,36 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     const int bytes = min(seg, kbytes - sg * seg);
     const int sbytes = sring ? bytes / 16 : 0;
     const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok));
-    if (MK_ONECOPY) {  // diagnostic: the chunk's bytes in MK_ONECOPY bulk copies from a synthetic 256 MB range
+#if MK_TMAP
+    const int boff = kb0 + sg * seg;
+    if (tg && (boff & 127) == 0) {
+      if (lane == 0) {
+        mk_slay[slot] = 1;
+        unsigned int tx = 0;
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+          if (rowh[h] >= 0) tx += 16384u + (sring ? 1024u : 0u);
+        mbar_arrive_expect(full + slot, tx);
+        uint8_t* const dst = rbuf + slot * RING_SLOT;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          if (rowh[h] < 0) continue;
+#if MK_TMAP == 2
+#pragma unroll
+          for (int j = 0; j < 8; j++) tma2d(dst + h * 16384 + j * 2048, tmw + 128, boff + j * 128, rowh[h], full + slot);
+#else
+          tma3d(dst + h * 16384, tmw, 0, rowh[h], boff >> 7, full + slot);
+#endif
+          if (sring) tma2d(dst + RING_TSCALE_OFF + h * 1024, tms, (k0 + sg * segel) / 32, rowh[h], full + slot);
+        }
+      }
+      __syncwarp();
+      continue;
+    }
+    if (lane == 0) mk_slay[slot] = 0;
+#endif
+#if MK_ONECOPY
+    {  // diagnostic: the chunk's bytes in MK_ONECOPY bulk copies from a synthetic 256 MB range
       const unsigned int tot = cnt * (bytes + sbytes), per = ((tot / MK_ONECOPY) + 15) & ~15u;
       if (lane == 0) mbar_arrive_expect(full + slot, per * MK_ONECOPY);
       __syncwarp();
@@ -751,6 +841,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
       if (lane < MK_ONECOPY && per > 0) bulk_g2s(rbuf + slot * RING_SLOT + lane * per, src + lane * per, per, full + slot);
       continue;
     }
+#endif
 #if MK_LDGSTS
     // The warp copies the chunk with 16-byte cp.async: each instruction takes 32 consecutive 16-byte units of the
     // chunk's rows (half a 1 KB row segment, coalesced), then every lane's arrival on the full barrier fires when
@@ -816,34 +907,49 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
 
 // One lane's share of K step ks of a chunk for both row tiles: the weights of rows gq and gq + 8 decoded to f16
 // pairs (pa: row gq, pb: row gq + 8) and their scales (sa, sb).
-template <int FMT, bool SRING>
-__device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, const uint8_t* const (&spr)[2][2],
-                                             int k0, int kk, int ks, unsigned int (&pa)[2][4],
-                                             unsigned int (&pb)[2][4], float (&sa)[2], float (&sbv)[2]) {
+// TL: the slot was filled by tensor copies: [half][kunit of 128 B][16 rows][128 B], the 16-byte units of each
+// 128-byte line XOR-swizzled by the row's low 3 bits (TMA 128B swizzle), MXFP4 scales [half][16 rows][64 B]
+// (64B swizzle); wb / sb already hold the lane's row (pr, see ring_consume) and in-unit offset, pr and tsel the
+// XOR key and the lane's low unit bits.
+template <int FMT, bool SRING, bool TL>
+__device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, unsigned int pr, unsigned int tsel,
+                                             const uint8_t* const (&spr)[2][2], int k0, int kk, int ks,
+                                             unsigned int (&pa)[2][4], unsigned int (&pb)[2][4], float (&sa)[2],
+                                             float (&sbv)[2]) {
   constexpr int SB = RingFmt<FMT>::SB;
   constexpr int PITCH = RingFmt<FMT>::PITCH;
+  const unsigned int u = (unsigned int)ks;
 #pragma unroll
   for (int rt = 0; rt < 2; rt++) {
-    const unsigned int wa = wb + (rt * 16) * PITCH + ks * SB;
+    unsigned int wa;
+    if (TL) {
+      const unsigned int kun = FMT == FMT_MXFP4 ? u >> 3 : FMT == FMT_F8 ? u >> 2 : u >> 1;
+      const unsigned int unit = FMT == FMT_MXFP4 ? (u & 7u) : FMT == FMT_F8 ? (((u & 3u) << 1) | tsel) : (((u & 1u) << 2) | tsel);
+      wa = wb + rt * 16384 + kun * 2048 + ((unit ^ pr) << 4);
+    } else {
+      wa = wb + (rt * 16) * PITCH + ks * SB;
+    }
+    const unsigned int r8 = TL ? 1024u : 8u * PITCH;  // row + 8
     if (FMT == FMT_MXFP4) {
       fp4_pairs(lds32(wa), pa[rt]);
-      fp4_pairs(lds32(wa + 8 * PITCH), pb[rt]);
+      fp4_pairs(lds32(wa + r8), pb[rt]);
       if (SRING) {
-        const unsigned int sr = sb + (rt * 16) * RING_SSTR + ks;
+        const unsigned int sr = TL ? sb + rt * 1024 + ((((u >> 4) ^ ((pr >> 1) & 3u)) << 4) | (u & 15u))
+                                   : sb + (rt * 16) * RING_SSTR + ks;
         sa[rt] = fp4_scale(lds8(sr));
-        sbv[rt] = fp4_scale(lds8(sr + 8 * RING_SSTR));
+        sbv[rt] = fp4_scale(lds8(sr + (TL ? 512u : 8u * RING_SSTR)));
       } else {
         sa[rt] = fp4_scale(__ldg(spr[rt][0] + (k0 + kk) / 32));
         sbv[rt] = fp4_scale(__ldg(spr[rt][1] + (k0 + kk) / 32));
       }
     } else if (FMT == FMT_F8) {
       fp8_pairs(lds64(wa), pa[rt]);
-      fp8_pairs(lds64(wa + 8 * PITCH), pb[rt]);
+      fp8_pairs(lds64(wa + r8), pb[rt]);
       sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
       sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
     } else {
       bf16_pairs(lds128(wa), pa[rt]);
-      bf16_pairs(lds128(wa + 8 * PITCH), pb[rt]);
+      bf16_pairs(lds128(wa + r8), pb[rt]);
       sa[rt] = 1.f;
       sbv[rt] = 1.f;
     }
@@ -853,8 +959,9 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, c
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
-template <int FMT, int NT, bool SAME, bool SRING>
-__device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, const unsigned int (&xa)[2][NT],
+template <int FMT, int NT, bool SAME, bool SRING, bool TL>
+__device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, unsigned int pr, unsigned int tsel,
+                                          const unsigned int (&xa)[2][NT],
                                           const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
                                           float (&acc)[2][NT][4]) {
 #pragma unroll 2
@@ -873,7 +980,7 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, cons
       }
     unsigned int pa[2][4], pb[2][4];
     float sa[2], sbv[2];
-    step_weights<FMT, SRING>(wb, sb, spr, k0, kk, ks, pa, pb, sa, sbv);
+    step_weights<FMT, SRING, TL>(wb, sb, pr, tsel, spr, k0, kk, ks, pa, pb, sa, sbv);
 #pragma unroll
     for (int rt = 0; rt < 2; rt++)
 #pragma unroll
@@ -899,8 +1006,9 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, cons
 // of token j, column 4 + j: its lo), so a step is two MMAs per row tile instead of four and one activation load.
 // Lane (gq, tq) loads column gq's half (xa already points at it); the accumulators hold hi columns in lanes
 // tq < 2 and lo columns in lanes tq >= 2, added when the row group ends (lanes tq and tq ^ 2).
-template <int FMT, bool SAME, bool SRING>
-__device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int sb, const unsigned int (&xa)[2][1],
+template <int FMT, bool SAME, bool SRING, bool TL>
+__device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int sb, unsigned int pr, unsigned int tsel,
+                                                 const unsigned int (&xa)[2][1],
                                                  const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0,
                                                  int nks, float (&acc)[2][1][4]) {
 #pragma unroll 2
@@ -912,7 +1020,7 @@ __device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int s
       b[rt] = xa[rt][0] != ~0u ? lds128(xa[rt][0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
     unsigned int pa[2][4], pb[2][4];
     float sa[2], sbv[2];
-    step_weights<FMT, SRING>(wb, sb, spr, k0, kk, ks, pa, pb, sa, sbv);
+    step_weights<FMT, SRING, TL>(wb, sb, pr, tsel, spr, k0, kk, ks, pa, pb, sa, sbv);
 #pragma unroll
     for (int rt = 0; rt < 2; rt++) {
       const uint4 bb = b[SAME ? 0 : rt];
@@ -924,6 +1032,35 @@ __device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int s
       acc[rt][0][2] += th[2] * sbv[rt];
       acc[rt][0][3] += th[3] * sbv[rt];
     }
+  }
+}
+
+// The specializations of a chunk's steps: activation rows shared by both tiles or not; MXFP4 scales in the ring or
+// global (TL: the slot's layout, see step_weights).
+template <int FMT, bool TL>
+__device__ __forceinline__ void mma_dispatch_packed(unsigned int wb, unsigned int sb, unsigned int pr,
+                                                    unsigned int tsel, const unsigned int (&xa)[2][1],
+                                                    const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0,
+                                                    int nks, float (&acc)[2][1][4], bool same, bool sring) {
+  if (FMT == FMT_MXFP4 && sring) {
+    if (same) mma_steps_packed<FMT, true, true, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+    else mma_steps_packed<FMT, false, true, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+  } else {
+    if (same) mma_steps_packed<FMT, true, false, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+    else mma_steps_packed<FMT, false, false, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+  }
+}
+template <int FMT, int NT, bool TL>
+__device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, unsigned int pr, unsigned int tsel,
+                                             const unsigned int (&xa)[2][NT], const uint8_t* const (&spr)[2][2],
+                                             int k0, int kseg, int ks0, int nks, float (&acc)[2][NT][4], bool same,
+                                             bool sring) {
+  if (FMT == FMT_MXFP4 && sring) {
+    if (same) mma_steps<FMT, NT, true, true, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+    else mma_steps<FMT, NT, false, true, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+  } else {
+    if (same) mma_steps<FMT, NT, true, false, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
+    else mma_steps<FMT, NT, false, false, TL>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc);
   }
 }
 
@@ -946,6 +1083,15 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   const int gq = lane >> 2, tq = lane & 3;  // MMA fragment row group and quad lane
   constexpr int SB = RingFmt<FMT>::SB;
   constexpr int PITCH = RingFmt<FMT>::PITCH;
+  // Tensor-copied slots (TL): fragment row gq reads slot row pr, a permutation that keeps each wavefront's rows
+  // on distinct swizzle keys (FP8: 4 rows per half-warp, bf16: 2 per quarter); tsel / wo: the lane's unit bits and
+  // byte offset inside its 16-byte unit. The partial sums go to row pr.
+  const unsigned int pr = FMT == FMT_F8 ? (((unsigned)gq & 3u) << 1) | ((unsigned)gq >> 2)
+                          : FMT == FMT_BF16 ? (((unsigned)gq & 1u) << 2) | ((unsigned)gq >> 1)
+                                            : (unsigned)gq;
+  const unsigned int tsel = FMT == FMT_F8 ? (unsigned)tq >> 1 : FMT == FMT_BF16 ? (unsigned)tq : 0u;
+  const unsigned int wo = FMT == FMT_F8 ? 8u * ((unsigned)tq & 1u) : FMT == FMT_MXFP4 ? 4u * (unsigned)tq : 0u;
+  bool tl = false;
   const int kbytes = el_bytes<FMT>(kc);
   const int seg = min(RING_SEG, kbytes);
   const int nseg = (kbytes + seg - 1) / seg;
@@ -1031,8 +1177,13 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     } else {
       mbar_wait(full + slot, parity);
     }
-    const unsigned int wb = ringb + slot * RING_SLOT + gq * PITCH + tq * (SB / 4);
-    const unsigned int sb = ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
+#if MK_TMAP
+    tl = mk_slay[slot] != 0;
+#endif
+    const unsigned int wb = tl ? ringb + slot * RING_SLOT + pr * 128 + wo
+                               : ringb + slot * RING_SLOT + gq * PITCH + tq * (SB / 4);
+    const unsigned int sb = tl ? ringb + slot * RING_SLOT + RING_TSCALE_OFF + pr * 64
+                               : ringb + slot * RING_SLOT + RING_SCALE_OFF + gq * RING_SSTR;
     const int ks0 = warp >= rot ? warp - rot : warp + MK_CW - rot;
     const int kseg = sg * segel;
     // Specializations: hi / lo packed or not; activation rows shared by both tiles or not; MXFP4 scales in the
@@ -1040,23 +1191,13 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     // MK_NOCOMPUTE (diagnostic): the ring's rate alone, no MMA steps (wrong results).
     if constexpr (NT == 1) {
       if (packed && !MK_NOCOMPUTE) {
-        if (FMT == FMT_MXFP4 && sring) {
-          if (same) mma_steps_packed<FMT, true, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-          else mma_steps_packed<FMT, false, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-        } else {
-          if (same) mma_steps_packed<FMT, true, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-          else mma_steps_packed<FMT, false, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-        }
+        if (tl) mma_dispatch_packed<FMT, true>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc, same, sring);
+        else mma_dispatch_packed<FMT, false>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc, same, sring);
       }
     }
     if (!packed && !MK_NOCOMPUTE) {
-      if (FMT == FMT_MXFP4 && sring) {
-        if (same) mma_steps<FMT, NT, true, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-        else mma_steps<FMT, NT, false, true>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-      } else {
-        if (same) mma_steps<FMT, NT, true, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-        else mma_steps<FMT, NT, false, false>(wb, sb, xa, spr, k0, kseg, ks0, nks, acc);
-      }
+      if (tl) mma_dispatch<FMT, NT, true>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc, same, sring);
+      else mma_dispatch<FMT, NT, false>(wb, sb, pr, tsel, xa, spr, k0, kseg, ks0, nks, acc, same, sring);
     }
 #if MK_ARRIVE_ALL
     mbar_arrive(empty + slot);
@@ -1088,7 +1229,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       float* red = SM_MMR + (gcur & 1) * (MK_CW * 32 * 8);
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
-        float* r = red + (warp * 32 + rt * 16 + gq) * 8 + 2 * tq;
+        float* r = red + (warp * 32 + rt * 16 + (tl ? (int)pr : gq)) * 8 + 2 * tq;
         r[0] = acc[rt][0][0];
         r[1] = acc[rt][0][1];
         r[64] = acc[rt][0][2];
@@ -1121,7 +1262,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     for (int rt = 0; rt < 2; rt++) {
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
-        float* r = red + (warp * 16 + gq) * RED_TOK + nt * 8 + 2 * tq;
+        float* r = red + (warp * 16 + (tl ? (int)pr : gq)) * RED_TOK + nt * 8 + 2 * tq;
         r[0] = acc[rt][nt][0];
         r[1] = acc[rt][nt][1];
         r[8 * RED_TOK] = acc[rt][nt][2];
@@ -2662,13 +2803,24 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   // Descriptor words of the next instruction, loaded one instruction ahead (the load's latency hides behind the
   // current instruction's work).
   int nxt = threadIdx.x < 64 && p.ninstr > 0 ? reinterpret_cast<const int*>(p.instrs)[threadIdx.x] : 0;
+  // The tensor-map flags of the next instruction, also loaded one ahead (thread 64); the maps need 1 KB-aligned
+  // ring slots.
+  const bool tm_on = MK_TMAP && p.tmok != nullptr && (smem_u32(mk_smem) & 1023u) == 0;
+  unsigned int tmn = threadIdx.x == 64 && tm_on && p.ninstr > 0 ? p.tmok[0] : 0u;
   for (int i = 0; i < p.ninstr; i++) {
     unsigned long long t0 = 0, t1 = 0;
     if (p.prof && threadIdx.x == 0) t0 = gtimer();
     // Control: publish the descriptor, fetch the next one, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
+    if (threadIdx.x == 12 || threadIdx.x == 13) reinterpret_cast<int*>(&mk_tmwb)[threadIdx.x - 12] = nxt;  // cur.w
+    if (threadIdx.x == 64) {
+      const uint8_t* m = p.tmaps + (long long)i * 384;
+      mk_tmw = (tmn & (MK_TMAP == 2 ? 2u : 1u)) ? m : nullptr;
+      mk_tms = (tmn & 4u) ? m + 256 : nullptr;
+    }
     block_sync();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
+    if (threadIdx.x == 64 && tm_on && i + 1 < p.ninstr) tmn = p.tmok[i + 1];
     // Negative tile counts scale with the tokens of this forward: -n means n * T tiles. Attention: a tile per
     // (token, kv head, group of up to MK_WARPS heads), each split over attn_splits blocks when there are few.
     const int ntiles = cur.op == OP_ATTN ? p.T * cur.nkv * attn_groups(cur) * attn_splits(p.T, cur)

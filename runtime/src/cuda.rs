@@ -35,9 +35,72 @@ struct Params {
     _pad1: i32,
     seed: u64,
     prof: u64,
+    tmaps: u64,
+    tmok: u64,
 }
 // SAFETY: plain-old-data, passed by value as the kernel's single parameter.
 unsafe impl DeviceRepr for Params {}
+
+/// Encode the ring's TMA tensor maps (see `mimo_kernels::tmap`) for every instruction over the weights at `base`:
+/// the maps (128 bytes each, `MAPS_PER_INSTR` per instruction) and per instruction the bits of those the driver
+/// accepted. A map the driver rejects is left out (the kernel copies those rows one by one), with one warning.
+fn encode_tensor_maps(instrs: &[DInstr], base: u64) -> (Vec<u8>, Vec<u32>) {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMap, CUtensorMapDataType,
+        CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    use mimo_kernels::tmap::{self, Swizzle, MAPS_PER_INSTR, MAP_BYTES};
+    let mut bytes = vec![0u8; instrs.len() * MAPS_PER_INSTR * MAP_BYTES];
+    let mut ok = vec![0u32; instrs.len()];
+    let mut warned = false;
+    for (i, d) in instrs.iter().enumerate() {
+        let mut got = [false; MAPS_PER_INSTR];
+        for (j, spec) in tmap::instr_maps(d).iter().enumerate() {
+            let Some(m) = spec else { continue };
+            let mut map = CUtensorMap { opaque: [0; 16] };
+            let estr = [1u32; 3];
+            let swizzle = match m.swizzle {
+                Swizzle::B128 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                Swizzle::B64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+            };
+            // SAFETY: the arrays hold `rank` entries (strides rank - 1); the address is inside the weights
+            // buffer; the driver only writes the 128-byte map.
+            let r = unsafe {
+                cuTensorMapEncodeTiled(
+                    &mut map,
+                    CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                    m.rank,
+                    (base + m.offset) as *mut std::ffi::c_void,
+                    m.dims.as_ptr(),
+                    m.strides.as_ptr(),
+                    m.boxdim.as_ptr(),
+                    estr.as_ptr(),
+                    CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    swizzle,
+                    CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            };
+            if r == CUresult::CUDA_SUCCESS {
+                got[j] = true;
+                let at = (i * MAPS_PER_INSTR + j) * MAP_BYTES;
+                for (q, w) in map.opaque.iter().enumerate() {
+                    bytes[at + 8 * q..at + 8 * q + 8].copy_from_slice(&w.to_le_bytes());
+                }
+            } else if !warned {
+                warned = true;
+                tracing::warn!(
+                    "tensor map {j} of instruction {i} rejected by the driver ({r:?}); those rows stream by row copies"
+                );
+            }
+        }
+        ok[i] = tmap::flags(&got);
+    }
+    // Never an empty upload (a program always has instructions, but keep the buffers allocatable regardless).
+    bytes.resize(bytes.len().max(MAP_BYTES), 0);
+    ok.resize(ok.len().max(1), 0);
+    (bytes, ok)
+}
 
 /// Is a CUDA driver with at least one device present?
 pub fn cuda_available() -> bool {
@@ -155,6 +218,9 @@ pub struct CudaSession {
     weights: CudaSlice<u8>,
     instrs: CudaSlice<u8>,
     ninstr: usize,
+    /// TMA tensor maps of the ring-streamed weights and their per-instruction validity bits (`encode_tensor_maps`).
+    tmaps: CudaSlice<u8>,
+    tmok: CudaSlice<u32>,
     arena: CudaSlice<f32>,
     kv: CudaSlice<f32>,
     scratch: CudaSlice<f32>,
@@ -238,6 +304,12 @@ impl CudaSession {
             repack_fp4(&stream, r, plan, &mut weights)?;
         }
         let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
+        let (tm_bytes, tm_ok) = {
+            let (base, _g) = weights.device_ptr(&stream);
+            encode_tensor_maps(&enc.instrs, base)
+        };
+        let tmaps = stream.memcpy_stod(&tm_bytes)?;
+        let tmok = stream.memcpy_stod(&tm_ok)?;
         let arena = stream.alloc_zeros::<f32>(plan.arena_len.max(1))?;
         let kv = stream.alloc_zeros::<f32>(enc.kv.total.max(1))?;
         let scratch = stream.alloc_zeros::<f32>(enc.scratch_len)?;
@@ -256,6 +328,8 @@ impl CudaSession {
             weights,
             instrs,
             ninstr,
+            tmaps,
+            tmok,
             arena,
             kv,
             scratch,
@@ -330,6 +404,8 @@ impl CudaSession {
             let (pos, _g) = self.pos.device_ptr(s);
             let (out_tokens, _h) = self.out_tokens.device_ptr_mut(s);
             let (done, _i) = self.done.device_ptr_mut(s);
+            let (tmaps, _j) = self.tmaps.device_ptr(s);
+            let (tmok, _k) = self.tmok.device_ptr(s);
             let prof = match self.prof.as_mut() {
                 Some(b) => b.device_ptr_mut(s).0,
                 None => 0,
@@ -352,6 +428,8 @@ impl CudaSession {
                 _pad1: 0,
                 seed: self.seed,
                 prof,
+                tmaps,
+                tmok,
             }
         };
         let cfg = LaunchConfig {
