@@ -192,4 +192,212 @@ mod tests {
         assert_eq!(flags(&[false, true, false]), 2);
         assert_eq!(flags(&[false; 3]), 0);
     }
+
+    // ---- The kernel's tensor-copied slot layout, emulated: what TMA writes (box order, then the swizzle) and
+    // what `step_weights<FMT, SRING, true>` / `ring_consume` read back (megakernel.cu), for every lane, K step and
+    // row tile. A change to either side that the other does not follow fails here.
+
+    use rand::{RngCore, SeedableRng};
+
+    /// Byte offset of box-linear offset `l` after the shared-memory swizzle (16-byte unit bits 4.. XOR the
+    /// address bits from 7; the slot is 1 KB aligned).
+    fn swz(l: usize, sw: Swizzle) -> usize {
+        match sw {
+            Swizzle::B128 => l ^ (((l >> 7) & 7) << 4),
+            Swizzle::B64 => l ^ (((l >> 7) & 3) << 4),
+        }
+    }
+
+    const SLOT: usize = 37888; // RING_SLOT
+    const TSCALE: usize = 32768; // RING_TSCALE_OFF
+
+    struct Fill {
+        w: Vec<u8>,
+        s: Vec<u8>,
+        rowbytes: usize,
+        nsc: usize,
+        slot: Vec<u8>,
+    }
+
+    /// A weight matrix `rows x rowbytes` (MXFP4 scales `rows x rowbytes / 16`) of random bytes, and one slot
+    /// filled as the producer does for halves starting at rows `r0` and byte offset `boff` (3-D box per half,
+    /// 2-D scale box; out-of-range bytes zero).
+    fn fill(rows: usize, rowbytes: usize, r0: [usize; 2], boff: usize, scales: bool) -> Fill {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rows as u64 * 31 + rowbytes as u64);
+        let mut w = vec![0u8; rows * rowbytes];
+        rng.fill_bytes(&mut w);
+        let nsc = rowbytes / 16;
+        let mut s = vec![0u8; rows * nsc];
+        rng.fill_bytes(&mut s);
+        let mut slot = vec![0xEEu8; SLOT];
+        for (h, &rh) in r0.iter().enumerate() {
+            for kun in 0..8 {
+                for row in 0..16 {
+                    for b in 0..128 {
+                        let (r, c) = (rh + row, boff + kun * 128 + b);
+                        let v = if r < rows && c < rowbytes {
+                            w[r * rowbytes + c]
+                        } else {
+                            0
+                        };
+                        slot[h * 16384 + swz(kun * 2048 + row * 128 + b, Swizzle::B128)] = v;
+                    }
+                }
+            }
+            if scales {
+                for row in 0..16 {
+                    for b in 0..64 {
+                        let (r, c) = (rh + row, boff / 16 + b);
+                        let v = if r < rows && c < nsc {
+                            s[r * nsc + c]
+                        } else {
+                            0
+                        };
+                        slot[TSCALE + h * 1024 + swz(row * 64 + b, Swizzle::B64)] = v;
+                    }
+                }
+            }
+        }
+        Fill {
+            w,
+            s,
+            rowbytes,
+            nsc,
+            slot,
+        }
+    }
+
+    /// The consumer's addresses (megakernel.cu `ring_consume` / `step_weights`, TL = true) for lane (gq, tq),
+    /// K step u, row tile rt: (weight bytes of row pr, of row pr + 8, their slot row pr, bytes per load).
+    fn consumer(
+        fmt: i32,
+        gq: usize,
+        tq: usize,
+        u: usize,
+        rt: usize,
+    ) -> (usize, usize, usize, usize) {
+        let pr = match fmt {
+            FMT_F8 => ((gq & 3) << 1) | (gq >> 2),
+            FMT_BF16 => ((gq & 1) << 2) | (gq >> 1),
+            _ => gq,
+        };
+        let tsel = match fmt {
+            FMT_F8 => tq >> 1,
+            FMT_BF16 => tq,
+            _ => 0,
+        };
+        let wo = match fmt {
+            FMT_F8 => 8 * (tq & 1),
+            FMT_MXFP4 => 4 * tq,
+            _ => 0,
+        };
+        let (kun, unit, width) = match fmt {
+            FMT_MXFP4 => (u >> 3, u & 7, 4),
+            FMT_F8 => (u >> 2, ((u & 3) << 1) | tsel, 8),
+            _ => (u >> 1, ((u & 1) << 2) | tsel, 16),
+        };
+        let wa = pr * 128 + wo + rt * 16384 + kun * 2048 + ((unit ^ pr) << 4);
+        (wa, wa + 1024, pr, width)
+    }
+
+    fn check_format(fmt: i32, k: usize) {
+        let rowbytes = match fmt {
+            FMT_MXFP4 => k / 2,
+            FMT_F8 => k,
+            _ => 2 * k,
+        };
+        let sb = match fmt {
+            FMT_MXFP4 => 16,
+            FMT_F8 => 32,
+            _ => 64,
+        };
+        let rows = 80;
+        // Second half running past the last row: zero fill there, never read as another row's data.
+        for (r0, boff) in [([0, 16], 0), ([40, 72], rowbytes - 1024.min(rowbytes))] {
+            let f = fill(rows, rowbytes, r0, boff, fmt == FMT_MXFP4);
+            let nks = 1024.min(f.rowbytes - boff) / sb;
+            for u in 0..nks {
+                for (rt, &rbase) in r0.iter().enumerate() {
+                    // Loads of one instruction, split in wavefronts of 128 bytes: no two lanes of one wavefront
+                    // touch different 4-byte words of the same bank.
+                    for plus8 in [false, true] {
+                        let mut words = std::collections::BTreeMap::new();
+                        for lane in 0..32 {
+                            let (a, b, _, width) = consumer(fmt, lane >> 2, lane & 3, u, rt);
+                            let addr = if plus8 { b } else { a };
+                            let phase = lane / (32 * 4 / width);
+                            for wd in 0..width / 4 {
+                                let word = addr / 4 + wd;
+                                let prev = words.insert((phase, word % 32), word);
+                                assert!(
+                                    prev.is_none() || prev == Some(word),
+                                    "fmt {fmt}: bank conflict at step {u} tile {rt} lane {lane}"
+                                );
+                            }
+                        }
+                    }
+                    for lane in 0..32 {
+                        let (gq, tq) = (lane >> 2, lane & 3);
+                        let (a, b, pr, width) = consumer(fmt, gq, tq, u, rt);
+                        for (addr, row) in [(a, pr), (b, pr + 8)] {
+                            let r = rbase + row;
+                            let c = boff + u * sb + tq * width;
+                            let want: Vec<u8> = (0..width)
+                                .map(|j| {
+                                    if r < rows {
+                                        f.w[r * f.rowbytes + c + j]
+                                    } else {
+                                        0
+                                    }
+                                })
+                                .collect();
+                            assert_eq!(
+                                &f.slot[addr..addr + width],
+                                &want[..],
+                                "fmt {fmt} step {u} tile {rt} lane {lane} row {row}"
+                            );
+                        }
+                        if fmt == FMT_MXFP4 {
+                            // sr = sb + rt * 1024 + (((u >> 4) ^ ((pr >> 1) & 3)) << 4 | (u & 15)), row + 8 at +512.
+                            let sr = TSCALE
+                                + pr * 64
+                                + rt * 1024
+                                + ((((u >> 4) ^ ((pr >> 1) & 3)) << 4) | (u & 15));
+                            for (addr, row) in [(sr, pr), (sr + 512, pr + 8)] {
+                                let r = rbase + row;
+                                let want = if r < rows {
+                                    f.s[r * f.nsc + boff / 16 + u]
+                                } else {
+                                    0
+                                };
+                                assert_eq!(
+                                    f.slot[addr], want,
+                                    "scale step {u} tile {rt} row {row}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn consumers_read_back_exactly_what_the_tensor_copies_wrote_without_bank_conflicts() {
+        check_format(FMT_MXFP4, 4096);
+        check_format(FMT_F8, 4096);
+        check_format(FMT_BF16, 1024);
+    }
+
+    #[test]
+    fn mxfp4_scale_loads_of_the_eight_rows_fall_in_eight_banks() {
+        for u in 0..64 {
+            let banks: std::collections::BTreeSet<usize> = (0..8)
+                .map(|pr| {
+                    (TSCALE + pr * 64 + ((((u >> 4) ^ ((pr >> 1) & 3)) << 4) | (u & 15))) / 4 % 32
+                })
+                .collect();
+            assert_eq!(banks.len(), 8, "step {u}");
+        }
+    }
 }
