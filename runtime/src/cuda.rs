@@ -304,7 +304,14 @@ impl CudaSession {
             repack_fp4(&stream, r, plan, &mut weights)?;
         }
         let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
-        let (tm_bytes, tm_ok) = {
+        // MIMO_TMAP=0 (an experiment knob): no tensor maps, so a kernel built with MK_TMAP streams every chunk
+        // by row copies (an A/B of the copy path inside one build).
+        let (tm_bytes, tm_ok) = if std::env::var_os("MIMO_TMAP").is_some_and(|v| v == "0") {
+            (
+                vec![0u8; mimo_kernels::tmap::MAP_BYTES],
+                vec![0u32; enc.instrs.len().max(1)],
+            )
+        } else {
             let (base, _g) = weights.device_ptr(&stream);
             encode_tensor_maps(&enc.instrs, base)
         };
