@@ -956,6 +956,12 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
   }
 }
 
+// MK_HILO=0 (diagnostic): the unpacked steps (5+ tokens) skip the activations' f16 lo halves, half the MMAs and
+// activation loads, at f16-activation accuracy (~1e-3 relative: the CPU check's bound fails by design); it times
+// what the f32-level hi + lo split costs where the consumers, not the ring, bound the step (T = 16).
+#ifndef MK_HILO
+#define MK_HILO 1
+#endif
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -974,7 +980,7 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, unsi
       for (int nt = 0; nt < NT; nt++) {
         const bool on = xa[rt][nt] != ~0u;
         const uint4 h = on ? lds128(xa[rt][nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 l = on ? lds128(xa[rt][nt] + 4u * kk + 16u) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 l = on && MK_HILO ? lds128(xa[rt][nt] + 4u * kk + 16u) : make_uint4(0u, 0u, 0u, 0u);
         b[rt][nt][0] = h.x; b[rt][nt][1] = h.y; b[rt][nt][2] = h.z; b[rt][nt][3] = h.w;
         b[rt][nt][4] = l.x; b[rt][nt][5] = l.y; b[rt][nt][6] = l.z; b[rt][nt][7] = l.w;
       }
@@ -988,9 +994,9 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, unsi
         const unsigned int(&bb)[8] = b[SAME ? 0 : rt][nt];
         float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
         mma_f16(th, pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[0], bb[1]);
-        mma_f16(tl, pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[4], bb[5]);
+        if (MK_HILO) mma_f16(tl, pa[rt][0], pb[rt][0], pa[rt][1], pb[rt][1], bb[4], bb[5]);
         mma_f16(th, pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[2], bb[3]);
-        mma_f16(tl, pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[6], bb[7]);
+        if (MK_HILO) mma_f16(tl, pa[rt][2], pb[rt][2], pa[rt][3], pb[rt][3], bb[6], bb[7]);
         acc[rt][nt][0] += (th[0] + tl[0]) * sa[rt];
         acc[rt][nt][1] += (th[1] + tl[1]) * sa[rt];
         acc[rt][nt][2] += (th[2] + tl[2]) * sbv[rt];
