@@ -54,15 +54,30 @@ if has verify; then
       echo "compile $ck $flags FAILED"; tail -20 "$W/compile_$tag.log" | tee -a "$OUT/summary.txt"
     fi
   done
+  # The mid plan (bench/mid_config.json: FP8 attention, MXFP4 experts, rows of 256 B and more): real formats at
+  # shapes where the ring fills chunks by tensor copies (MK_TMAP builds), small enough for the sanitizers.
+  if [ "${MIMO_VERIFY_MID:-1}" = 1 ]; then
+    rm -rf "$W/p_mid"
+    $B/mimoc make-bench -o "$W/p_mid" --config bench/mid_config.json --n-experts 8 --dense fp8 > "$W/compile_mid.log" 2>&1 \
+      || tail -5 "$W/compile_mid.log" | tee -a "$OUT/summary.txt"
+    timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_mid" --prefill 40 --decode 24 --json "$W/verify_mid.json" > "$W/verify_mid.log" 2>&1
+    rc=$?
+    echo "verify mid (bench/mid_config.json, fp8 dense): rc=$rc $(tr -d '\n ' < "$W/verify_mid.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
+    [ $rc -ne 0 ] && tail -5 "$W/verify_mid.log" | tee -a "$OUT/summary.txt"
+  fi
   cat "$W"/verify_*.json > "$OUT/verify.json" 2>/dev/null
 fi
 
 if has sanitize; then
-  log "compute-sanitizer on the tiny MoE plan"
-  for tool in ${MIMO_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
-    timeout ${MIMO_SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 $B/mimort verify-gpu "$W/p_moe_" --prefill 20 --decode 4 \
-      > "$W/san_$tool.log" 2>&1
-    echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
+  log "compute-sanitizer on the tiny MoE plan and the mid plan"
+  # MIMO_SANITIZE_PLANS: plan dirs under $W (default: the tiny MoE plan, and the mid plan where verify made it).
+  for pl in ${MIMO_SANITIZE_PLANS:-p_moe_ p_mid}; do
+    [ -d "$W/$pl" ] || continue
+    for tool in ${MIMO_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+      timeout ${MIMO_SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 $B/mimort verify-gpu "$W/$pl" --prefill 20 --decode 4 \
+        > "$W/san_${pl}_$tool.log" 2>&1
+      echo "sanitizer $pl $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_${pl}_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
+    done
   done
   if [ "${MIMO_RACECHECK_ALL:-0}" = 1 ]; then
     # Every hazard (warnings too), grouped by kind and by the two accesses.
@@ -163,6 +178,11 @@ if has variants; then
       rm -rf "$W/pv"; cp -r "$W/p_moe_" "$W/pv"; cp "$v" "$W/pv/megakernel.cubin"
       timeout 60 env $venv $B/mimort verify-gpu "$W/pv" --prefill 40 --decode 24 --json "$W/verify_$name.json" > "$W/verify_$name.log" 2>&1
       echo "verify $name: rc=$? $(tr -d '\n ' < "$W/verify_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
+      if [ -d "$W/p_mid" ]; then
+        rm -rf "$W/pvm"; cp -r "$W/p_mid" "$W/pvm"; cp "$v" "$W/pvm/megakernel.cubin"
+        timeout 60 env $venv $B/mimort verify-gpu "$W/pvm" --prefill 40 --decode 24 --json "$W/verify_mid_$name.json" > "$W/verify_mid_$name.log" 2>&1
+        echo "verify mid $name: rc=$? $(tr -d '\n ' < "$W/verify_mid_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
+      fi
       # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
       for tool in ${MIMO_VARIANT_SANITIZE:-}; do
         [[ -n ${MIMO_VARIANT_SANITIZE_NAMES:-} && " $MIMO_VARIANT_SANITIZE_NAMES " != *" $name "* ]] && continue
