@@ -42,7 +42,7 @@ fn every_ring_instruction_of_the_mid_plan_gets_tensor_maps_inside_its_weights() 
         assert_eq!(w3.dims, [128, rows, rowbytes / 128]);
         assert_eq!(w3.strides, [rowbytes, 128]);
         assert_eq!((w3.offset, w3.swizzle), (d.w as u64, Swizzle::B128));
-        assert!(w3.offset % 16 == 0 && w3.offset + rows * rowbytes <= plan.weights_len);
+        assert!(w3.offset.is_multiple_of(16) && w3.offset + rows * rowbytes <= plan.weights_len);
         match d.fmt {
             4 => {
                 let s = m[2].expect("MXFP4 scale map");
