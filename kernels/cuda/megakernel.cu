@@ -382,6 +382,9 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_LDGSTS
 #define MK_LDGSTS 0
 #endif
+#if MK_LDGSTS && MK_TMAP
+#error "MK_LDGSTS counts 32 arrivals on a full barrier that tensor-copied chunks arrive on once: build one or the other"
+#endif
 // MK_ONECOPY=N: the producer fills each slot with N bulk copies from a synthetic range (with MK_NOCOMPUTE: what
 // the ring streams with few large copies instead of one per row and segment).
 #ifndef MK_ONECOPY
@@ -425,6 +428,7 @@ __shared__ const uint8_t* mk_tmw;
 __shared__ const uint8_t* mk_tms;
 __shared__ long long mk_tmwb;
 __shared__ unsigned char mk_slay[RING_NS];
+__shared__ int mk_tmfence;  // the producer acquired this instruction's maps (reset per instruction)
 __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
@@ -461,6 +465,10 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
       "l"(src), "r"(bytes), "r"(smem_u32(bar))
       : "memory");
+}
+// Acquire a tensor map in global memory for the tensor proxy (it was written through the generic proxy).
+__device__ __forceinline__ void tmap_acquire(const uint8_t* map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
 }
 // TMA tensor copies of one box into shared memory (coordinates innermost first), completing on bar.
 __device__ __forceinline__ void tma2d(void* dst, const uint8_t* map, int x0, int x1, unsigned long long* bar) {
@@ -776,8 +784,10 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
       const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
       rp = ri.rp; sp = ri.sp; ok = ri.ok;
 #if MK_TMAP
-      // Tensor copies need each 16-row half's valid rows to be a prefix of consecutive weight rows (FP8: starting
-      // on a multiple of 8, so a fragment row's block scale is its permuted row's too).
+      // Tensor copies need each 16-row half's valid rows to be a prefix of consecutive weight rows of the mapped
+      // matrix. FP8: the half starts on a multiple of 8 and holds 8 or 16 valid rows, so fragment row gq, whose
+      // block-scale pointer the consumers take, and the permuted row pr they compute are both valid and share
+      // their 128-row scale block.
       tg = tmw != nullptr && (!sring || tms != nullptr);
       const unsigned int okm = __ballot_sync(0xffffffffu, ok);
 #pragma unroll
@@ -790,7 +800,9 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
         if (hm != 0) {
           const long long rr = (long long)(r0 - (W + mk_tmwb)) / rowbytes;
           rowh[h] = (int)rr;
-          if (!allc || (hm & (hm + 1)) != 0 || (FMT == FMT_F8 && (rr & 7) != 0)) tg = false;
+          if (!allc || (hm & (hm + 1)) != 0 || rr < 0 || rr > 0x7fffffffLL ||
+              (FMT == FMT_F8 && ((rr & 7) != 0 || (hm != 0xffu && hm != 0xffffu))))
+            tg = false;
         }
       }
       if (okm == 0) tg = false;
@@ -808,6 +820,14 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     const int boff = kb0 + sg * seg;
     if (tg && (boff & 127) == 0) {
       if (lane == 0) {
+        // The maps were written by the host (a copy before the launch): acquire them for the tensor proxy once per
+        // instruction, in the thread that issues the copies.
+        if (!mk_tmfence) {
+          tmap_acquire(tmw);
+          if (MK_TMAP == 2) tmap_acquire(tmw + 128);
+          if (sring) tmap_acquire(tms);
+          mk_tmfence = 1;
+        }
         mk_slay[slot] = 1;
         unsigned int tx = 0;
 #pragma unroll
@@ -2823,6 +2843,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       const uint8_t* m = p.tmaps + (long long)i * 384;
       mk_tmw = (tmn & (MK_TMAP == 2 ? 2u : 1u)) ? m : nullptr;
       mk_tms = (tmn & 4u) ? m + 256 : nullptr;
+      mk_tmfence = 0;
     }
     block_sync();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
