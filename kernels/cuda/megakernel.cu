@@ -382,6 +382,12 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_LDGSTS
 #define MK_LDGSTS 0
 #endif
+// MK_TMPF=D (with MK_TMAP): after a tensor-copied chunk, prefetch into L2 the chunk D ahead in the call, assuming
+// its halves continue the same consecutive rows (a wrong guess only wastes the hint): bytes in flight beyond the
+// three ring slots. 0: off.
+#ifndef MK_TMPF
+#define MK_TMPF 0
+#endif
 #if MK_LDGSTS && MK_TMAP
 #error "MK_LDGSTS counts 32 arrivals on a full barrier that tensor-copied chunks arrive on once: build one or the other"
 #endif
@@ -469,6 +475,15 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned in
 // Acquire a tensor map in global memory for the tensor proxy (it was written through the generic proxy).
 __device__ __forceinline__ void tmap_acquire(const uint8_t* map) {
   asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
+}
+// L2 prefetches of one box through a tensor map (a hint: out-of-range boxes are harmless).
+__device__ __forceinline__ void tma_pf2d(const uint8_t* map, int x0, int x1) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map), "r"(x0), "r"(x1) : "memory");
+}
+__device__ __forceinline__ void tma_pf3d(const uint8_t* map, int x0, int x1, int x2) {
+  asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];" ::"l"(map), "r"(x0), "r"(x1),
+               "r"(x2)
+               : "memory");
 }
 // TMA tensor copies of one box into shared memory (coordinates innermost first), completing on bar.
 __device__ __forceinline__ void tma2d(void* dst, const uint8_t* map, int x0, int x1, unsigned long long* bar) {
@@ -846,6 +861,25 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
 #endif
           if (sring) tma2d(dst + RING_TSCALE_OFF + h * 1024, tms, (k0 + sg * segel) / 32, rowh[h], full + slot);
         }
+#if MK_TMPF
+        if (c + MK_TMPF < nchunks) {
+          const int cpf = c + MK_TMPF, gp = cpf / nseg, sgp = cpf - gp * nseg;
+          const int dr = (gp - g) * RING_ROWS, bp = kb0 + sgp * seg;
+          if ((bp & 127) == 0) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+              if (rowh[h] < 0) continue;
+#if MK_TMAP == 2
+#pragma unroll
+              for (int j = 0; j < 8; j++) tma_pf2d(tmw + 128, bp + j * 128, rowh[h] + dr);
+#else
+              tma_pf3d(tmw, 0, rowh[h] + dr, bp >> 7);
+#endif
+              if (sring) tma_pf2d(tms, (k0 + sgp * segel) / 32, rowh[h] + dr);
+            }
+          }
+        }
+#endif
       }
       __syncwarp();
       continue;
