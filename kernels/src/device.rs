@@ -167,13 +167,22 @@ fn check_k(w: &mimo_ir::plan::WeightDesc) -> Result<(), String> {
     Ok(())
 }
 
+/// Device weight-format codes (`DInstr::fmt`, `enum Fmt` in megakernel.cu).
+pub mod fmt {
+    pub const F32: i32 = 0;
+    pub const BF16: i32 = 1;
+    pub const F16: i32 = 2;
+    pub const F8: i32 = 3;
+    pub const MXFP4: i32 = 4;
+}
+
 fn fmt_of(d: DType) -> i32 {
     match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::F8E4M3 => 3,
-        DType::MXFP4 => 4,
+        DType::F32 => fmt::F32,
+        DType::BF16 => fmt::BF16,
+        DType::F16 => fmt::F16,
+        DType::F8E4M3 => fmt::F8,
+        DType::MXFP4 => fmt::MXFP4,
         _ => -1,
     }
 }

@@ -7,6 +7,7 @@
 //! encodes them with the driver (`cuTensorMapEncodeTiled`) and the kernel falls back to row copies for any
 //! instruction (or chunk) they do not cover.
 
+use crate::device::fmt::{BF16 as FMT_BF16, F8 as FMT_F8, MXFP4 as FMT_MXFP4};
 use crate::device::{op, DInstr};
 
 /// Map slots per instruction (the kernel indexes `tmaps + (instr * 3 + slot) * 128`).
@@ -35,11 +36,6 @@ pub struct MapSpec {
     pub boxdim: [u32; 3],
     pub swizzle: Swizzle,
 }
-
-/// Device format codes (`enum Fmt` in megakernel.cu).
-const FMT_BF16: i32 = 1;
-const FMT_F8: i32 = 3;
-const FMT_MXFP4: i32 = 4;
 
 /// Rows and row length (elements) of the weight matrix an instruction streams, experts flattened into rows.
 fn matrix(d: &DInstr) -> Option<(u64, u64)> {

@@ -5,7 +5,7 @@
 
 use mimo_compiler::CompileOptions;
 use mimo_ir::DType;
-use mimo_kernels::device::{encode_with, op, EncodeOptions};
+use mimo_kernels::device::{encode_with, fmt, op, EncodeOptions};
 use mimo_kernels::tmap::{instr_maps, Swizzle};
 use mimo_models::config::ModelConfig;
 
@@ -44,17 +44,17 @@ fn every_ring_instruction_of_the_mid_plan_gets_tensor_maps_inside_its_weights() 
         assert_eq!((w3.offset, w3.swizzle), (d.w as u64, Swizzle::B128));
         assert!(w3.offset.is_multiple_of(16) && w3.offset + rows * rowbytes <= plan.weights_len);
         match d.fmt {
-            4 => {
+            fmt::MXFP4 => {
                 let s = m[2].expect("MXFP4 scale map");
                 assert_eq!((s.dims[0], s.dims[1]), (rowbytes / 16, rows));
                 assert!(s.offset + rows * s.dims[0] <= plan.weights_len);
                 fp4_scales += 1;
             }
-            3 => {
+            fmt::F8 => {
                 assert!(m[2].is_none());
                 fp8 += 1;
             }
-            1 => assert!(m[2].is_none(), "bf16 (the LM head) has no scales"),
+            fmt::BF16 => assert!(m[2].is_none(), "bf16 (the LM head) has no scales"),
             f => panic!("instr {i}: ring format {f}"),
         }
     }
