@@ -761,6 +761,34 @@ __device__ __forceinline__ bool ring_sring(const TileRows& d, int k0, int kc) {
          (k0 & 511) == 0;
 }
 
+#if MK_TMAP
+// The tensor copies of one ring chunk: per 16-row half starting at weight row rowh[h] + dr (< 0: no half), K byte
+// offset boff, its weights (one 3-D box, or eight 2-D boxes with MK_TMAP=2) and, with a scale map, its MXFP4
+// scales from scale column scol, into the slot at dst completing on bar; dst null: L2 prefetches of the same boxes.
+__device__ __forceinline__ void tma_chunk(uint8_t* dst, unsigned long long* bar, const uint8_t* tmw,
+                                          const uint8_t* tms, const int (&rowh)[2], int dr, int boff, int scol) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    if (rowh[h] < 0) continue;
+    const int row = rowh[h] + dr;
+#if MK_TMAP == 2
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      if (dst) tma2d(dst + h * 16384 + j * 2048, tmw + 128, boff + j * 128, row, bar);
+      else tma_pf2d(tmw + 128, boff + j * 128, row);
+    }
+#else
+    if (dst) tma3d(dst + h * 16384, tmw, 0, row, boff >> 7, bar);
+    else tma_pf3d(tmw, 0, row, boff >> 7);
+#endif
+    if (tms) {
+      if (dst) tma2d(dst + RING_TSCALE_OFF + h * 1024, tms, scol, row, bar);
+      else tma_pf2d(tms, scol, row);
+    }
+  }
+}
+#endif
+
 // Issues chunks [cb, ce) of the call (clamped to its chunk count) and returns how many it issued.
 template <int FMT>
 __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, int k0, int kc, int nrows,
@@ -849,35 +877,15 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
         for (int h = 0; h < 2; h++)
           if (rowh[h] >= 0) tx += 16384u + (sring ? 1024u : 0u);
         mbar_arrive_expect(full + slot, tx);
-        uint8_t* const dst = rbuf + slot * RING_SLOT;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          if (rowh[h] < 0) continue;
-#if MK_TMAP == 2
-#pragma unroll
-          for (int j = 0; j < 8; j++) tma2d(dst + h * 16384 + j * 2048, tmw + 128, boff + j * 128, rowh[h], full + slot);
-#else
-          tma3d(dst + h * 16384, tmw, 0, rowh[h], boff >> 7, full + slot);
-#endif
-          if (sring) tma2d(dst + RING_TSCALE_OFF + h * 1024, tms, (k0 + sg * segel) / 32, rowh[h], full + slot);
-        }
+        tma_chunk(rbuf + slot * RING_SLOT, full + slot, tmw, sring ? tms : nullptr, rowh, 0, boff,
+                  (k0 + sg * segel) / 32);
 #if MK_TMPF
         if (c + MK_TMPF < nchunks) {
           const int cpf = c + MK_TMPF, gp = cpf / nseg, sgp = cpf - gp * nseg;
-          const int dr = (gp - g) * RING_ROWS, bp = kb0 + sgp * seg;
-          if ((bp & 127) == 0) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-              if (rowh[h] < 0) continue;
-#if MK_TMAP == 2
-#pragma unroll
-              for (int j = 0; j < 8; j++) tma_pf2d(tmw + 128, bp + j * 128, rowh[h] + dr);
-#else
-              tma_pf3d(tmw, 0, rowh[h] + dr, bp >> 7);
-#endif
-              if (sring) tma_pf2d(tms, (k0 + sgp * segel) / 32, rowh[h] + dr);
-            }
-          }
+          const int bp = kb0 + sgp * seg;
+          if ((bp & 127) == 0)
+            tma_chunk(nullptr, nullptr, tmw, sring ? tms : nullptr, rowh, (gp - g) * RING_ROWS, bp,
+                      (k0 + sgp * segel) / 32);
         }
 #endif
       }
@@ -2841,6 +2849,11 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 
 
 
+#if MK_TMAP
+// Present only in builds that read Params::tmaps / tmok: the runtime encodes tensor maps only for those.
+extern "C" __global__ void mimo_tmap_marker() {}
+#endif
+
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
   Smem s;
   s.ring_it = 0;
@@ -2863,15 +2876,18 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   // Descriptor words of the next instruction, loaded one instruction ahead (the load's latency hides behind the
   // current instruction's work).
   int nxt = threadIdx.x < 64 && p.ninstr > 0 ? reinterpret_cast<const int*>(p.instrs)[threadIdx.x] : 0;
+#if MK_TMAP
   // The tensor-map flags of the next instruction, also loaded one ahead (thread 64); the maps need 1 KB-aligned
   // ring slots.
-  const bool tm_on = MK_TMAP && p.tmok != nullptr && (smem_u32(mk_smem) & 1023u) == 0;
+  const bool tm_on = p.tmok != nullptr && (smem_u32(mk_smem) & 1023u) == 0;
   unsigned int tmn = threadIdx.x == 64 && tm_on && p.ninstr > 0 ? p.tmok[0] : 0u;
+#endif
   for (int i = 0; i < p.ninstr; i++) {
     unsigned long long t0 = 0, t1 = 0;
     if (p.prof && threadIdx.x == 0) t0 = gtimer();
     // Control: publish the descriptor, fetch the next one, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
+#if MK_TMAP
     if (threadIdx.x == 12 || threadIdx.x == 13) reinterpret_cast<int*>(&mk_tmwb)[threadIdx.x - 12] = nxt;  // cur.w
     if (threadIdx.x == 64) {
       const uint8_t* m = p.tmaps + (long long)i * 384;
@@ -2879,9 +2895,12 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
       mk_tms = (tmn & 4u) ? m + 256 : nullptr;
       mk_tmfence = 0;
     }
+#endif
     block_sync();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
+#if MK_TMAP
     if (threadIdx.x == 64 && tm_on && i + 1 < p.ninstr) tmn = p.tmok[i + 1];
+#endif
     // Negative tile counts scale with the tokens of this forward: -n means n * T tiles. Attention: a tile per
     // (token, kv head, group of up to MK_WARPS heads), each split over attn_splits blocks when there are few.
     const int ntiles = cur.op == OP_ATTN ? p.T * cur.nkv * attn_groups(cur) * attn_splits(p.T, cur)

@@ -109,12 +109,13 @@ pub fn cuda_available() -> bool {
     present && CudaContext::new(0).is_ok()
 }
 
-/// The megakernel's entry point and, when the build has one, its MXFP4 load transform (`mimo_fp4_repack`: kernels
-/// built without it read MXFP4 weights in the plan's OCP layout).
+/// The megakernel's entry point, when the build has one its MXFP4 load transform (`mimo_fp4_repack`: kernels
+/// built without it read MXFP4 weights in the plan's OCP layout), and whether it reads TMA tensor maps (builds
+/// with `MK_TMAP` carry the `mimo_tmap_marker` entry).
 fn load_function(
     ctx: &Arc<CudaContext>,
     plan_dir: &Path,
-) -> Result<(CudaFunction, Option<CudaFunction>)> {
+) -> Result<(CudaFunction, Option<CudaFunction>, bool)> {
     let cubin = plan_dir.join("megakernel.cubin");
     let module = if cubin.is_file() {
         ctx.load_module(cudarc::nvrtc::Ptx::from_file(cubin.clone()))
@@ -130,7 +131,11 @@ fn load_function(
     let forward = module
         .load_function("mimo_forward")
         .context("megakernel entry point mimo_forward")?;
-    Ok((forward, module.load_function("mimo_fp4_repack").ok()))
+    Ok((
+        forward,
+        module.load_function("mimo_fp4_repack").ok(),
+        module.load_function("mimo_tmap_marker").is_ok(),
+    ))
 }
 
 /// Rewrite every MXFP4 weight of the plan on the device into the megakernel's decode layout (see
@@ -218,9 +223,9 @@ pub struct CudaSession {
     weights: CudaSlice<u8>,
     instrs: CudaSlice<u8>,
     ninstr: usize,
-    /// TMA tensor maps of the ring-streamed weights and their per-instruction validity bits (`encode_tensor_maps`).
-    tmaps: CudaSlice<u8>,
-    tmok: CudaSlice<u32>,
+    /// TMA tensor maps of the ring-streamed weights and their per-instruction validity bits (`encode_tensor_maps`);
+    /// None for a kernel built without them (the kernel then sees null pointers).
+    tmaps: Option<(CudaSlice<u8>, CudaSlice<u32>)>,
     arena: CudaSlice<f32>,
     kv: CudaSlice<f32>,
     scratch: CudaSlice<f32>,
@@ -274,7 +279,7 @@ impl CudaSession {
         }
         let ctx = CudaContext::new(device).map_err(|e| anyhow!("CUDA device {device}: {e:?}"))?;
         let stream = ctx.default_stream();
-        let (func, repack) = load_function(&ctx, plan_dir)?;
+        let (func, repack, reads_tmaps) = load_function(&ctx, plan_dir)?;
         let plan = &model.plan;
         let prog = plan
             .program("target")
@@ -304,19 +309,17 @@ impl CudaSession {
             repack_fp4(&stream, r, plan, &mut weights)?;
         }
         let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
-        // MIMO_TMAP=0 (an experiment knob): no tensor maps, so a kernel built with MK_TMAP streams every chunk
-        // by row copies (an A/B of the copy path inside one build).
-        let (tm_bytes, tm_ok) = if std::env::var_os("MIMO_TMAP").is_some_and(|v| v == "0") {
-            (
-                vec![0u8; mimo_kernels::tmap::MAP_BYTES],
-                vec![0u32; enc.instrs.len().max(1)],
-            )
+        // Tensor maps only for a kernel that reads them; MIMO_TMAP=0 (an experiment knob) withholds them, so such
+        // a kernel streams every chunk by row copies (an A/B of the copy path inside one build).
+        let tmaps = if reads_tmaps && std::env::var_os("MIMO_TMAP").is_none_or(|v| v != "0") {
+            let (tm_bytes, tm_ok) = {
+                let (base, _g) = weights.device_ptr(&stream);
+                encode_tensor_maps(&enc.instrs, base)
+            };
+            Some((stream.memcpy_stod(&tm_bytes)?, stream.memcpy_stod(&tm_ok)?))
         } else {
-            let (base, _g) = weights.device_ptr(&stream);
-            encode_tensor_maps(&enc.instrs, base)
+            None
         };
-        let tmaps = stream.memcpy_stod(&tm_bytes)?;
-        let tmok = stream.memcpy_stod(&tm_ok)?;
         let arena = stream.alloc_zeros::<f32>(plan.arena_len.max(1))?;
         let kv = stream.alloc_zeros::<f32>(enc.kv.total.max(1))?;
         let scratch = stream.alloc_zeros::<f32>(enc.scratch_len)?;
@@ -336,7 +339,6 @@ impl CudaSession {
             instrs,
             ninstr,
             tmaps,
-            tmok,
             arena,
             kv,
             scratch,
@@ -411,8 +413,10 @@ impl CudaSession {
             let (pos, _g) = self.pos.device_ptr(s);
             let (out_tokens, _h) = self.out_tokens.device_ptr_mut(s);
             let (done, _i) = self.done.device_ptr_mut(s);
-            let (tmaps, _j) = self.tmaps.device_ptr(s);
-            let (tmok, _k) = self.tmok.device_ptr(s);
+            let (tmaps, tmok) = match self.tmaps.as_ref() {
+                Some((m, ok)) => (m.device_ptr(s).0, ok.device_ptr(s).0),
+                None => (0, 0),
+            };
             let prof = match self.prof.as_mut() {
                 Some(b) => b.device_ptr_mut(s).0,
                 None => 0,
