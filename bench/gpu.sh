@@ -165,6 +165,12 @@ fi
 if has variants; then
   [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
   cp "$W/bench/megakernel.cubin" "$W/bench_base.cubin"
+  # variant_verify PLAN COPY TAG: variant $v in a copy of plan $W/PLAN against the CPU (verify_TAG$name.json).
+  variant_verify() {
+    rm -rf "$W/$2"; cp -r "$W/$1" "$W/$2"; cp "$v" "$W/$2/megakernel.cubin"
+    timeout 60 env $venv $B/mimort verify-gpu "$W/$2" --prefill 40 --decode 24 --json "$W/verify_$3$name.json" > "$W/verify_$3$name.log" 2>&1
+    echo "verify ${3//_/ }$name: rc=$? $(tr -d '\n ' < "$W/verify_$3$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
+  }
   for v in bench/variants/*.cubin; do
     [ -f "$v" ] || continue
     name=$(basename "$v" .cubin)
@@ -175,14 +181,8 @@ if has variants; then
     venv=${venv//,/ }
     log "variant $name${venv:+ ($venv)}"
     if [ -d "$W/p_moe_" ]; then
-      rm -rf "$W/pv"; cp -r "$W/p_moe_" "$W/pv"; cp "$v" "$W/pv/megakernel.cubin"
-      timeout 60 env $venv $B/mimort verify-gpu "$W/pv" --prefill 40 --decode 24 --json "$W/verify_$name.json" > "$W/verify_$name.log" 2>&1
-      echo "verify $name: rc=$? $(tr -d '\n ' < "$W/verify_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
-      if [ -d "$W/p_mid" ]; then
-        rm -rf "$W/pvm"; cp -r "$W/p_mid" "$W/pvm"; cp "$v" "$W/pvm/megakernel.cubin"
-        timeout 60 env $venv $B/mimort verify-gpu "$W/pvm" --prefill 40 --decode 24 --json "$W/verify_mid_$name.json" > "$W/verify_mid_$name.log" 2>&1
-        echo "verify mid $name: rc=$? $(tr -d '\n ' < "$W/verify_mid_$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
-      fi
+      variant_verify p_moe_ pv ""
+      [ -d "$W/p_mid" ] && variant_verify p_mid pvm mid_
       # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
       for tool in ${MIMO_VARIANT_SANITIZE:-}; do
         [[ -n ${MIMO_VARIANT_SANITIZE_NAMES:-} && " $MIMO_VARIANT_SANITIZE_NAMES " != *" $name "* ]] && continue
