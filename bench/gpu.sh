@@ -9,7 +9,7 @@
 # sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
-# timed at T = 1 and 16 (results bench_NAME.json); MIMO_VARIANT_BIGVERIFY=1 also checks it on the bench plan;
+# timed at T = 1 and 16 (results bench_NAME.json); MIMO_VARIANT_BIGVERIFY=1 (or names) also checks it on the bench plan;
 # MIMO_VARIANT_SANITIZE="racecheck ..." also runs those tools on it (only on the variants MIMO_VARIANT_SANITIZE_NAMES lists, when set).
 set -uo pipefail
 OUT=${OUT:-/tmp/mimo-out}
@@ -194,9 +194,10 @@ if has variants; then
       done
     fi
     cp "$v" "$W/bench/megakernel.cubin"
-    # MIMO_VARIANT_BIGVERIFY=1: the variant against the CPU on the bench plan too (real shapes: what tiny plans'
-    # short rows never reach, such as tensor-copied ring chunks).
-    if [ "${MIMO_VARIANT_BIGVERIFY:-0}" = 1 ]; then
+    # MIMO_VARIANT_BIGVERIFY=1 (or a list of variant names): the variant against the CPU on the bench plan too
+    # (real shapes: what tiny plans' short rows never reach, such as tensor-copied ring chunks).
+    bv=${MIMO_VARIANT_BIGVERIFY:-0}
+    if [[ $bv = 1 || " $bv " == *" $name "* ]]; then
       timeout ${MIMO_BIGVERIFY_TIMEOUT:-300} env $venv $B/mimort verify-gpu "$W/bench" --prefill 20 --decode 3 \
         --json "$OUT/verify_bench_$name.json" > "$W/verify_bench_$name.log" 2>&1
       echo "verify bench $name: rc=$? $(tr -d '\n ' < "$OUT/verify_bench_$name.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
