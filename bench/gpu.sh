@@ -184,13 +184,18 @@ if has variants; then
       variant_verify p_moe_ pv ""
       [ -d "$W/p_mid" ] && variant_verify p_mid pvm mid_
       # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
+      # MIMO_VARIANT_SANITIZE_PLANS: the variant's plan copies it runs on (pv: tiny MoE, pvm: mid; default both).
       for tool in ${MIMO_VARIANT_SANITIZE:-}; do
         [[ -n ${MIMO_VARIANT_SANITIZE_NAMES:-} && " $MIMO_VARIANT_SANITIZE_NAMES " != *" $name "* ]] && continue
-        ropts=""; [ $tool = racecheck ] && ropts="--racecheck-report all --print-limit 2000"
-        timeout ${MIMO_SANITIZE_TIMEOUT:-240} env $venv compute-sanitizer --tool $tool $ropts \
-          $B/mimort verify-gpu "$W/pv" --prefill 8 --decode 2 > "$W/san_${name}_$tool.log" 2>&1
-        echo "sanitizer $name $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/san_${name}_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
-        [ $tool = racecheck ] && python3 tools/race_summary.py "$W/san_${name}_$tool.log" | tee -a "$OUT/summary.txt"
+        for pl in ${MIMO_VARIANT_SANITIZE_PLANS:-pv pvm}; do
+          [ -d "$W/$pl" ] || continue
+          ropts=""; [ $tool = racecheck ] && ropts="--racecheck-report all --print-limit 2000"
+          log=$W/san_${name}_${pl}_$tool.log
+          timeout ${MIMO_SANITIZE_TIMEOUT:-240} env $venv compute-sanitizer --tool $tool $ropts \
+            $B/mimort verify-gpu "$W/$pl" --prefill 8 --decode 2 > "$log" 2>&1
+          echo "sanitizer $name $pl $tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)" | tee -a "$OUT/summary.txt"
+          [ $tool = racecheck ] && python3 tools/race_summary.py "$log" | tee -a "$OUT/summary.txt"
+        done
       done
     fi
     cp "$v" "$W/bench/megakernel.cubin"
