@@ -207,8 +207,11 @@ if has variants; then
         --json "$OUT/verify_bench_$name.json" > "$W/verify_bench_$name.log" 2>&1
       echo "verify bench $name: rc=$? $(tr -d '\n ' < "$OUT/verify_bench_$name.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
     fi
-    timeout 200 env $venv $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" 2>&1 \
+    # MIMO_VARIANT_TIMELINE=1: every block's start / end per instruction (timeline_NAME.txt.gz, tools/timeline.py).
+    vtl=""; [ "${MIMO_VARIANT_TIMELINE:-0}" = 1 ] && vtl="--timeline $W/timeline_$name.txt"
+    timeout 200 env $venv $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" $vtl 2>&1 \
       | tee -a "$OUT/summary.txt"
+    [ -n "$vtl" ] && gzip -c "$W/timeline_$name.txt" > "$OUT/timeline_$name.txt.gz"
   done
   cp "$W/bench_base.cubin" "$W/bench/megakernel.cubin"
 fi

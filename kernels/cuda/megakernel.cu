@@ -1024,6 +1024,12 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
 #ifndef MK_HILO
 #define MK_HILO 1
 #endif
+// MK_UNROLL (experiment knob): unroll factor of the consumers' K-step loops (more steps' loads in flight per warp).
+#ifndef MK_UNROLL
+#define MK_UNROLL 2
+#endif
+#define MK_STR(x) #x
+#define MK_PRAGMA_UNROLL(n) _Pragma(MK_STR(unroll n))
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -1032,7 +1038,7 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, unsi
                                           const unsigned int (&xa)[2][NT],
                                           const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
                                           float (&acc)[2][NT][4]) {
-#pragma unroll 2
+MK_PRAGMA_UNROLL(MK_UNROLL)
   for (int ks = ks0; ks < nks; ks += MK_CW) {
     const int kk = kseg + ks * 32;  // element offset of the step inside [k0, k0 + kc)
     unsigned int b[2][NT][8];
@@ -1079,7 +1085,7 @@ __device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int s
                                                  const unsigned int (&xa)[2][1],
                                                  const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0,
                                                  int nks, float (&acc)[2][1][4]) {
-#pragma unroll 2
+MK_PRAGMA_UNROLL(MK_UNROLL)
   for (int ks = ks0; ks < nks; ks += MK_CW) {
     const int kk = kseg + ks * 32;
     uint4 b[2];
