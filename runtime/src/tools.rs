@@ -182,8 +182,10 @@ const OP_NAMES: [&str; 13] = [
 ];
 
 /// Every block's timeline of one profiled forward as text: a `T <tokens>` line, then per instruction its index,
-/// kind and, per block, `wait-start,work-start,end` in tenths of a microsecond after the forward's first wait
-/// start (0,0,0 for a block that recorded nothing).
+/// kind and, per block, `wait-start,work-start,end,ring` in tenths of a microsecond (the times after the
+/// forward's first wait start, 0,0,0 for a block that recorded nothing; ring: what the instruction added to the
+/// block's cumulative ring counter, i.e. its time in the weight ring, or its preparation time in `-DMK_PHASE=1`
+/// builds).
 pub fn timeline_text(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> String {
     use std::fmt::Write;
     let base = fwd
@@ -195,11 +197,23 @@ pub fn timeline_text(tokens: usize, fwd: &crate::cuda::ForwardProfile) -> String
         .unwrap_or(0);
     let rel = |t: u64| t.saturating_sub(base) / 100;
     let mut out = format!("T {tokens}\n");
+    let mut ring_before = vec![0u64; fwd.instrs.first().map_or(0, |i| i.blocks.len())];
     for (i, ins) in fwd.instrs.iter().enumerate() {
         let name = OP_NAMES.get(ins.op as usize).copied().unwrap_or("?");
         let _ = write!(out, "{i} {name}");
-        for &(t0, t1, t2, _) in &ins.blocks {
-            let _ = write!(out, " {},{},{}", rel(t0), rel(t1), rel(t2));
+        for (b, &(t0, t1, t2, ring)) in ins.blocks.iter().enumerate() {
+            let prev = ring_before.get(b).copied().unwrap_or(0);
+            let _ = write!(
+                out,
+                " {},{},{},{}",
+                rel(t0),
+                rel(t1),
+                rel(t2),
+                ring.saturating_sub(prev) / 100
+            );
+            if let Some(r) = ring_before.get_mut(b) {
+                *r = ring;
+            }
         }
         out.push('\n');
     }
@@ -487,7 +501,9 @@ mod tests {
         let tl = timeline_text(1, &fwd);
         let lines: Vec<&str> = tl.lines().collect();
         assert_eq!(lines[0], "T 1");
-        assert_eq!(lines[1], "0 matmul 0,20,120 0,40,100");
-        assert_eq!(lines[3], "2 matmul 130,140,200 135,150,190");
+        assert_eq!(lines[1], "0 matmul 0,20,120,40 0,40,100,20");
+        // The add left the ring counters where they were; the second matmul added 5 and 1 us.
+        assert_eq!(lines[2], "1 add 120,120,130,0 100,110,135,0");
+        assert_eq!(lines[3], "2 matmul 130,140,200,50 135,150,190,10");
     }
 }
