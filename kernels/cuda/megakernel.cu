@@ -2860,7 +2860,18 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 extern "C" __global__ void mimo_tmap_marker() {}
 #endif
 
+// MK_GRIDCONST=1 (experiment knob): the parameters stay in the kernel's parameter space (`__grid_constant__`),
+// read through the constant cache, instead of a copy in local memory that every callee reads with LDL: the
+// dependency wait's acquire fence invalidates L1, local lines included, so each instruction would re-fetch them
+// from L2.
+#ifndef MK_GRIDCONST
+#define MK_GRIDCONST 0
+#endif
+#if MK_GRIDCONST
+extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(const __grid_constant__ Params p) {
+#else
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
+#endif
   Smem s;
   s.ring_it = 0;
   s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0; s.pre_w = 0;
