@@ -64,7 +64,6 @@ struct DInstr {
   float eps, scale, theta, rscale;
 };
 static_assert(sizeof(DInstr) == 256, "DInstr layout");
-static_assert(offsetof(DInstr, w) == 48, "the main loop publishes cur.w from descriptor words 12 / 13");
 
 struct Params {
   const DInstr* instrs;
@@ -428,11 +427,13 @@ extern __shared__ __align__(1024) float mk_smem[];            // dynamic: [ring 
 __shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
 __shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_consume)
 __shared__ int mk_prof_on;
+// The instruction every block is working on (published by the main loop; its `w` is where the tensor maps
+// start).
+__shared__ DInstr mk_cur;
 // Tensor copies (MK_TMAP): the current instruction's weight map (3-D with MK_TMAP=1, 2-D with 2) and MXFP4 scale
-// map (null: none), the byte offsets they start at, and per ring slot whether tensor copies filled it.
+// map (null: none), and per ring slot whether tensor copies filled it.
 __shared__ const uint8_t* mk_tmw;
 __shared__ const uint8_t* mk_tms;
-__shared__ long long mk_tmwb;
 __shared__ unsigned char mk_slay[RING_NS];
 __shared__ int mk_tmfence;  // the producer acquired this instruction's maps (reset per instruction)
 __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
@@ -841,7 +842,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
         const bool allc = __all_sync(0xffffffffu, cons);
         rowh[h] = -1;
         if (hm != 0) {
-          const long long rr = (long long)(r0 - (W + mk_tmwb)) / rowbytes;
+          const long long rr = (long long)(r0 - (W + mk_cur.w)) / rowbytes;
           rowh[h] = (int)rr;
           if (!allc || (hm & (hm + 1)) != 0 || rr < 0 || rr > 0x7fffffffLL ||
               (FMT == FMT_F8 && ((rr & 7) != 0 || (hm != 0xffu && hm != 0xffffu))))
@@ -2868,10 +2869,11 @@ extern "C" __global__ void mimo_tmap_marker() {}
 #define MK_GRIDCONST 0
 #endif
 #if MK_GRIDCONST
-extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(const __grid_constant__ Params p) {
+#define MK_PARAMS const __grid_constant__ Params
 #else
-extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params p) {
+#define MK_PARAMS Params
 #endif
+extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARAMS p) {
   Smem s;
   s.ring_it = 0;
   s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0; s.pre_w = 0;
@@ -2887,7 +2889,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
   if (threadIdx.x < 5) mk_stat[threadIdx.x] = 0;
   if (threadIdx.x == 0) mk_flags[1] = -1;
   if (threadIdx.x < 6) mk_xkey[threadIdx.x] = -1;
-  __shared__ DInstr cur;
+  DInstr& cur = mk_cur;
   const unsigned int G = gridDim.x;
   const unsigned int target = p.epoch * G;
   // Descriptor words of the next instruction, loaded one instruction ahead (the load's latency hides behind the
@@ -2905,7 +2907,6 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(Params 
     // Control: publish the descriptor, fetch the next one, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
 #if MK_TMAP
-    if (threadIdx.x == 12 || threadIdx.x == 13) reinterpret_cast<int*>(&mk_tmwb)[threadIdx.x - 12] = nxt;  // cur.w
     if (threadIdx.x == 64) {
       const uint8_t* m = p.tmaps + (long long)i * 384;
       mk_tmw = (tmn & (MK_TMAP == 2 ? 2u : 1u)) ? m : nullptr;
