@@ -1146,6 +1146,8 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 // in the current half of SM_MMR, only the tiles' token columns ([warp][32 rows][ncol]), and the consumers sum
 // them (same warp order, so the same bits) only when the half is full or the call ends: one consumers' barrier
 // per up to DS_NP groups instead of one per group, and every consumer thread sums instead of one warp.
+// Measured (s12r1, H100, with MK_GRIDCONST): correct (same errors as the default) but slower, T = 1 11.58 vs
+// 11.42 ms (MoE up ring +1.7 us a layer): the per-group barrier is not what the consumers wait on. Off.
 #ifndef MK_DSUM
 #define MK_DSUM 0
 #endif
@@ -2943,12 +2945,12 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 extern "C" __global__ void mimo_tmap_marker() {}
 #endif
 
-// MK_GRIDCONST=1 (experiment knob): the parameters stay in the kernel's parameter space (`__grid_constant__`),
-// read through the constant cache, instead of a copy in local memory that every callee reads with LDL: the
-// dependency wait's acquire fence invalidates L1, local lines included, so each instruction would re-fetch them
-// from L2.
+// MK_GRIDCONST=1 (the default since s12r1): the parameters stay in the kernel's parameter space
+// (`__grid_constant__`), read through the constant cache, instead of a copy in local memory that every callee
+// reads with LDL (the dependency wait's acquire fence invalidates L1). H100, same call: T = 1 11.42 vs 11.61 ms,
+// T = 4 17.70 vs 18.02; MK_GRIDCONST=0 builds the old form.
 #ifndef MK_GRIDCONST
-#define MK_GRIDCONST 0
+#define MK_GRIDCONST 1
 #endif
 #if MK_GRIDCONST
 #define MK_PARAMS const __grid_constant__ Params
