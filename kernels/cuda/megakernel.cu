@@ -1142,49 +1142,6 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 #ifndef MK_SUM1
 #define MK_SUM1 1
 #endif
-// MK_DSUM=1 (experiment knob): the NT = 1 cross-warp sums are deferred. Each warp leaves a row group's partials
-// in the current half of SM_MMR, only the tiles' token columns ([warp][32 rows][ncol]), and the consumers sum
-// them (same warp order, so the same bits) only when the half is full or the call ends: one consumers' barrier
-// per up to DS_NP groups instead of one per group, and every consumer thread sums instead of one warp.
-// Measured (s12r1, H100, with MK_GRIDCONST): correct (same errors as the default) but slower, T = 1 11.58 vs
-// 11.42 ms (MoE up ring +1.7 us a layer): the per-group barrier is not what the consumers wait on. Off.
-#ifndef MK_DSUM
-#define MK_DSUM 0
-#endif
-#if MK_DSUM
-#define DS_HALF (MK_CW * 32 * 8)
-#define DS_NP 8
-__shared__ int4 mk_dpend[2][DS_NP];  // pending groups of each half: (group, tokens of tile 0, of tile 1, offset)
-__device__ __noinline__ void dsum_flush(const TileRows& d, int nrows, float* stage, int h, int np) {
-  consumers_sync();
-  const float* red = SM_MMR + h * DS_HALF;
-  int tot = 0;
-  for (int i = 0; i < np; i++) tot += 16 * (mk_dpend[h][i].y + mk_dpend[h][i].z);
-  int pg = 0, base = 0;
-  int4 m = mk_dpend[h][0];
-  int cnt = 16 * (m.y + m.z);
-  for (int e = threadIdx.x; e < tot; e += MK_CW * 32) {
-    while (e >= base + cnt) {
-      base += cnt;
-      m = mk_dpend[h][++pg];
-      cnt = 16 * (m.y + m.z);
-    }
-    const int ncol = max(1, max(m.y, m.z));
-    const int el = e - base;
-    const int rt = el >= 16 * m.y ? 1 : 0;
-    const int nn = rt ? m.z : m.y, e2 = el - rt * 16 * m.y;
-    const int row = div_small(e2, nn), j = e2 - row * nn;
-    int col, n, xl, uu;
-    if (row_out(d, m.x * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < MK_CW; w++) sum += red[m.w + (w * 32 + rt * 16 + row) * ncol + j];
-      const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
-      stage[orow * d.sstride + col] += sum;
-    }
-  }
-}
-#endif
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
 // The cross-warp sum at the end of a row group: with NT = 1 each warp writes both tiles' partials into one half
 // of a double buffer (halves alternate by group), one named barrier, then the consumers add them up in warp
@@ -1240,9 +1197,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   unsigned int parity = (it / RING_NS) & 1u;
   const int nks_full = seg / SB, nks_last = (kbytes - (nseg - 1) * seg) / SB;
   const int rot_full = nks_full % MK_CW, rot_last = nks_last % MK_CW;
-#if MK_DSUM
-  int dhalf = 0, dfill = 0, dnp = 0;  // deferred sums: current half, its floats used, its pending groups
-#endif
   for (int c = 0; c < nchunks; c++) {
     if (sg == 0) {
       int xl[2];
@@ -1345,41 +1299,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[rt][0][e] += __shfl_xor_sync(0xffffffffu, acc[rt][0][e], 2);
     }
-#if MK_DSUM
-    if (NT == 1) {
-      const int ncol = max(1, max(tn[0], tn[1])), gsz = MK_CW * 32 * ncol;
-      if (tn[0] + tn[1] > 0) {
-        if (dnp == DS_NP || dfill + gsz > DS_HALF) {
-          dsum_flush(d, nrows, stage, dhalf, dnp);
-          dhalf ^= 1;
-          dfill = 0;
-          dnp = 0;
-        }
-        float* red = SM_MMR + dhalf * DS_HALF + dfill;
-        const int c = 2 * tq;
-#pragma unroll
-        for (int rt = 0; rt < 2; rt++) {
-          float* r = red + (warp * 32 + rt * 16 + (tl ? (int)pr : gq)) * ncol + c;
-          if (c < ncol) {
-            r[0] = acc[rt][0][0];
-            r[8 * ncol] = acc[rt][0][2];
-          }
-          if (c + 1 < ncol) {
-            r[1] = acc[rt][0][1];
-            r[8 * ncol + 1] = acc[rt][0][3];
-          }
-        }
-        if (threadIdx.x == 0) mk_dpend[dhalf][dnp] = make_int4(gcur, tn[0], tn[1], dfill);
-        dfill += gsz;
-        dnp++;
-      }
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[rt][0][e] = 0.f;
-      continue;
-    }
-#endif
     if (NT == 1 && MK_SUM1) {
       // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group.
       float* red = SM_MMR + (gcur & 1) * (MK_CW * 32 * 8);
@@ -1443,9 +1362,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       consumers_sync();
     }
   }
-#if MK_DSUM
-  if (NT == 1 && dnp > 0) dsum_flush(d, nrows, stage, dhalf, dnp);
-#endif
   if (stat && threadIdx.x == 0) {
     stat[0] += twait;
     stat[1] += clock64() - tstart;
