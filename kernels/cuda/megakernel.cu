@@ -2045,10 +2045,22 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #ifndef ATTN_SMAX
 #define ATTN_SMAX 16
 #endif
+// MK_ATTN_COMB (experiment knob): the combining block loads every split's outputs in one round trip.
+#ifndef MK_ATTN_COMB
+#define MK_ATTN_COMB 0
+#endif
 static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
+// MK_ATTN_MINPOS (experiment knob, 0: off): sliding-window layers split a tile's window into at most
+// window / MK_ATTN_MINPOS ranges (a split's fixed cost, two dependent round trips and the combine's share, is
+// worth a range of at least that many positions).
+#ifndef MK_ATTN_MINPOS
+#define MK_ATTN_MINPOS 0
+#endif
 __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
-  return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
+  const int s = max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
+  if (MK_ATTN_MINPOS > 0 && I.window > 0) return max(1, min(s, I.window / max(1, MK_ATTN_MINPOS)));
+  return s;
 }
 
 
@@ -2176,6 +2188,15 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * (vd + 2);
   const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
   float ms[ATTN_SMAX], ls[ATTN_SMAX];
+#if MK_ATTN_COMB
+  // Every split's outputs loaded with their max and sum: one dependent round trip instead of one per 32 dims.
+  float po[ATTN_SMAX][VU];
+#pragma unroll
+  for (int k = 0; k < ATTN_SMAX; k++)
+#pragma unroll
+    for (int u = 0; u < VU; u++)
+      po[k][u] = k < S && lane + 32 * u < vd ? ldcg(part + k * (vd + 2) + 2 + lane + 32 * u) : 0.f;
+#endif
 #pragma unroll
   for (int k = 0; k < ATTN_SMAX; k++) {
     ms[k] = ldcg(part + min(k, S - 1) * (vd + 2));
@@ -2191,6 +2212,17 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
     Lall += ls[k] * ms[k];
   }
   float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
+#if MK_ATTN_COMB
+#pragma unroll
+  for (int u = 0; u < VU; u++) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < ATTN_SMAX; k++)
+      if (ls[k] > 0.f) acc += po[k][u] * ms[k];
+    if (lane + 32 * u < vd) out[lane + 32 * u] = acc / Lall;
+  }
+  return;
+#endif
   for (int e = lane; e < vd; e += 32) {
     float acc = 0.f;
 #pragma unroll
