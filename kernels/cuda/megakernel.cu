@@ -2049,6 +2049,10 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #ifndef MK_ATTN_COMB
 #define MK_ATTN_COMB 0
 #endif
+// MK_ATTN_STAGE (experiment knob): K / V rows staged by a warp per row (see attn_stage).
+#ifndef MK_ATTN_STAGE
+#define MK_ATTN_STAGE 0
+#endif
 static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
 // MK_ATTN_MINPOS (experiment knob, 0: off): sliding-window layers split a tile's window into at most
@@ -2072,6 +2076,22 @@ __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int
   const float* K = p.kv + I.kv_k;
   const float* V = p.kv + I.kv_v;
   const long long krow = (long long)I.nkv * qd, vrow = (long long)I.nkv * vd;
+#if MK_ATTN_STAGE
+  // A warp per position row, lanes over its 16-byte units: no division per copy, one modulo per call.
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, s0 = j0 % I.kv_cap;
+  for (int r = warp; r < n; r += MK_WARPS) {
+    int slot = s0 + r;
+    while (slot >= I.kv_cap) slot -= I.kv_cap;
+    const float* ks = K + slot * krow + kvh * qd;
+    const float* vs = V + slot * vrow + kvh * vd;
+    for (int c = lane; c < kq + vq; c += 32) {
+      if (c < kq) cp_async16(kb + r * qd + 4 * c, ks + 4 * c);
+      else cp_async16(vb + r * vd + 4 * (c - kq), vs + 4 * (c - kq));
+    }
+  }
+  cp_async_commit();
+  return;
+#endif
   for (int i = threadIdx.x; i < n * (kq + vq); i += MK_THREADS) {
     const int r = i / (kq + vq), c = i - r * (kq + vq);
     const long long slot = (j0 + r) % I.kv_cap;
