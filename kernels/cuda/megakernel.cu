@@ -1581,6 +1581,10 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
 // activation and norm-weight loads (at most MK_XS / 8 / MK_THREADS units of 8 columns) are issued together, the
 // norm weights held in registers across the block reduction of the sums of squares. False (nothing done) when
 // the rows are not 16-byte aligned; the caller then takes the general path.
+// MK_LRC (experiment knob): the compact form of load_resident (see there).
+#ifndef MK_LRC
+#define MK_LRC 0
+#endif
 __device__ __noinline__ bool load_resident(const float* src, long long rs, int T, int K, float eps, const float* normw,
                                            bool frag) {
   if ((rs & 3) != 0 || (K & 7) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 ||
@@ -1588,6 +1592,54 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
     return false;
   constexpr int U = (MK_XS / 8 + MK_THREADS - 1) / MK_THREADS;
   static_assert(MK_XS / 8 <= 2 * MK_CW * 32 * 8, "per-unit sums fit the partial-sum buffer");
+#if MK_LRC
+  {
+    // Compact form (a few hundred bytes of code instead of ~30 KB of unrolled units: this runs once per
+    // instruction, from a cold instruction cache). Every unit copied asynchronously (one round trip), then read
+    // back by the thread that copied it: converted in place, or summed for the norm.
+    const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
+    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+      const unsigned int j = i / q, c = i - j * q;
+      const float* sp = src + j * rs + 8 * c;
+      float* dp = SM_XS + j * K + 8 * c;
+      cp_async16(dp, sp);
+      cp_async16(dp + 4, sp + 4);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+      const unsigned int j = i / q, c = i - j * q;
+      float* xp = SM_XS + j * K + 8 * c;
+      const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
+      if (normw) {
+        SM_MMR[i] = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+      } else {
+        const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        store8(xp, x, frag);
+      }
+    }
+    if (!normw) return true;
+    block_sync();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int t = warp; t < T; t += MK_WARPS) {
+      float a = 0.f;
+      for (unsigned int c = lane; c < q; c += 32) a += SM_MMR[t * q + c];
+      a = warp_sum(a);
+      if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
+    }
+    block_sync();
+    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+      const unsigned int j = i / q, c = i - j * q;
+      float* xp = SM_XS + j * K + 8 * c;
+      const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
+      float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      scale8(x, SM_INV[j], __ldg(reinterpret_cast<const float4*>(normw) + 2 * c),
+             __ldg(reinterpret_cast<const float4*>(normw) + 2 * c + 1));
+      store8(xp, x, frag);
+    }
+    return true;
+  }
+#endif
   const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
   float4 v[U][2], g[U][2];
   // Loads from a clamped unit index, so that every array element is assigned on every path (registers).
