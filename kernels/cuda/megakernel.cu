@@ -1489,12 +1489,17 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // their norm weights (one memory round trip), each normalized and converted on its way into shared memory; more
 // (K-chunked verify blocks, MoE member rows) are copied asynchronously, all of a thread's units in flight at once,
 // and then normalized and converted in place by the thread that copied them (still one round trip, no barrier).
+// MK_LRC (experiment knob): the compact forms of load_resident (see there) and load_rows (its asynchronous path
+// for every size), against instruction-cache misses on the once-per-instruction paths.
+#ifndef MK_LRC
+#define MK_LRC 0
+#endif
 __device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
                           int xstride, float* xs, const float* inv, const float* normw, bool frag) {
   const bool vec = ((rs | k0 | xstride) & 3) == 0 && (kc & 7) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
                    (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
   constexpr int U = 4;
-  if (vec && (unsigned int)nrows * ((unsigned int)kc >> 3) > U * MK_THREADS) {
+  if (vec && (MK_LRC || (unsigned int)nrows * ((unsigned int)kc >> 3) > U * MK_THREADS)) {
     const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
     for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
       const unsigned int j = i / q, c = i - j * q;
@@ -1581,10 +1586,6 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
 // activation and norm-weight loads (at most MK_XS / 8 / MK_THREADS units of 8 columns) are issued together, the
 // norm weights held in registers across the block reduction of the sums of squares. False (nothing done) when
 // the rows are not 16-byte aligned; the caller then takes the general path.
-// MK_LRC (experiment knob): the compact form of load_resident (see there).
-#ifndef MK_LRC
-#define MK_LRC 0
-#endif
 __device__ __noinline__ bool load_resident(const float* src, long long rs, int T, int K, float eps, const float* normw,
                                            bool frag) {
   if ((rs & 3) != 0 || (K & 7) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 ||
