@@ -2106,6 +2106,10 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #ifndef MK_ATTN_STAGE
 #define MK_ATTN_STAGE 0
 #endif
+// MK_ATTN_LDS (experiment knob): attn_head reads the staged K / V rows with ld.shared (see there).
+#ifndef MK_ATTN_LDS
+#define MK_ATTN_LDS 0
+#endif
 static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
 // MK_ATTN_MINPOS (experiment knob, 0: off): sliding-window layers split a tile's window into at most
@@ -2197,6 +2201,45 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
     block_sync();
     const float* kb = buf[c & 1];
     const float* vb = kb + ch * qd;
+#if MK_ATTN_LDS
+    // Shared-memory loads by 32-bit address (the generic pointers above compile to LD.E with 64-bit address
+    // arithmetic per element), all of a quad's K and V elements before any use.
+    const unsigned int kbs = smem_u32(kb), vbs = smem_u32(vb);
+    for (int r0 = 0; r0 < n; r0 += 4) {
+      float kv[4][QU], vv[4][VU], d[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const unsigned int r = (unsigned int)min(r0 + i, n - 1);  // rows past n are computed and dropped
+#pragma unroll
+        for (int u = 0; u < QU; u++)
+          kv[i][u] = lane + 32 * u < qd ? __uint_as_float(lds32(kbs + 4u * (r * qd + lane + 32 * u))) : 0.f;
+#pragma unroll
+        for (int u = 0; u < VU; u++)
+          vv[i][u] = lane + 32 * u < vd ? __uint_as_float(lds32(vbs + 4u * (r * vd + lane + 32 * u))) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        float acc = 0.f;
+#pragma unroll
+        for (int u = 0; u < QU; u++) acc += qr[u] * kv[i][u];
+        d[i] = acc;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; i++) d[i] = warp_sum(d[i]) * I.scale;
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        if (r0 + i < n) {
+          const float mn = fmaxf(m, d[i]);
+          const float cc = __expf(m - mn), e = __expf(d[i] - mn);
+          l = l * cc + e;
+#pragma unroll
+          for (int u = 0; u < VU; u++) o[u] = o[u] * cc + e * vv[i][u];
+          m = mn;
+        }
+    }
+    block_sync();  // the buffer is refilled two chunks on
+    continue;
+#endif
     for (int r0 = 0; r0 < n; r0 += 4) {
       float d[4];
 #pragma unroll
