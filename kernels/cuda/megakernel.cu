@@ -2110,6 +2110,10 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #ifndef MK_ATTN_LDS
 #define MK_ATTN_LDS 0
 #endif
+// MK_ATTN_LP (experiment knob): attention heads with lanes over positions (attn_head_lp).
+#ifndef MK_ATTN_LP
+#define MK_ATTN_LP 0
+#endif
 static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
 // MK_ATTN_MINPOS (experiment knob, 0: off): sliding-window layers split a tile's window into at most
@@ -2128,7 +2132,7 @@ __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
 // K / V rows of positions [j0, j0 + n) of kv head kvh into shared memory (kb: n x qd, vb: n x vd), 16-byte
 // asynchronous copies through L2 (one commit group per call).
 __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int kvh, int j0, int n, float* kb,
-                                           float* vb) {
+                                           float* vb, int kp) {
   const int qd = I.qd, vd = I.vd, kq = qd / 4, vq = vd / 4;
   const float* K = p.kv + I.kv_k;
   const float* V = p.kv + I.kv_v;
@@ -2142,7 +2146,7 @@ __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int
     const float* ks = K + slot * krow + kvh * qd;
     const float* vs = V + slot * vrow + kvh * vd;
     for (int c = lane; c < kq + vq; c += 32) {
-      if (c < kq) cp_async16(kb + r * qd + 4 * c, ks + 4 * c);
+      if (c < kq) cp_async16(kb + r * kp + 4 * c, ks + 4 * c);
       else cp_async16(vb + r * vd + 4 * (c - kq), vs + 4 * (c - kq));
     }
   }
@@ -2152,7 +2156,7 @@ __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int
   for (int i = threadIdx.x; i < n * (kq + vq); i += MK_THREADS) {
     const int r = i / (kq + vq), c = i - r * (kq + vq);
     const long long slot = (j0 + r) % I.kv_cap;
-    if (c < kq) cp_async16(kb + r * qd + 4 * c, K + slot * krow + kvh * qd + 4 * c);
+    if (c < kq) cp_async16(kb + r * kp + 4 * c, K + slot * krow + kvh * qd + 4 * c);
     else cp_async16(vb + r * vd + 4 * (c - kq), V + slot * vrow + kvh * vd + 4 * (c - kq));
   }
   cp_async_commit();
@@ -2188,12 +2192,12 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
 #pragma unroll
   for (int u = 0; u < VU; u++) o[u] = 0.f;
   float* buf[2] = {SM_XS, SM_XS + ch * (qd + vd)};
-  if (a <= b) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * qd);
+  if (a <= b) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * qd, qd);
   for (int j0 = a, c = 0; j0 <= b; j0 += ch, c++) {
     const int n = min(ch, b - j0 + 1);
     if (j0 + ch <= b) {
       float* nb = buf[(c + 1) & 1];
-      attn_stage(p, I, kvh, j0 + ch, min(ch, b - j0 - ch + 1), nb, nb + ch * qd);
+      attn_stage(p, I, kvh, j0 + ch, min(ch, b - j0 - ch + 1), nb, nb + ch * qd, qd);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -2260,6 +2264,76 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
   }
 }
 
+#if MK_ATTN_LP
+// attn_head with lanes over positions (MK_ATTN_LP): lane j takes position j of a staged chunk for the scores (a
+// float4 dot product against the warp's query row, held in shared memory and read as broadcasts; K rows at an odd
+// pitch of 16-byte units, so the lanes' LDS.128 of eight rows fall in distinct banks), then one online-softmax
+// update per chunk (warp max and sum) and the value rows accumulated with each position's weight by shuffle. About
+// 20 instructions per position and head instead of ~80 (the per-position shuffle sums and serial updates).
+__device__ __forceinline__ float4 lds128f(unsigned int a) {
+  const uint4 v = lds128(a);
+  return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
+}
+template <int VU>
+__device__ void attn_head_lp(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, float& m,
+                             float& l, float (&o)[VU]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
+  const int kp = ((qd >> 2) & 1) ? qd : qd + 4;  // K row pitch: an odd number of 16-byte units
+  const int ch = min(32, MK_XS / (2 * (kp + vd))) & ~3;
+  float* qs = SM_STAGE + warp * qd;  // the attention instruction leaves the stage unused
+  const float* q = p.arena + I.x + (long long)t * I.xw + (long long)(kvh * G + min(g0 + warp, G - 1)) * qd;
+  for (int k = lane; k < qd; k += 32) qs[k] = ldcg(q + k) * I.scale;
+  __syncwarp();
+  const unsigned int qsb = smem_u32(qs);
+  m = -INFINITY;
+  l = 0.f;
+#pragma unroll
+  for (int u = 0; u < VU; u++) o[u] = 0.f;
+  float* buf[2] = {SM_XS, SM_XS + ch * (kp + vd)};
+  if (a <= b) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * kp, kp);
+  for (int j0 = a, c = 0; j0 <= b; j0 += ch, c++) {
+    const int n = min(ch, b - j0 + 1);
+    if (j0 + ch <= b) {
+      float* nb = buf[(c + 1) & 1];
+      attn_stage(p, I, kvh, j0 + ch, min(ch, b - j0 - ch + 1), nb, nb + ch * kp, kp);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    block_sync();
+    const unsigned int kbs = smem_u32(buf[c & 1]), vbs = kbs + 4u * (unsigned int)(ch * kp);
+    const unsigned int kr = kbs + 4u * (unsigned int)(min(lane, n - 1) * kp);
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < qd; k += 4) {
+      const float4 qv = lds128f(qsb + 4u * k), kv = lds128f(kr + 4u * k);
+      s0 += qv.x * kv.x;
+      s1 += qv.y * kv.y;
+      s2 += qv.z * kv.z;
+      s3 += qv.w * kv.w;
+    }
+    const float d = lane < n ? (s0 + s1) + (s2 + s3) : -INFINITY;
+    const float mn = fmaxf(m, warp_max(d));
+    const float cc = __expf(m - mn);
+    const float e = lane < n ? __expf(d - mn) : 0.f;
+    l = l * cc + warp_sum(e);
+#pragma unroll
+    for (int u = 0; u < VU; u++) o[u] *= cc;
+    unsigned int vr = vbs + 4u * lane;
+#pragma unroll 4
+    for (int j = 0; j < n; j++, vr += 4u * vd) {
+      const float ej = __shfl_sync(0xffffffffu, e, j);
+#pragma unroll
+      for (int u = 0; u < VU; u++)
+        if (lane + 32 * u < vd) o[u] += ej * __uint_as_float(lds32(vr + 128u * u));
+    }
+    m = mn;
+    block_sync();  // the buffer is refilled two chunks on
+  }
+}
+#endif
+
 template <int QU, int VU>
 __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int tile) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -2275,7 +2349,11 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   const float* sinks = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
   const int th0 = t * I.nh + kvh * G + g0;  // (token, head) index of the tile's first head
   float m, l, o[VU];
+#if MK_ATTN_LP
+  attn_head_lp<VU>(p, I, t, kvh, g0, a, b, m, l, o);
+#else
   attn_head<QU, VU>(p, I, t, kvh, g0, a, b, m, l, o);
+#endif
   if (warp < ng) {
     if (S == 1) {
       const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
