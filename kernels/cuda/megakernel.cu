@@ -1485,21 +1485,15 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
 // optionally scaled by inv[row(j)] * normw[k0 + kk] (inv is per source row: per token); with frag, in B-fragment
-// order (frag8). Aligned rows go in units of 8 columns: up to four units per thread, loaded into registers with
-// their norm weights (one memory round trip), each normalized and converted on its way into shared memory; more
-// (K-chunked verify blocks, MoE member rows) are copied asynchronously, all of a thread's units in flight at once,
-// and then normalized and converted in place by the thread that copied them (still one round trip, no barrier).
-// MK_LRC (experiment knob): the compact forms of load_resident (see there) and load_rows (its asynchronous path
-// for every size), against instruction-cache misses on the once-per-instruction paths.
-#ifndef MK_LRC
-#define MK_LRC 0
-#endif
+// order (frag8). Aligned rows go in units of 8 columns, copied asynchronously (all of a thread's units in flight
+// at once), then normalized and converted in place by the thread that copied them (one round trip, no barrier, and
+// compact code: a register-staged form unrolled over four units was measured 4 % slower at T = 1, s13r1, from
+// instruction-cache misses on this once-per-instruction path).
 __device__ __noinline__ void load_rows(const float* src, long long rs, const int* list, int div, int nrows, int k0, int kc,
                           int xstride, float* xs, const float* inv, const float* normw, bool frag) {
   const bool vec = ((rs | k0 | xstride) & 3) == 0 && (kc & 7) == 0 && ((reinterpret_cast<uintptr_t>(src) & 15) == 0) &&
                    (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
-  constexpr int U = 4;
-  if (vec && (MK_LRC || (unsigned int)nrows * ((unsigned int)kc >> 3) > U * MK_THREADS)) {
+  if (vec) {
     const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
     for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
       const unsigned int j = i / q, c = i - j * q;
@@ -1535,38 +1529,6 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
     }
     return;
   }
-  if (vec) {
-    const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
-    for (unsigned int b = threadIdx.x; b < tot; b += U * MK_THREADS) {
-      float4 v[U][2], g[U][2];
-      float f[U];
-      // Loads from a clamped unit index, so that every array element is assigned on every path (registers).
-#pragma unroll
-      for (int u = 0; u < U; u++) {
-        const unsigned int i = min(b + u * MK_THREADS, tot - 1);
-        const unsigned int j = i / q, c = i - j * q;
-        const int row = list ? list[j] / div : (int)j;
-        const float4* sp = reinterpret_cast<const float4*>(src + row * rs + k0) + 2 * c;
-        v[u][0] = __ldcg(sp);
-        v[u][1] = __ldcg(sp + 1);
-        const float4* gp = normw ? reinterpret_cast<const float4*>(normw + k0) + 2 * c : sp;
-        g[u][0] = __ldg(gp);
-        g[u][1] = __ldg(gp + 1);
-        f[u] = normw ? inv[row] : 1.f;
-      }
-#pragma unroll
-      for (int u = 0; u < U; u++) {
-        const unsigned int i = b + u * MK_THREADS;
-        if (i < tot) {
-          const unsigned int j = i / q, c = i - j * q;
-          float x[8] = {v[u][0].x, v[u][0].y, v[u][0].z, v[u][0].w, v[u][1].x, v[u][1].y, v[u][1].z, v[u][1].w};
-          if (normw) scale8(x, f[u], g[u][0], g[u][1]);
-          store8(xs + j * xstride + 8 * c, x, frag);
-        }
-      }
-    }
-    return;
-  }
   for (int i = threadIdx.x; i < nrows * kc; i += MK_THREADS) {
     int j = i / kc, k = i - j * kc;
     int row = list ? list[j] / div : j;
@@ -1582,105 +1544,40 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
 }
 
 // The resident activations of a matmul / router (T rows of K at src, row stride rs, into xs at stride K), RMS-
-// normalized with normw when given and in B-fragment order with frag, in one memory round trip: every thread's
-// activation and norm-weight loads (at most MK_XS / 8 / MK_THREADS units of 8 columns) are issued together, the
-// norm weights held in registers across the block reduction of the sums of squares. False (nothing done) when
-// the rows are not 16-byte aligned; the caller then takes the general path.
+// normalized with normw when given and in B-fragment order with frag, in one memory round trip: every unit of 8
+// columns copied asynchronously, then read back by the thread that copied it, converted in place or summed for
+// the norm (the block reduces the sums per token, then every thread scales and converts its units). Three short
+// loops: this runs once per instruction from a cold instruction cache (the unrolled form, ~30 KB of SASS, was
+// 4 % slower at T = 1, s13r1). False (nothing done) when the rows are not 16-byte aligned; the caller then takes
+// the general path.
 __device__ __noinline__ bool load_resident(const float* src, long long rs, int T, int K, float eps, const float* normw,
                                            bool frag) {
   if ((rs & 3) != 0 || (K & 7) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 ||
       (normw && (reinterpret_cast<uintptr_t>(normw) & 15) != 0))
     return false;
-  constexpr int U = (MK_XS / 8 + MK_THREADS - 1) / MK_THREADS;
   static_assert(MK_XS / 8 <= 2 * MK_CW * 32 * 8, "per-unit sums fit the partial-sum buffer");
-#if MK_LRC
-  {
-    // Compact form (a few hundred bytes of code instead of ~30 KB of unrolled units: this runs once per
-    // instruction, from a cold instruction cache). Every unit copied asynchronously (one round trip), then read
-    // back by the thread that copied it: converted in place, or summed for the norm.
-    const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
-    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
-      const unsigned int j = i / q, c = i - j * q;
-      const float* sp = src + j * rs + 8 * c;
-      float* dp = SM_XS + j * K + 8 * c;
-      cp_async16(dp, sp);
-      cp_async16(dp + 4, sp + 4);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
-      const unsigned int j = i / q, c = i - j * q;
-      float* xp = SM_XS + j * K + 8 * c;
-      const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
-      if (normw) {
-        SM_MMR[i] = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
-      } else {
-        const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-        store8(xp, x, frag);
-      }
-    }
-    if (!normw) return true;
-    block_sync();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int t = warp; t < T; t += MK_WARPS) {
-      float a = 0.f;
-      for (unsigned int c = lane; c < q; c += 32) a += SM_MMR[t * q + c];
-      a = warp_sum(a);
-      if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
-    }
-    block_sync();
-    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
-      const unsigned int j = i / q, c = i - j * q;
-      float* xp = SM_XS + j * K + 8 * c;
-      const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
-      float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      scale8(x, SM_INV[j], __ldg(reinterpret_cast<const float4*>(normw) + 2 * c),
-             __ldg(reinterpret_cast<const float4*>(normw) + 2 * c + 1));
+  const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+    const unsigned int j = i / q, c = i - j * q;
+    const float* sp = src + j * rs + 8 * c;
+    float* dp = SM_XS + j * K + 8 * c;
+    cp_async16(dp, sp);
+    cp_async16(dp + 4, sp + 4);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+    const unsigned int j = i / q, c = i - j * q;
+    float* xp = SM_XS + j * K + 8 * c;
+    const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
+    if (normw) {
+      SM_MMR[i] = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+    } else {
+      const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
       store8(xp, x, frag);
     }
-    return true;
   }
-#endif
-  const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
-  float4 v[U][2], g[U][2];
-  // Loads from a clamped unit index, so that every array element is assigned on every path (registers).
-#pragma unroll
-  for (int u = 0; u < U; u++) {
-    const unsigned int i = min(threadIdx.x + u * MK_THREADS, tot - 1);
-    const unsigned int j = i / q, c = i - j * q;
-    const float4* sp = reinterpret_cast<const float4*>(src + j * rs) + 2 * c;
-    v[u][0] = __ldcg(sp);
-    v[u][1] = __ldcg(sp + 1);
-    const float4* gp = reinterpret_cast<const float4*>(normw ? normw : src) + 2 * c;
-    g[u][0] = __ldg(gp);
-    g[u][1] = __ldg(gp + 1);
-  }
-  if (!normw) {
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const unsigned int i = threadIdx.x + u * MK_THREADS;
-      if (i < tot) {
-        const unsigned int j = i / q, c = i - j * q;
-        const float x[8] = {v[u][0].x, v[u][0].y, v[u][0].z, v[u][0].w, v[u][1].x, v[u][1].y, v[u][1].z, v[u][1].w};
-        store8(SM_XS + j * K + 8 * c, x, frag);
-      }
-    }
-    return true;
-  }
-  // Raw rows into xs and sums of squares per unit into the partial-sum buffer (free during preparation), then
-  // per token in a fixed order; then each thread normalizes (and converts) its own units in place.
-#pragma unroll
-  for (int u = 0; u < U; u++) {
-    const unsigned int i = threadIdx.x + u * MK_THREADS;
-    if (i < tot) {
-      const unsigned int j = i / q, c = i - j * q;
-      float4* xp = reinterpret_cast<float4*>(SM_XS + j * K + 8 * c);
-      xp[0] = v[u][0];
-      xp[1] = v[u][1];
-      SM_MMR[i] = v[u][0].x * v[u][0].x + v[u][0].y * v[u][0].y + v[u][0].z * v[u][0].z + v[u][0].w * v[u][0].w +
-                  v[u][1].x * v[u][1].x + v[u][1].y * v[u][1].y + v[u][1].z * v[u][1].z + v[u][1].w * v[u][1].w;
-    }
-  }
+  if (!normw) return true;
   block_sync();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int t = warp; t < T; t += MK_WARPS) {
@@ -1690,17 +1587,14 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
     if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
   }
   block_sync();
-#pragma unroll
-  for (int u = 0; u < U; u++) {
-    const unsigned int i = threadIdx.x + u * MK_THREADS;
-    if (i < tot) {
-      const unsigned int j = i / q, c = i - j * q;
-      float* xp = SM_XS + j * K + 8 * c;
-      const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
-      float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      scale8(x, SM_INV[j], g[u][0], g[u][1]);
-      store8(xp, x, frag);
-    }
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+    const unsigned int j = i / q, c = i - j * q;
+    float* xp = SM_XS + j * K + 8 * c;
+    const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
+    float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    scale8(x, SM_INV[j], __ldg(reinterpret_cast<const float4*>(normw) + 2 * c),
+           __ldg(reinterpret_cast<const float4*>(normw) + 2 * c + 1));
+    store8(xp, x, frag);
   }
   return true;
 }
@@ -2098,47 +1992,24 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #ifndef ATTN_SMAX
 #define ATTN_SMAX 16
 #endif
-// MK_ATTN_COMB (experiment knob): the combining block loads every split's outputs in one round trip.
 #ifndef MK_ATTN_COMB
-#define MK_ATTN_COMB 0
+#define MK_ATTN_COMB 1
 #endif
-// MK_ATTN_STAGE (experiment knob): K / V rows staged by a warp per row (see attn_stage).
-#ifndef MK_ATTN_STAGE
-#define MK_ATTN_STAGE 0
-#endif
-// MK_ATTN_LDS (experiment knob): attn_head reads the staged K / V rows with ld.shared (see there).
-#ifndef MK_ATTN_LDS
-#define MK_ATTN_LDS 0
-#endif
-// MK_ATTN_LP (experiment knob): attention heads with lanes over positions (attn_head_lp).
-#ifndef MK_ATTN_LP
-#define MK_ATTN_LP 0
-#endif
-static_assert(MK_XS >= 2 * 4 * 512, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
+static_assert(MK_XS >= 2 * 4 * 516, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
-// MK_ATTN_MINPOS (experiment knob, 0: off): sliding-window layers split a tile's window into at most
-// window / MK_ATTN_MINPOS ranges (a split's fixed cost, two dependent round trips and the combine's share, is
-// worth a range of at least that many positions).
-#ifndef MK_ATTN_MINPOS
-#define MK_ATTN_MINPOS 0
-#endif
 __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
-  const int s = max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
-  if (MK_ATTN_MINPOS > 0 && I.window > 0) return max(1, min(s, I.window / max(1, MK_ATTN_MINPOS)));
-  return s;
+  return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
 }
 
-
-// K / V rows of positions [j0, j0 + n) of kv head kvh into shared memory (kb: n x qd, vb: n x vd), 16-byte
-// asynchronous copies through L2 (one commit group per call).
+// K / V rows of positions [j0, j0 + n) of kv head kvh into shared memory (kb: n rows at pitch kp, vb: n x vd),
+// 16-byte asynchronous copies through L2 (one commit group per call): a warp per position row, lanes over its
+// 16-byte units (no division per copy; the slot's modulo once per call).
 __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int kvh, int j0, int n, float* kb,
                                            float* vb, int kp) {
   const int qd = I.qd, vd = I.vd, kq = qd / 4, vq = vd / 4;
   const float* K = p.kv + I.kv_k;
   const float* V = p.kv + I.kv_v;
   const long long krow = (long long)I.nkv * qd, vrow = (long long)I.nkv * vd;
-#if MK_ATTN_STAGE
-  // A warp per position row, lanes over its 16-byte units: no division per copy, one modulo per call.
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, s0 = j0 % I.kv_cap;
   for (int r = warp; r < n; r += MK_WARPS) {
     int slot = s0 + r;
@@ -2151,132 +2022,23 @@ __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int
     }
   }
   cp_async_commit();
-  return;
-#endif
-  for (int i = threadIdx.x; i < n * (kq + vq); i += MK_THREADS) {
-    const int r = i / (kq + vq), c = i - r * (kq + vq);
-    const long long slot = (j0 + r) % I.kv_cap;
-    if (c < kq) cp_async16(kb + r * kp + 4 * c, K + slot * krow + kvh * qd + 4 * c);
-    else cp_async16(vb + r * vd + 4 * (c - kq), V + slot * vrow + kvh * vd + 4 * (c - kq));
-  }
-  cp_async_commit();
 }
 
-// One online-softmax step of a head over position row r of the staged chunk.
-template <int VU>
-__device__ __forceinline__ void attn_update(float d, const float* vrow, int vd, int lane, float& m, float& l,
-                                            float (&o)[VU]) {
-  const float mn = fmaxf(m, d);
-  const float cc = __expf(m - mn), e = __expf(d - mn);
-  l = l * cc + e;
-#pragma unroll
-  for (int u = 0; u < VU; u++) o[u] = o[u] * cc + e * (lane + 32 * u < vd ? vrow[lane + 32 * u] : 0.f);
-  m = mn;
-}
-
-// Warp w takes head g0 + w of kv head kvh's group (lanes split the head dims: QU / VU elements per lane) over
-// positions [a, b]. Positions stream through two shared-memory buffers, the next chunk's copies in flight while
-// this one is read; four positions at a time, so their score reductions (warp shuffles) overlap.
-template <int QU, int VU>
-__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, float& m, float& l,
-                          float (&o)[VU]) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
-  const int ch = min(32, MK_XS / (2 * (qd + vd))) & ~3;  // positions per chunk (a multiple of 4), two buffers
-  float qr[QU];
-  const float* q = p.arena + I.x + (long long)t * I.xw + (long long)(kvh * G + min(g0 + warp, G - 1)) * qd;
-#pragma unroll
-  for (int u = 0; u < QU; u++) qr[u] = lane + 32 * u < qd ? ldcg(q + lane + 32 * u) : 0.f;
-  m = -INFINITY;
-  l = 0.f;
-#pragma unroll
-  for (int u = 0; u < VU; u++) o[u] = 0.f;
-  float* buf[2] = {SM_XS, SM_XS + ch * (qd + vd)};
-  if (a <= b) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * qd, qd);
-  for (int j0 = a, c = 0; j0 <= b; j0 += ch, c++) {
-    const int n = min(ch, b - j0 + 1);
-    if (j0 + ch <= b) {
-      float* nb = buf[(c + 1) & 1];
-      attn_stage(p, I, kvh, j0 + ch, min(ch, b - j0 - ch + 1), nb, nb + ch * qd, qd);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    block_sync();
-    const float* kb = buf[c & 1];
-    const float* vb = kb + ch * qd;
-#if MK_ATTN_LDS
-    // Shared-memory loads by 32-bit address (the generic pointers above compile to LD.E with 64-bit address
-    // arithmetic per element), all of a quad's K and V elements before any use.
-    const unsigned int kbs = smem_u32(kb), vbs = smem_u32(vb);
-    for (int r0 = 0; r0 < n; r0 += 4) {
-      float kv[4][QU], vv[4][VU], d[4];
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const unsigned int r = (unsigned int)min(r0 + i, n - 1);  // rows past n are computed and dropped
-#pragma unroll
-        for (int u = 0; u < QU; u++)
-          kv[i][u] = lane + 32 * u < qd ? __uint_as_float(lds32(kbs + 4u * (r * qd + lane + 32 * u))) : 0.f;
-#pragma unroll
-        for (int u = 0; u < VU; u++)
-          vv[i][u] = lane + 32 * u < vd ? __uint_as_float(lds32(vbs + 4u * (r * vd + lane + 32 * u))) : 0.f;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        float acc = 0.f;
-#pragma unroll
-        for (int u = 0; u < QU; u++) acc += qr[u] * kv[i][u];
-        d[i] = acc;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; i++) d[i] = warp_sum(d[i]) * I.scale;
-#pragma unroll
-      for (int i = 0; i < 4; i++)
-        if (r0 + i < n) {
-          const float mn = fmaxf(m, d[i]);
-          const float cc = __expf(m - mn), e = __expf(d[i] - mn);
-          l = l * cc + e;
-#pragma unroll
-          for (int u = 0; u < VU; u++) o[u] = o[u] * cc + e * vv[i][u];
-          m = mn;
-        }
-    }
-    block_sync();  // the buffer is refilled two chunks on
-    continue;
-#endif
-    for (int r0 = 0; r0 < n; r0 += 4) {
-      float d[4];
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const int r = min(r0 + i, n - 1);  // rows past n are computed and dropped
-        float acc = 0.f;
-#pragma unroll
-        for (int u = 0; u < QU; u++) acc += qr[u] * (lane + 32 * u < qd ? kb[r * qd + lane + 32 * u] : 0.f);
-        d[i] = acc;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; i++) d[i] = warp_sum(d[i]) * I.scale;
-#pragma unroll
-      for (int i = 0; i < 4; i++)
-        if (r0 + i < n) attn_update<VU>(d[i], vb + (r0 + i) * vd, vd, lane, m, l, o);
-    }
-    block_sync();  // the buffer is refilled two chunks on
-  }
-}
-
-#if MK_ATTN_LP
-// attn_head with lanes over positions (MK_ATTN_LP): lane j takes position j of a staged chunk for the scores (a
-// float4 dot product against the warp's query row, held in shared memory and read as broadcasts; K rows at an odd
-// pitch of 16-byte units, so the lanes' LDS.128 of eight rows fall in distinct banks), then one online-softmax
-// update per chunk (warp max and sum) and the value rows accumulated with each position's weight by shuffle. About
-// 20 instructions per position and head instead of ~80 (the per-position shuffle sums and serial updates).
 __device__ __forceinline__ float4 lds128f(unsigned int a) {
   const uint4 v = lds128(a);
   return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
 }
+
+// Warp w takes head g0 + w of kv head kvh's group over positions [a, b], which stream through two shared-memory
+// buffers (the next chunk's copies in flight while this one is read). Lanes over positions: lane j scores
+// position j of a chunk (a float4 dot product against the warp's query row, pre-scaled and held in shared memory,
+// read as broadcasts; K rows at an odd pitch of 16-byte units, so the lanes' LDS.128 of eight rows fall in
+// distinct banks), then one online-softmax update per chunk (warp max and sum), and the value rows (lanes over
+// the VU x 32 value dims) accumulated with each position's weight by shuffle. About 31 SASS instructions per
+// position and head (the lanes-over-dims form: ~81, a five-shuffle sum and a serial update per position).
 template <int VU>
-__device__ void attn_head_lp(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, float& m,
-                             float& l, float (&o)[VU]) {
+__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, float& m, float& l,
+                          float (&o)[VU]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
   const int kp = ((qd >> 2) & 1) ? qd : qd + 4;  // K row pitch: an odd number of 16-byte units
@@ -2303,7 +2065,7 @@ __device__ void attn_head_lp(const Params& p, const DInstr& I, int t, int kvh, i
     }
     block_sync();
     const unsigned int kbs = smem_u32(buf[c & 1]), vbs = kbs + 4u * (unsigned int)(ch * kp);
-    const unsigned int kr = kbs + 4u * (unsigned int)(min(lane, n - 1) * kp);
+    const unsigned int kr = kbs + 4u * (unsigned int)(min(lane, n - 1) * kp);  // lanes past n: dropped below
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll 4
     for (int k = 0; k < qd; k += 4) {
@@ -2332,9 +2094,8 @@ __device__ void attn_head_lp(const Params& p, const DInstr& I, int t, int kvh, i
     block_sync();  // the buffer is refilled two chunks on
   }
 }
-#endif
 
-template <int QU, int VU>
+template <int VU>
 __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int tile) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int S = attn_splits(p.T, I), NG = attn_groups(I);
@@ -2349,11 +2110,7 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   const float* sinks = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
   const int th0 = t * I.nh + kvh * G + g0;  // (token, head) index of the tile's first head
   float m, l, o[VU];
-#if MK_ATTN_LP
-  attn_head_lp<VU>(p, I, t, kvh, g0, a, b, m, l, o);
-#else
-  attn_head<QU, VU>(p, I, t, kvh, g0, a, b, m, l, o);
-#endif
+  attn_head<VU>(p, I, t, kvh, g0, a, b, m, l, o);
   if (warp < ng) {
     if (S == 1) {
       const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
@@ -2378,12 +2135,13 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th0;  // counters below the partials
   if (!last_arrival(ctr, S)) return;
   // Warp w combines head g0 + w: the overall max (with the sink) and sum, then its outputs, splits in order.
+  // MK_ATTN_COMB (default 1): every split's outputs load with their max and sum (one dependent round trip;
+  // 0: one round trip per 32 dims after the max and sum).
   if (warp >= ng) return;
   const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * (vd + 2);
   const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
   float ms[ATTN_SMAX], ls[ATTN_SMAX];
 #if MK_ATTN_COMB
-  // Every split's outputs loaded with their max and sum: one dependent round trip instead of one per 32 dims.
   float po[ATTN_SMAX][VU];
 #pragma unroll
   for (int k = 0; k < ATTN_SMAX; k++)
@@ -2415,8 +2173,7 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
       if (ls[k] > 0.f) acc += po[k][u] * ms[k];
     if (lane + 32 * u < vd) out[lane + 32 * u] = acc / Lall;
   }
-  return;
-#endif
+#else
   for (int e = lane; e < vd; e += 32) {
     float acc = 0.f;
 #pragma unroll
@@ -2424,11 +2181,13 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
       if (ls[k] > 0.f) acc += ldcg(part + k * (vd + 2) + 2 + e) * ms[k];
     out[e] = acc / Lall;
   }
+#endif
 }
 
+// Value head dims up to 128 (four per lane) or 256.
 __device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
-  if (I.qd <= 192 && I.vd <= 128) attn_tile<6, 4>(p, I, tile);
-  else attn_tile<8, 8>(p, I, tile);
+  if (I.vd <= 128) attn_tile<4>(p, I, tile);
+  else attn_tile<8>(p, I, tile);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
