@@ -14,6 +14,7 @@ addresses, no function names) and an nvdisasm listing of the same cubin (the fun
 --fn takes a substring of the mangled name; --top lists its hottest instructions, --ranges its samples by
 straight-line stretch between branch targets (loops show up as the hot stretches), --lines SRC its samples by
 source line of SRC (the generated megakernel.cu the cubin was built from; a listing made with nvdisasm -g).
+--code (no --fn): all stall reasons, the instruction-cache misses by function and each function's executed code.
 """
 import csv
 import gzip
@@ -95,6 +96,38 @@ def top_stalls(rec, total, n=3):
     return ", ".join(f"{s} {100.0 * v / total:.1f}" for v, s in parts if v)
 
 
+def code_report(funcs, recs, total):
+    """Every stall reason as a share of all samples; the no-instruction (instruction-cache miss) samples by
+    function; and the executed code per function (distinct executed instructions and 128-byte lines: the working
+    set the instruction cache must hold)."""
+    tot = defaultdict(int)
+    for r in recs:
+        for s in STALLS:
+            tot[s] += r[s]
+    print("stall reasons (% of all samples): " + ", ".join(
+        f"{s} {100.0 * v / total:.1f}" for s, v in sorted(tot.items(), key=lambda kv: -kv[1]) if v * 200 >= total))
+    agg = defaultdict(lambda: defaultdict(int))
+    lines = defaultdict(set)
+    for r in recs:
+        f = owner(funcs, r["off"])
+        a = agg[f]
+        a["samples"] += r["samples"]
+        a["no_inst"] += r["no_inst"]
+        a["static"] += 1
+        if r["instrs"] > 0:
+            a["exec"] += 1
+            lines[f].add(r["off"] // 128)
+    nl = sum(len(v) for v in lines.values())
+    print(f"executed code: {sum(a['exec'] for a in agg.values()) * 16 / 1024:.1f} KB of instructions in {nl} "
+          f"128-byte lines ({nl * 128 / 1024:.1f} KB), of {sum(a['static'] for a in agg.values()) * 16 / 1024:.1f} KB")
+    print(f"{'function':<60} {'no_inst':>8} {'of fn':>6} {'lines KB':>9} {'exec KB':>8} {'size KB':>8}")
+    for name, a in sorted(agg.items(), key=lambda kv: -len(lines[kv[0]])):
+        if not lines[name]:
+            continue
+        print(f"{name[:60]:<60} {100.0 * a['no_inst'] / total:7.2f}% {100.0 * a['no_inst'] / max(1, a['samples']):5.0f}% "
+              f"{len(lines[name]) * 128 / 1024:9.1f} {a['exec'] * 16 / 1024:8.1f} {a['static'] * 16 / 1024:8.1f}")
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -105,6 +138,9 @@ def main():
     funcs = functions(sass_path)
     recs = list(rows(csv_path))
     total = sum(r["samples"] for r in recs) or 1
+    if "--code" in args:
+        code_report(funcs, recs, total)
+        return
     if fn is None:
         agg = defaultdict(lambda: defaultdict(int))
         for r in recs:
