@@ -1483,6 +1483,22 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// Units i < tot of 8 columns (q a row), unit i = (row j, column unit c): xs[j * xstride + 8 c ..] =
+// src[row(j) * rs + k0 + 8 c ..], row(j) = list ? list[j] / div : j, as 16-byte asynchronous copies, all of a
+// thread's in flight at once (one commit group; the caller waits).
+__device__ __forceinline__ void copy_units(const float* src, long long rs, const int* list, int div, unsigned int tot,
+                                           unsigned int q, int k0, int xstride, float* xs) {
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+    const unsigned int j = i / q, c = i - j * q;
+    const int row = list ? list[j] / div : (int)j;
+    const float* sp = src + row * rs + k0 + 8 * c;
+    float* dp = xs + j * xstride + 8 * c;
+    cp_async16(dp, sp);
+    cp_async16(dp + 4, sp + 4);
+  }
+  cp_async_commit();
+}
+
 // xs[j * xstride + kk] = src[row(j) * rs + k0 + kk] for j < nrows, kk < kc, where row(j) = list ? list[j] / div : j;
 // optionally scaled by inv[row(j)] * normw[k0 + kk] (inv is per source row: per token); with frag, in B-fragment
 // order (frag8). Aligned rows go in units of 8 columns, copied asynchronously (all of a thread's units in flight
@@ -1495,15 +1511,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
                    (!normw || (reinterpret_cast<uintptr_t>(normw) & 15) == 0);
   if (vec) {
     const unsigned int q = (unsigned int)kc >> 3, tot = (unsigned int)nrows * q;
-    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
-      const unsigned int j = i / q, c = i - j * q;
-      const int row = list ? list[j] / div : (int)j;
-      const float* sp = src + row * rs + k0 + 8 * c;
-      float* dp = xs + j * xstride + 8 * c;
-      cp_async16(dp, sp);
-      cp_async16(dp + 4, sp + 4);
-    }
-    cp_async_commit();
+    copy_units(src, rs, list, div, tot, q, k0, xstride, xs);
     // The norm weights of this thread's first unit column (every unit's when the row length divides the block).
     const unsigned int c0 = threadIdx.x % q;
     float4 g0 = make_float4(1.f, 1.f, 1.f, 1.f), g1 = g0;
@@ -1545,8 +1553,9 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
 
 // The resident activations of a matmul / router (T rows of K at src, row stride rs, into xs at stride K), RMS-
 // normalized with normw when given and in B-fragment order with frag, in one memory round trip: every unit of 8
-// columns copied asynchronously, then read back by the thread that copied it, converted in place or summed for
-// the norm (the block reduces the sums per token, then every thread scales and converts its units). Three short
+// columns copied asynchronously (copy_units; without a norm, all of load_rows' path), then read back by the thread
+// that copied it and summed for the norm (the block reduces the sums per token, then every thread scales and
+// converts its units). Three short
 // loops: this runs once per instruction from a cold instruction cache (the unrolled form, ~30 KB of SASS, was
 // 4 % slower at T = 1, s13r1). False (nothing done) when the rows are not 16-byte aligned; the caller then takes
 // the general path.
@@ -1555,29 +1564,19 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
   if ((rs & 3) != 0 || (K & 7) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 ||
       (normw && (reinterpret_cast<uintptr_t>(normw) & 15) != 0))
     return false;
+  if (!normw) {  // a plain copy and conversion: load_rows' path
+    load_rows(src, rs, nullptr, 1, T, 0, K, K, SM_XS, nullptr, nullptr, frag);
+    return true;
+  }
   static_assert(MK_XS / 8 <= 2 * MK_CW * 32 * 8, "per-unit sums fit the partial-sum buffer");
   const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
-  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
-    const unsigned int j = i / q, c = i - j * q;
-    const float* sp = src + j * rs + 8 * c;
-    float* dp = SM_XS + j * K + 8 * c;
-    cp_async16(dp, sp);
-    cp_async16(dp + 4, sp + 4);
-  }
-  cp_async_commit();
+  copy_units(src, rs, nullptr, 1, tot, q, 0, K, SM_XS);
   cp_async_wait<0>();
   for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
-    const unsigned int j = i / q, c = i - j * q;
-    float* xp = SM_XS + j * K + 8 * c;
-    const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
-    if (normw) {
-      SM_MMR[i] = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
-    } else {
-      const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      store8(xp, x, frag);
-    }
+    const float4* xp = reinterpret_cast<const float4*>(SM_XS + (i / q) * K + 8 * (i % q));
+    const float4 a = xp[0], b = xp[1];
+    SM_MMR[i] = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
   }
-  if (!normw) return true;
   block_sync();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int t = warp; t < T; t += MK_WARPS) {
