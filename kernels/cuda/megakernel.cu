@@ -1850,11 +1850,99 @@ __device__ __noinline__ void router_partials(const Params& p, const DInstr& I, i
   }
 }
 
-__device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
+// Bias, epilogue stages and outputs of matmul tile `tile`, whose dot products are in st (T rows at the tile's
+// stage stride); the geometry is recomputed here (a TileRows passed by reference would live in local memory).
+__device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int tile, float* st) {
   TileRows d;
   int nrows, kc1;
   matmul_geom(p, I, tile, d, nrows, kc1);
   const int c0 = d.c0, cols = d.cols, sstride = d.sstride;
+  // Bias.
+  if (I.bias >= 0) {
+    const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
+    for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
+      int t = i / nrows, rr = i - t * nrows;
+      st[t * sstride + rr] += __ldg(b + d.map(rr));
+    }
+    block_sync();
+  }
+  // Epilogue stages in order.
+  int width = nrows;
+  for (int q = 0; q < I.nepi; q++) {
+    int e = (I.epi >> (4 * q)) & 15;
+    if (e == EPI_SCALE) {
+      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+        int t = i / width, c = i - t * width;
+        st[t * sstride + c] *= I.scale;
+      }
+    } else if (e == EPI_ROPE) {
+      apply_rope_stage(st, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
+    } else if (e == EPI_ROPE2) {
+      if (d.split) {  // a rotary tile: stage columns c and c + cols are the pair (j, j + rotary / 2)
+        for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+          const int t = i / cols, c = i - t * cols;
+          float* sp = st + t * sstride + c;
+          rope_pair(sp, sp + cols, p.pos[t], (c0 + c) % I.hd, I.rotary, I.theta);
+        }
+      }
+    } else if (e == EPI_KVWRITE) {
+      float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
+      int rowlen = I.heads * I.hd;
+      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+        int t = i / width, c = i - t * width;
+        int slot = p.pos[t] % I.kv_cap;
+        base[(long long)slot * rowlen + d.map(c)] = st[t * sstride + c];
+      }
+    } else if (e == EPI_SWIGLU) {
+      for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+        int t = i / cols, c = i - t * cols;
+        float g = st[t * sstride + c], u = st[t * sstride + cols + c];
+        st[t * sstride + c] = silu_f(g) * u;
+      }
+      width = cols;
+    } else if (e == EPI_RESIDUAL) {
+      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+        int t = i / width, c = i - t * width;
+        st[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + d.map(c));
+      }
+    }
+    block_sync();
+  }
+  // Output columns: the stage's width after the epilogues (SwiGLU halves it) at their map (split-pair RoPE tiles
+  // are two column runs).
+  if (I.out >= 0) {
+    for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      int t = i / width, c = i - t * width;
+      p.arena[I.out + (long long)t * I.outw + d.map(c)] = st[t * sstride + c];
+    }
+  }
+  // The fused router's partials use the stage past the tile (op_matmul runs those, with st = SM_STAGE).
+  if (I.E > 0) router_partials(p, I, c0, tile, width, sstride);
+  // LM head with in-kernel sampling: each tile leaves its best (key, index) per token in scratch[aux], so the
+  // argmax instruction only compares one candidate per tile.
+  if (I.aux >= 0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int t = warp; t < p.T; t += MK_WARPS) {
+      float bv = -INFINITY;
+      int bi = 0x7fffffff;
+      for (int c = lane; c < cols; c += 32) best_of(bv, bi, sample_key(p, t, c0 + c, st[t * sstride + c]), c0 + c);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+        best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+      if (lane == 0) {
+        float* r = p.scratch + I.aux + 2ll * ((long long)t * I.ntiles + tile);
+        r[0] = bv;
+        r[1] = __int_as_float(bi);
+      }
+    }
+  }
+}
+
+__device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I, int tile) {
+  TileRows d;
+  int nrows, kc1;
+  matmul_geom(p, I, tile, d, nrows, kc1);
+  const int sstride = d.sstride;
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   // The block's next tile of this instruction, whose first chunks the producer issues once this tile's are out.
   const int ntiles = I.ntiles < 0 ? -I.ntiles * p.T : I.ntiles;
@@ -1879,82 +1967,66 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
   block_sync();
-  // Bias.
-  if (I.bias >= 0) {
-    const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
-    for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
-      int t = i / nrows, rr = i - t * nrows;
-      SM_STAGE[t * sstride + rr] += __ldg(b + d.map(rr));
-    }
-    block_sync();
-  }
-  // Epilogue stages in order.
-  int width = nrows;
-  for (int q = 0; q < I.nepi; q++) {
-    int e = (I.epi >> (4 * q)) & 15;
-    if (e == EPI_SCALE) {
-      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
-        int t = i / width, c = i - t * width;
-        SM_STAGE[t * sstride + c] *= I.scale;
-      }
-    } else if (e == EPI_ROPE) {
-      apply_rope_stage(SM_STAGE, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
-    } else if (e == EPI_ROPE2) {
-      if (d.split) {  // a rotary tile: stage columns c and c + cols are the pair (j, j + rotary / 2)
-        for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
-          const int t = i / cols, c = i - t * cols;
-          float* st = SM_STAGE + t * sstride + c;
-          rope_pair(st, st + cols, p.pos[t], (c0 + c) % I.hd, I.rotary, I.theta);
+  matmul_finish(p, I, tile, SM_STAGE);
+}
+
+// K-outer matmul (MK_KOUTER, default 1): when the activations do not fit in shared memory (T x K > MK_XS, i.e.
+// T >= 8 at K = 4096) and the block holds several tiles of the instruction, the tiles go in batches that the
+// stage holds and the K chunks run outside the tiles: each chunk's activations load once per batch instead of
+// once per tile, and the producer issues every next ring call's first chunks (next tile, or the next chunk's first
+// tile) while the consumers finish the current one, so the ring does not drain between the short calls (at T =
+// 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials need the stage past the tile).
+#ifndef MK_KOUTER
+#define MK_KOUTER 1
+#endif
+__device__ __forceinline__ bool matmul_kouter(const Params& p, const DInstr& I, int first, int ntiles) {
+  return MK_KOUTER && I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !mk_flags[0] &&
+         first + (int)gridDim.x < ntiles && 2 * p.T * 2 * I.tile_rows <= MK_STAGE;
+}
+__device__ __noinline__ void op_matmul_kouter(const Params& p, Smem& s, const DInstr& I, int first, int ntiles) {
+  const int G = gridDim.x, T = p.T, per = T * 2 * I.tile_rows;  // a tile's stage: T rows at 2 x tile_rows
+  const int B = MK_STAGE / per, kcw = chunk_width(I.k, T);
+  const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
+  const bool producer = (threadIdx.x >> 5) == MK_CW;
+  for (int t0 = first; t0 < ntiles; t0 += B * G) {
+    const int nb = min(B, (ntiles - t0 + G - 1) / G);
+    for (int i = threadIdx.x; i < nb * per; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    for (int k0 = 0; k0 < I.k; k0 += kcw) {
+      const int kc = min(kcw, I.k - k0);
+      block_sync();
+      load_rows(p.arena + I.x, I.xw, nullptr, 1, T, k0, kc, kcw, SM_XS, SM_INV, normw, true);
+      for (int j = 0; j < nb; j++) {
+        TileRows d;
+        int nrows, kc1;
+        matmul_geom(p, I, t0 + j * G, d, nrows, kc1);
+        d.xstride = kcw;
+        block_sync();  // the activations are in; the previous call's consumers are done with mk_tile
+        rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE + j * per, T, s);
+        if (producer) {
+          // The next call: the batch's next tile at this chunk, else its first tile at the next chunk, else the
+          // next batch's first tile at chunk 0.
+          int nt = t0 + (j + 1) * G, nk0 = k0;
+          if (j + 1 == nb) {
+            nt = t0;
+            nk0 = k0 + kcw;
+            if (nk0 >= I.k) {
+              nt = t0 + nb * G;
+              nk0 = 0;
+            }
+          }
+          if (nt < ntiles) {
+            TileRows dn;
+            int nrn, kcn;
+            matmul_geom(p, I, nt, dn, nrn, kcn);
+            prefetch_call(p, s, I.fmt, dn, nk0, min(kcw, I.k - nk0), nrn);
+          }
         }
       }
-    } else if (e == EPI_KVWRITE) {
-      float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
-      int rowlen = I.heads * I.hd;
-      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
-        int t = i / width, c = i - t * width;
-        int slot = p.pos[t] % I.kv_cap;
-        base[(long long)slot * rowlen + d.map(c)] = SM_STAGE[t * sstride + c];
-      }
-    } else if (e == EPI_SWIGLU) {
-      for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
-        int t = i / cols, c = i - t * cols;
-        float g = SM_STAGE[t * sstride + c], u = SM_STAGE[t * sstride + cols + c];
-        SM_STAGE[t * sstride + c] = silu_f(g) * u;
-      }
-      width = cols;
-    } else if (e == EPI_RESIDUAL) {
-      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
-        int t = i / width, c = i - t * width;
-        SM_STAGE[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + d.map(c));
-      }
     }
     block_sync();
-  }
-  // Output columns: the stage's width after the epilogues (SwiGLU halves it) at their map (split-pair RoPE tiles
-  // are two column runs).
-  if (I.out >= 0) {
-    for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
-      int t = i / width, c = i - t * width;
-      p.arena[I.out + (long long)t * I.outw + d.map(c)] = SM_STAGE[t * sstride + c];
-    }
-  }
-  if (I.E > 0) router_partials(p, I, c0, tile, width, sstride);
-  // LM head with in-kernel sampling: each tile leaves its best (key, index) per token in scratch[aux], so the
-  // argmax instruction only compares one candidate per tile.
-  if (I.aux >= 0) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int t = warp; t < p.T; t += MK_WARPS) {
-      float bv = -INFINITY;
-      int bi = 0x7fffffff;
-      for (int c = lane; c < cols; c += 32) best_of(bv, bi, sample_key(p, t, c0 + c, SM_STAGE[t * sstride + c]), c0 + c);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1)
-        best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
-      if (lane == 0) {
-        float* r = p.scratch + I.aux + 2ll * ((long long)t * I.ntiles + tile);
-        r[0] = bv;
-        r[1] = __int_as_float(bi);
-      }
+    for (int j = 0; j < nb; j++) {
+      matmul_finish(p, I, t0 + j * G, SM_STAGE + j * per);
+      block_sync();
     }
   }
 }
@@ -2937,7 +3009,9 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
       } else if (all) {
         op_moe_down_em(p, s, cur);
       } else {
-        for (int tile = first; tile < ntiles; tile += G) {
+        const bool ko = matmul_kouter(p, cur, first, ntiles);
+        if (ko) op_matmul_kouter(p, s, cur, first, ntiles);
+        for (int tile = ko ? ntiles : first; tile < ntiles; tile += G) {
           switch (cur.op) {
             case OP_MATMUL: op_matmul(p, s, cur, tile); break;
             case OP_ATTN: op_attn(p, s, cur, tile); break;
