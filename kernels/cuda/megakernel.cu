@@ -711,14 +711,24 @@ __device__ __forceinline__ void frag8(const float (&v)[8], uint4& h, uint4& l) {
   h = make_uint4(hh[0], hh[1], hh[2], hh[3]);
   l = make_uint4(ll[0], ll[1], ll[2], ll[3]);
 }
-// Store eight floats at dst (32-byte aligned) as they are, or as B fragments (see frag8).
-__device__ __forceinline__ void store8(float* dst, const float (&v)[8], bool frag) {
+// MK_XSWZ (default 1): in B-fragment rows, odd rows store each unit's lo half first. The consumers' LDS.128 of
+// activations put two rows in each quarter-warp phase (lanes 4g .. 4g + 3 read row g at 32-byte steps); rows a
+// multiple of 128 bytes apart (every K chunk width) then hit the same banks, and the swap moves the odd row to the
+// other 16 bytes of each 32 (s13r3, T = 16: 39 % of all shared wavefronts were excess ones).
+#ifndef MK_XSWZ
+#define MK_XSWZ 1
+#endif
+// Byte offset of the hi half of a B-fragment unit in activation row j (its lo half: the other 16 bytes).
+__device__ __forceinline__ unsigned int frag_hi(int j) { return MK_XSWZ ? 16u * ((unsigned int)j & 1u) : 0u; }
+// Store eight floats at dst (32-byte aligned) as they are, or as B fragments (see frag8) of activation row j.
+__device__ __forceinline__ void store8(float* dst, const float (&v)[8], bool frag, int j) {
   uint4* d = reinterpret_cast<uint4*>(dst);
   if (frag) {
     uint4 h, l;
     frag8(v, h, l);
-    d[0] = h;
-    d[1] = l;
+    const bool sw = frag_hi(j) != 0u;
+    d[0] = sw ? l : h;
+    d[1] = sw ? h : l;
   } else {
     reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
     reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -741,7 +751,7 @@ __device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int widt
     float* p = xs + j * xstride + 8 * c;
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    store8(p, v, true);
+    store8(p, v, true, j);
   }
 }
 
@@ -1049,7 +1059,7 @@ MK_PRAGMA_UNROLL(MK_UNROLL)
       for (int nt = 0; nt < NT; nt++) {
         const bool on = xa[rt][nt] != ~0u;
         const uint4 h = on ? lds128(xa[rt][nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 l = on && MK_HILO ? lds128(xa[rt][nt] + 4u * kk + 16u) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 l = on && MK_HILO ? lds128((xa[rt][nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
         b[rt][nt][0] = h.x; b[rt][nt][1] = h.y; b[rt][nt][2] = h.z; b[rt][nt][3] = h.w;
         b[rt][nt][4] = l.x; b[rt][nt][5] = l.y; b[rt][nt][6] = l.z; b[rt][nt][7] = l.w;
       }
@@ -1235,9 +1245,12 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         for (int nt = 0; nt < NT; nt++) {
           // Packed: lanes gq < 4 read token gq's hi half, lanes gq >= 4 token gq - 4's lo half.
           const int j = packed ? (gq & 3) : nt * 8 + gq;
-          xa[rt][nt] = j < tn[rt] ? xsb + 4u * (unsigned int)((xl[rt] >= 0 ? d.xrow(xl[rt], j) : j) * d.xstride) +
-                                        32u * tq + (packed && gq >= 4 ? 16u : 0u)
-                                  : ~0u;
+          if (j < tn[rt]) {
+            const int xr = xl[rt] >= 0 ? d.xrow(xl[rt], j) : j;  // activation row (frag_hi: its halves' order)
+            xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+          } else {
+            xa[rt][nt] = ~0u;
+          }
         }
       same = tn[0] == tn[1];
 #pragma unroll
@@ -1533,7 +1546,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
         }
         scale8(x, inv[list ? list[j] / div : (int)j], h0, h1);
       }
-      store8(dp, x, frag);
+      store8(dp, x, frag, (int)j);
     }
     return;
   }
@@ -1593,7 +1606,7 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
     float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     scale8(x, SM_INV[j], __ldg(reinterpret_cast<const float4*>(normw) + 2 * c),
            __ldg(reinterpret_cast<const float4*>(normw) + 2 * c + 1));
-    store8(xp, x, frag);
+    store8(xp, x, frag, (int)j);
   }
   return true;
 }
@@ -2064,8 +2077,11 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #define ATTN_SMAX 16
 #endif
 #ifndef MK_ATTN_COMB
-#define MK_ATTN_COMB 1
+#define MK_ATTN_COMB 2
 #endif
+// A split's partial: max, sum, two unused floats, then the vd outputs (16-byte aligned: the encoder aligns the
+// partials and vd % 4 == 0).
+#define APS(vd) ((vd) + 4)
 static_assert(MK_XS >= 2 * 4 * 516, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
 __device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
 __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
@@ -2188,17 +2204,18 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
       const float Mall = fmaxf(m, sink);
       const float f = __expf(m - Mall);
       const float Lall = l * f + (sinks ? __expf(sink - Mall) : 0.f);
+      const float sc = f / Lall;  // one division (per element, an IEEE division is a ~30-instruction subroutine)
       float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
 #pragma unroll
       for (int u = 0; u < VU; u++)
-        if (lane + 32 * u < vd) out[lane + 32 * u] = o[u] * f / Lall;
+        if (lane + 32 * u < vd) out[lane + 32 * u] = o[u] * sc;
     } else {
-      // Partial of split sp at scratch[I.aux + ((t * nh + h) * S + sp) * (vd + 2)]: max, sum, output.
-      float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * (vd + 2) + sp * (vd + 2);
+      // Partial of split sp at scratch[I.aux + ((t * nh + h) * S + sp) * APS(vd)]: max, sum, (2 unused), output.
+      float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * APS(vd) + sp * APS(vd);
       if (lane == 0) { part[0] = m; part[1] = l; }
 #pragma unroll
       for (int u = 0; u < VU; u++)
-        if (lane + 32 * u < vd) part[2 + lane + 32 * u] = o[u];
+        if (lane + 32 * u < vd) part[4 + lane + 32 * u] = o[u];
     }
   }
   if (S == 1) return;
@@ -2206,11 +2223,55 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th0;  // counters below the partials
   if (!last_arrival(ctr, S)) return;
   // Warp w combines head g0 + w: the overall max (with the sink) and sum, then its outputs, splits in order.
-  // MK_ATTN_COMB (default 1): every split's outputs load with their max and sum (one dependent round trip;
-  // 0: one round trip per 32 dims after the max and sum).
   if (warp >= ng) return;
-  const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * (vd + 2);
+  const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * APS(vd);
   const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
+  float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
+#if MK_ATTN_COMB == 2
+  // Lane k < S holds split k's max and sum; lane j combines dims 4j .. 4j + 3 (+ 128 h) of every split, loaded as
+  // float4 together with the maxima and sums (one round trip, ~S x VU / 4 wide loads instead of S x VU scalar
+  // ones: the combine runs once per layer from a cold instruction cache).
+  constexpr int NV = VU / 4;
+  float4 po[ATTN_SMAX][NV];
+#pragma unroll
+  for (int k = 0; k < ATTN_SMAX; k++)
+#pragma unroll
+    for (int h = 0; h < NV; h++)
+      po[k][h] = k < S && 4 * lane + 128 * h < vd
+                     ? __ldcg(reinterpret_cast<const float4*>(part + k * APS(vd) + 4 + 128 * h) + lane)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+  const float2 hl = lane < S ? __ldcg(reinterpret_cast<const float2*>(part + lane * APS(vd))) : make_float2(0.f, 0.f);
+  const float Mall = fmaxf(sink, warp_max(hl.y > 0.f ? hl.x : -INFINITY));
+  const float wk = hl.y > 0.f ? __expf(hl.x - Mall) : 0.f;  // each split's weight
+  const float Lall = warp_sum(hl.y * wk) + (sinks ? __expf(sink - Mall) : 0.f);
+  float4 acc[NV];
+#pragma unroll
+  for (int h = 0; h < NV; h++) acc[h] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < ATTN_SMAX; k++) {
+    const float w = __shfl_sync(0xffffffffu, wk, k);
+#pragma unroll
+    for (int h = 0; h < NV; h++) {
+      acc[h].x += po[k][h].x * w;
+      acc[h].y += po[k][h].y * w;
+      acc[h].z += po[k][h].z * w;
+      acc[h].w += po[k][h].w * w;
+    }
+  }
+  const float inv = 1.f / Lall;
+#pragma unroll
+  for (int h = 0; h < NV; h++) {
+    const int e = 4 * lane + 128 * h;
+    if (e < vd) {
+      out[e] = acc[h].x * inv;
+      out[e + 1] = acc[h].y * inv;
+      out[e + 2] = acc[h].z * inv;
+      out[e + 3] = acc[h].w * inv;
+    }
+  }
+#else
+  // MK_ATTN_COMB=1: every split's outputs load with their max and sum (one dependent round trip; 0: one round
+  // trip per 32 dims after the max and sum), unrolled per scalar.
   float ms[ATTN_SMAX], ls[ATTN_SMAX];
 #if MK_ATTN_COMB
   float po[ATTN_SMAX][VU];
@@ -2218,12 +2279,12 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   for (int k = 0; k < ATTN_SMAX; k++)
 #pragma unroll
     for (int u = 0; u < VU; u++)
-      po[k][u] = k < S && lane + 32 * u < vd ? ldcg(part + k * (vd + 2) + 2 + lane + 32 * u) : 0.f;
+      po[k][u] = k < S && lane + 32 * u < vd ? ldcg(part + k * APS(vd) + 4 + lane + 32 * u) : 0.f;
 #endif
 #pragma unroll
   for (int k = 0; k < ATTN_SMAX; k++) {
-    ms[k] = ldcg(part + min(k, S - 1) * (vd + 2));
-    ls[k] = k < S ? ldcg(part + min(k, S - 1) * (vd + 2) + 1) : 0.f;
+    ms[k] = ldcg(part + min(k, S - 1) * APS(vd));
+    ls[k] = k < S ? ldcg(part + min(k, S - 1) * APS(vd) + 1) : 0.f;
   }
   float Mall = sink;
 #pragma unroll
@@ -2234,7 +2295,6 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
     ms[k] = ls[k] > 0.f ? __expf(ms[k] - Mall) : 0.f;  // each split's weight
     Lall += ls[k] * ms[k];
   }
-  float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
 #if MK_ATTN_COMB
 #pragma unroll
   for (int u = 0; u < VU; u++) {
@@ -2249,9 +2309,10 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
     float acc = 0.f;
 #pragma unroll
     for (int k = 0; k < ATTN_SMAX; k++)
-      if (ls[k] > 0.f) acc += ldcg(part + k * (vd + 2) + 2 + e) * ms[k];
+      if (ls[k] > 0.f) acc += ldcg(part + k * APS(vd) + 4 + e) * ms[k];
     out[e] = acc / Lall;
   }
+#endif
 #endif
 }
 

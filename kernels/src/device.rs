@@ -503,14 +503,15 @@ pub fn encode_with(
             }
             Instr::Attention { spec, .. } => {
                 attn_heads = attn_heads.max(mt * spec.n_heads);
-                attn_len = attn_len.max(mt * spec.n_heads * ATTN_SPLITS * (spec.v_head_dim + 2));
+                attn_len = attn_len.max(mt * spec.n_heads * ATTN_SPLITS * (spec.v_head_dim + 4));
             }
             _ => {}
         }
     }
     let router_off = moe_len;
-    // Arrival counters sit just below the partials (the kernel indexes them downwards from the partials).
-    let attn_off = router_off + router_len + attn_heads;
+    // Arrival counters sit just below the partials (the kernel indexes them downwards from the partials); a
+    // split's partial is its max, sum, two unused floats and the outputs, read as 16-byte vectors (`APS`).
+    let attn_off = (router_off + router_len + attn_heads).next_multiple_of(4);
     // Regions after the attention partials start on 16-byte boundaries (the LM-head candidates are read as
     // float2 pairs).
     let moe_y_off = (attn_off + attn_len).next_multiple_of(4);
