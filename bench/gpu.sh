@@ -5,7 +5,7 @@
 # Binaries are built on the CI-like machine and carried (see README.md, "The GPU device script"):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
-# Stages (default all but ncu / variants / racerepro): env verify sanitize racerepro hf bench bigverify peer ncu variants
+# Stages (default all but ncu / variants / racerepro): env verify sanitize racerepro hf bench bigverify ncu peer variants
 # sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
@@ -162,6 +162,11 @@ if has ncu; then
   ls -la "$OUT" | tee -a "$OUT/summary.txt"
 fi
 
+if has peer; then
+  log "PyTorch peer (bf16, CUDA graphs)"
+  timeout 400 python3 bench/torch_peer.py --experts 16 --layers 48 --tokens 1,4,8,16 --ctx 512 --json "$OUT/bench_torch.json" 2>&1 \
+    | tail -15 | tee -a "$OUT/summary.txt"
+fi
 if has variants; then
   [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
   cp "$W/bench/megakernel.cubin" "$W/bench_base.cubin"
@@ -216,9 +221,4 @@ if has variants; then
   cp "$W/bench_base.cubin" "$W/bench/megakernel.cubin"
 fi
 
-if has peer; then
-  log "PyTorch peer (bf16, CUDA graphs)"
-  timeout 400 python3 bench/torch_peer.py --experts 16 --layers 48 --tokens 1,4,8,16 --ctx 512 --json "$OUT/bench_torch.json" 2>&1 \
-    | tail -15 | tee -a "$OUT/summary.txt"
-fi
 log "done"

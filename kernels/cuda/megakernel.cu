@@ -1450,9 +1450,13 @@ __device__ __forceinline__ int chunk_width(int K, int rows) {
 #ifndef MK_MOE_W
 #define MK_MOE_W 8
 #endif
+// MK_NT2W (experiment knob, default 9): eighths of a pass's weight when m > 8 (two MMA column tiles).
+#ifndef MK_NT2W
+#define MK_NT2W 9
+#endif
 __device__ __forceinline__ int pass_cost(int w, int K, int m) {
   const int kc = chunk_width(K, m), passes = (K + kc - 1) / kc;
-  return w * passes * (m > 8 ? 9 : 8) / 8 + m;
+  return w * passes * (m > 8 ? MK_NT2W : 8) / 8 + m;
 }
 __device__ __forceinline__ int moe_cost(const DInstr& I, int m) { return pass_cost(MK_MOE_W, I.k, m); }
 
