@@ -137,7 +137,7 @@ mod tests {
                         "T = {tokens}, stride {xstride}: {without} vs {with}"
                     );
                 }
-                if tokens % 8 == 0 {
+                if tokens.is_multiple_of(8) {
                     assert_eq!(
                         without,
                         2 * with,
