@@ -83,7 +83,7 @@ mod tests {
                 for lo in [false, true] {
                     let a = write_addr(j, c, lo, xstride, swz);
                     assert!(
-                        a % 16 == 0 && mem.insert(a, (j, c, lo)).is_none(),
+                        a.is_multiple_of(16) && mem.insert(a, (j, c, lo)).is_none(),
                         "two halves at byte {a}"
                     );
                 }
