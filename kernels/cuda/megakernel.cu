@@ -1041,6 +1041,17 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
 #endif
 #define MK_STR(x) #x
 #define MK_PRAGMA_UNROLL(n) _Pragma(MK_STR(unroll n))
+// MK_COLD (experiment knob, default 0): 1 keeps the strided loops of the once-per-layer routing / schedule /
+// epilogue code rolled (they run one or two iterations a thread at T = 1; the compiler's 4x unrolled copies and
+// their remainder paths are instruction-cache lines fetched cold every layer).
+#ifndef MK_COLD
+#define MK_COLD 0
+#endif
+#if MK_COLD
+#define MK_COLD_LOOP _Pragma("unroll 1")
+#else
+#define MK_COLD_LOOP
+#endif
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -1843,14 +1854,14 @@ __device__ __noinline__ void router_partials(const Params& p, const DInstr& I, i
   float* gw = SM_STAGE + T * sstride;
   const uint8_t* wr = p.weights + I.w2;
   const float* g = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
-  for (int i = threadIdx.x; i < E * width; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < E * width; i += MK_THREADS) {
     const int e = i / width, c = i - e * width, col = c0 + c;
     const float w = wel(I.inter, wr, (long long)e * K + col);
     gw[e * cp + c] = g ? w * __ldg(g + col) : w;
   }
   block_sync();
   float* part = p.scratch + I.ws2 + (long long)tile * T * E;
-  for (int i = threadIdx.x; i < T * E; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < T * E; i += MK_THREADS) {
     const int t = i / E, e = i - t * E;
     const float* h = SM_STAGE + t * sstride;
     const float* w = gw + e * cp;
@@ -1859,7 +1870,7 @@ __device__ __noinline__ void router_partials(const Params& p, const DInstr& I, i
     part[i] = a;
   }
   float* ss = p.scratch + I.ws2 + (long long)I.ntiles * T * E + (long long)tile * T;
-  for (int t = threadIdx.x; t < T; t += MK_THREADS) {
+  MK_COLD_LOOP for (int t = threadIdx.x; t < T; t += MK_THREADS) {
     const float* h = SM_STAGE + t * sstride;
     float a = 0.f;
     for (int c = 0; c < width; c++) a += h[c] * h[c];
@@ -1877,7 +1888,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   // Bias.
   if (I.bias >= 0) {
     const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
-    for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
       int t = i / nrows, rr = i - t * nrows;
       st[t * sstride + rr] += __ldg(b + d.map(rr));
     }
@@ -1888,7 +1899,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   for (int q = 0; q < I.nepi; q++) {
     int e = (I.epi >> (4 * q)) & 15;
     if (e == EPI_SCALE) {
-      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
         st[t * sstride + c] *= I.scale;
       }
@@ -1896,7 +1907,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
       apply_rope_stage(st, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
     } else if (e == EPI_ROPE2) {
       if (d.split) {  // a rotary tile: stage columns c and c + cols are the pair (j, j + rotary / 2)
-        for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+        MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
           const int t = i / cols, c = i - t * cols;
           float* sp = st + t * sstride + c;
           rope_pair(sp, sp + cols, p.pos[t], (c0 + c) % I.hd, I.rotary, I.theta);
@@ -1905,20 +1916,20 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
     } else if (e == EPI_KVWRITE) {
       float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
       int rowlen = I.heads * I.hd;
-      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
         int slot = p.pos[t] % I.kv_cap;
         base[(long long)slot * rowlen + d.map(c)] = st[t * sstride + c];
       }
     } else if (e == EPI_SWIGLU) {
-      for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
         int t = i / cols, c = i - t * cols;
         float g = st[t * sstride + c], u = st[t * sstride + cols + c];
         st[t * sstride + c] = silu_f(g) * u;
       }
       width = cols;
     } else if (e == EPI_RESIDUAL) {
-      for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
         int t = i / width, c = i - t * width;
         st[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + d.map(c));
       }
@@ -1928,7 +1939,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   // Output columns: the stage's width after the epilogues (SwiGLU halves it) at their map (split-pair RoPE tiles
   // are two column runs).
   if (I.out >= 0) {
-    for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
       int t = i / width, c = i - t * width;
       p.arena[I.out + (long long)t * I.outw + d.map(c)] = st[t * sstride + c];
     }
@@ -1942,7 +1953,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
     for (int t = warp; t < p.T; t += MK_WARPS) {
       float bv = -INFINITY;
       int bi = 0x7fffffff;
-      for (int c = lane; c < cols; c += 32) best_of(bv, bi, sample_key(p, t, c0 + c, st[t * sstride + c]), c0 + c);
+      MK_COLD_LOOP for (int c = lane; c < cols; c += 32) best_of(bv, bi, sample_key(p, t, c0 + c, st[t * sstride + c]), c0 + c);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1)
         best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
@@ -2387,24 +2398,24 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
 __device__ void route_token(const DInstr& I, const float* bias, float* lg, float* ch, float* gs, int* raw, float* rw) {
   const int lane = threadIdx.x & 31, E = I.E;
   if (I.sigmoid) {
-    for (int e = lane; e < E; e += 32) lg[e] = 1.f / (1.f + __expf(-lg[e]));
+    MK_COLD_LOOP for (int e = lane; e < E; e += 32) lg[e] = 1.f / (1.f + __expf(-lg[e]));
   } else {
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
+    MK_COLD_LOOP for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
     mx = warp_max(mx);
     float sum = 0.f;
-    for (int e = lane; e < E; e += 32) { lg[e] = __expf(lg[e] - mx); sum += lg[e]; }
+    MK_COLD_LOOP for (int e = lane; e < E; e += 32) { lg[e] = __expf(lg[e] - mx); sum += lg[e]; }
     sum = warp_sum(sum);
-    for (int e = lane; e < E; e += 32) lg[e] /= sum;
+    MK_COLD_LOOP for (int e = lane; e < E; e += 32) lg[e] /= sum;
   }
   __syncwarp();
-  for (int e = lane; e < E; e += 32) ch[e] = lg[e] + (bias ? __ldg(bias + e) : 0.f);
+  MK_COLD_LOOP for (int e = lane; e < E; e += 32) ch[e] = lg[e] + (bias ? __ldg(bias + e) : 0.f);
   __syncwarp();
   if (I.ngroup > 1) {
     const int per = E / I.ngroup;
     if (lane < I.ngroup) {
       float b1 = -INFINITY, b2 = -INFINITY;
-      for (int e = lane * per; e < (lane + 1) * per; e++) {
+      MK_COLD_LOOP for (int e = lane * per; e < (lane + 1) * per; e++) {
         const float v = ch[e];
         if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) b2 = v;
       }
@@ -2428,7 +2439,7 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
   for (int k = 0; k < I.topk; k++) {
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int e = lane; e < E; e += 32) {
+    MK_COLD_LOOP for (int e = lane; e < E; e += 32) {
       const float v = ch[e];
       if (v > bv || (v == bv && e < bi)) { bv = v; bi = e; }
     }
@@ -2473,7 +2484,7 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
   const float* bias = I.bias >= 0 ? reinterpret_cast<const float*>(p.weights + I.bias) : nullptr;
   const int S = max(1, min(nks, MK_THREADS / TE));
   if (S == 1) {
-    for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
       float a = 0.f;
 #pragma unroll 16
       for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * TE + i);
@@ -2489,7 +2500,7 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
       sub[threadIdx.x] = a;
     }
     block_sync();
-    for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
       float a = 0.f;
       for (int sp = 0; sp < S; sp++) a += sub[sp * TE + i];
       lg[i] = a;
@@ -2501,19 +2512,19 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
     for (int t = warp; t < T; t += MK_WARPS) {
       float a = 0.f;
 #pragma unroll 4
-      for (int k = lane; k < nks; k += 32) a += ldcg(ss + (long long)k * T + t);
+      MK_COLD_LOOP for (int k = lane; k < nks; k += 32) a += ldcg(ss + (long long)k * T + t);
       a = warp_sum(a);
       if (lane == 0) SM_INV[t] = rsqrtf(a / I.qd + I.theta);
     }
     block_sync();
-    for (int i = threadIdx.x; i < TE; i += MK_THREADS) lg[i] *= SM_INV[i / E];
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) lg[i] *= SM_INV[i / E];
   }
   block_sync();
   for (int t = warp; t < T; t += MK_WARPS)
     route_token(I, bias, lg + t * E, ch + t * E, SM_RED + warp * 32, raw + t * I.topk, rw + t * I.topk);
   block_sync();
   if (blockIdx.x == 0 && I.aux >= 0) {
-    for (int i = threadIdx.x; i < T * I.topk; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < T * I.topk; i += MK_THREADS) {
       const int t = i / I.topk, k = i - t * I.topk;
       float* row = p.arena + I.aux + (long long)t * (2 * I.topk);
       row[k] = (float)raw[i];
@@ -2535,9 +2546,9 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   float* rw = reinterpret_cast<float*>(SM_IV + IV_RW);
   unsigned int* bits = reinterpret_cast<unsigned int*>(SM_IV + IV_BITS);
   const int nw = (E + 31) / 32;
-  for (int i = threadIdx.x; i < nw; i += MK_THREADS) bits[i] = 0u;
+  MK_COLD_LOOP for (int i = threadIdx.x; i < nw; i += MK_THREADS) bits[i] = 0u;
   route_tokens(p, I, raw, rw);
-  for (int i = threadIdx.x; i < n; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < n; i += MK_THREADS) {
     const int e = raw[i];
     if ((unsigned int)e < (unsigned int)E) atomicOr(&bits[e >> 5], 1u << (e & 31));
   }
@@ -2548,14 +2559,14 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     SM_IV[IV_U] = U;
   }
   block_sync();
-  for (int w = threadIdx.x; w < nw; w += MK_THREADS) {
+  MK_COLD_LOOP for (int w = threadIdx.x; w < nw; w += MK_THREADS) {
     unsigned int b = bits[w];
     int pos = mst[w];
     while (b) { int j = __ffs(b) - 1; ids[pos++] = w * 32 + j; b &= b - 1; }
   }
   block_sync();
   const int U = SM_IV[IV_U];
-  for (int u = threadIdx.x; u < U; u += MK_THREADS) {
+  MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_THREADS) {
     int e = ids[u], c = 0;
     for (int i = 0; i < n; i++) c += raw[i] == e;
     cnt[u] = c;
@@ -2568,7 +2579,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     SM_IV[IV_U + 1] = mx;
   }
   block_sync();
-  for (int u = threadIdx.x; u < U; u += MK_THREADS) {
+  MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_THREADS) {
     int e = ids[u], pos = mst[u];
     for (int i = 0; i < n; i++) if (raw[i] == e) ml[pos++] = i;
   }
@@ -2605,7 +2616,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
     TileRows d{};
     d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
     d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
-    for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    MK_COLD_LOOP for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
     if (full) {
       block_sync();
       rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, s);
@@ -2619,7 +2630,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
       }
     }
     block_sync();
-    for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
       const int jm = i / (nbt * tr), rem = i - jm * (nbt * tr);
       const int j = rem / tr, c = rem - j * tr;
       const int col = (q + (jb + j) * nb) * tr + c;
@@ -2693,7 +2704,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
   const int* mst = SM_IV + IV_MST;
   const int* ml = SM_IV + IV_ML;
   const int maxm = SM_IV[IV_U + 1];
-  for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+  MK_COLD_LOOP for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   TileRows d{};
   d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter; d.sstride = sstride;
   d.ml = ml;
@@ -2724,7 +2735,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
   }
   block_sync();
   const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
-  for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
     int t = i / cols, c = i - t * cols;
     float a = 0.f;
     for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * SM_STAGE[(t * I.topk + k) * sstride + c];
