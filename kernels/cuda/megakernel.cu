@@ -2754,6 +2754,64 @@ __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
   return I.kv_k >= 0 && (I.heads == 1 || (long long)p.T * I.topk * I.inter > MK_XS);
 }
 
+// MK_EMC (default 1): the expert-major combine of the column tiles this block arrived last on (last[q], q < nbt,
+// tiles jb + q): their indices compacted first (ballot and per-warp counts), then four columns of one token per
+// thread and round, every slot's per-pair outputs loaded as 16-byte vectors before the sums (the per-column loop
+// walked every tile of the batch and waited a round trip per column: s13r1's T = 16 timeline shows the blocks that
+// combine taking 35-65 us more than the rest). Same sums in the same order (k ascending, then the residual).
+#ifndef MK_EMC
+#define MK_EMC 1
+#endif
+__device__ __noinline__ void moe_down_combine(const Params& p, const DInstr& I, int jb, int nbt, const int* last) {
+  const int H = I.n, WT = I.window, T = p.T, topk = I.topk;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float* y = p.scratch + I.kv_k;
+  const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
+  int* list = reinterpret_cast<int*>(SM_STAGE);  // the stage is free: the outputs went to y before the arrivals
+  int* wcnt = list + MK_THREADS;
+  const bool mine = (int)threadIdx.x < nbt && last[threadIdx.x];
+  const unsigned int bal = __ballot_sync(0xffffffffu, mine);
+  if (lane == 0) wcnt[warp] = __popc(bal);
+  block_sync();
+  int base = 0, total = 0;
+#pragma unroll
+  for (int w = 0; w < MK_WARPS; w++) {
+    base += w < warp ? wcnt[w] : 0;
+    total += wcnt[w];
+  }
+  if (mine) list[base + __popc(bal & ((1u << lane) - 1u))] = (int)threadIdx.x;
+  block_sync();
+  const int qw = WT >> 2, per = T * qw;  // column quads of a tile row, quads of a tile
+#pragma unroll 2
+  for (int i = threadIdx.x; i < total * per; i += MK_THREADS) {
+    const int ci = i / per, r = i - ci * per, t = r / qw;
+    const int c = (jb + list[ci]) * WT + 4 * (r - t * qw);
+    if (c >= H) continue;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int k = 0; k < topk; k++) {
+      const float w = rw[t * topk + k];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(y + (long long)(t * topk + k) * H + c));
+      a.x += w * v.x;
+      a.y += w * v.y;
+      a.z += w * v.z;
+      a.w += w * v.w;
+    }
+    float* o = p.arena + I.out + (long long)t * I.outw + c;
+    if (I.res >= 0) {
+      const float* rr = p.arena + I.res + (long long)t * I.resw + c;
+      a.x = ldcg(rr) + a.x;
+      a.y = ldcg(rr + 1) + a.y;
+      a.z = ldcg(rr + 2) + a.z;
+      a.w = ldcg(rr + 3) + a.w;
+    }
+    o[0] = a.x;
+    o[1] = a.y;
+    o[2] = a.z;
+    o[3] = a.w;
+  }
+}
+
 // Expert-major MoE down (verify blocks, whose routed pairs' activations do not fit in shared memory): work items
 // are (routed expert u, column tile of WT = I.window columns) in expert-major order, each costing pass_cost(I.vd, ..),
 // and block b takes the items whose cost prefix starts in [b C / G, (b + 1) C / G) (balanced to within one item
@@ -2807,13 +2865,17 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
     // Arrivals, one thread per tile: the barrier orders the block's outputs before each arriving thread's fence.
     block_sync();
     arrivals(ctr + jb, nbt, U, last);
-    for (int i = threadIdx.x; i < nbt * p.T * WT; i += MK_THREADS) {
-      const int q = i / (p.T * WT), r = i - q * (p.T * WT), t = r / WT, c = (jb + q) * WT + (r - t * WT);
-      if (!last[q] || c >= H) continue;
-      float a = 0.f;
-      for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * ldcg(y + (long long)(t * I.topk + k) * H + c);
-      if (I.res >= 0) a = ldcg(p.arena + I.res + (long long)t * I.resw + c) + a;
-      p.arena[I.out + (long long)t * I.outw + c] = a;
+    if (MK_EMC && (H & 3) == 0) {
+      moe_down_combine(p, I, jb, nbt, last);
+    } else {
+      for (int i = threadIdx.x; i < nbt * p.T * WT; i += MK_THREADS) {
+        const int q = i / (p.T * WT), r = i - q * (p.T * WT), t = r / WT, c = (jb + q) * WT + (r - t * WT);
+        if (!last[q] || c >= H) continue;
+        float a = 0.f;
+        for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * ldcg(y + (long long)(t * I.topk + k) * H + c);
+        if (I.res >= 0) a = ldcg(p.arena + I.res + (long long)t * I.resw + c) + a;
+        p.arena[I.out + (long long)t * I.outw + c] = a;
+      }
     }
     block_sync();
   }
