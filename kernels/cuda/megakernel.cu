@@ -711,12 +711,13 @@ __device__ __forceinline__ void frag8(const float (&v)[8], uint4& h, uint4& l) {
   h = make_uint4(hh[0], hh[1], hh[2], hh[3]);
   l = make_uint4(ll[0], ll[1], ll[2], ll[3]);
 }
-// MK_XSWZ (default 1): in B-fragment rows, odd rows store each unit's lo half first. The consumers' LDS.128 of
-// activations put two rows in each quarter-warp phase (lanes 4g .. 4g + 3 read row g at 32-byte steps); rows a
-// multiple of 128 bytes apart (every K chunk width) then hit the same banks, and the swap moves the odd row to the
-// other 16 bytes of each 32 (s13r3, T = 16: 39 % of all shared wavefronts were excess ones).
+// MK_XSWZ (default 0 until a device run checks and times it; 1: the swizzle): in B-fragment rows, odd rows store each
+// unit's lo half first. The consumers' LDS.128 of activations put two rows in each quarter-warp phase (lanes 4g .. 4g
+// + 3 read row g at 32-byte steps); rows a multiple of 128 bytes apart (every K chunk width) then hit the same banks,
+// and the swap moves the odd row to the other 16 bytes of each 32 (s13r3, T = 16: 39 % of all shared wavefronts were
+// excess ones).
 #ifndef MK_XSWZ
-#define MK_XSWZ 1
+#define MK_XSWZ 0
 #endif
 // Byte offset of the hi half of a B-fragment unit in activation row j (its lo half: the other 16 bytes).
 __device__ __forceinline__ unsigned int frag_hi(int j) { return MK_XSWZ ? 16u * ((unsigned int)j & 1u) : 0u; }
@@ -1998,14 +1999,15 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   matmul_finish(p, I, tile, SM_STAGE);
 }
 
-// K-outer matmul (MK_KOUTER, default 1): when the activations do not fit in shared memory (T x K > MK_XS, i.e.
-// T >= 8 at K = 4096) and the block holds several tiles of the instruction, the tiles go in batches that the
-// stage holds and the K chunks run outside the tiles: each chunk's activations load once per batch instead of
-// once per tile, and the producer issues every next ring call's first chunks (next tile, or the next chunk's first
-// tile) while the consumers finish the current one, so the ring does not drain between the short calls (at T =
-// 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials need the stage past the tile).
+// K-outer matmul (MK_KOUTER, default 0 until a device run checks and times it): when the activations do not fit in
+// shared memory (T x K > MK_XS, i.e. T >= 8 at K = 4096) and the block holds several tiles of the instruction, the
+// tiles go in batches that the stage holds and the K chunks run outside the tiles: each chunk's activations load once
+// per batch instead of once per tile, and the producer issues every next ring call's first chunks (next tile, or the
+// next chunk's first tile) while the consumers finish the current one, so the ring does not drain between the short
+// calls (at T = 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials need the stage past the
+// tile).
 #ifndef MK_KOUTER
-#define MK_KOUTER 1
+#define MK_KOUTER 0
 #endif
 __device__ __forceinline__ bool matmul_kouter(const Params& p, const DInstr& I, int first, int ntiles) {
   return MK_KOUTER && I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !mk_flags[0] &&
@@ -2092,7 +2094,7 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 #define ATTN_SMAX 16
 #endif
 #ifndef MK_ATTN_COMB
-#define MK_ATTN_COMB 2
+#define MK_ATTN_COMB 1
 #endif
 // A split's partial: max, sum, two unused floats, then the vd outputs (16-byte aligned: the encoder aligns the
 // partials and vd % 4 == 0).
@@ -2754,13 +2756,14 @@ __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
   return I.kv_k >= 0 && (I.heads == 1 || (long long)p.T * I.topk * I.inter > MK_XS);
 }
 
-// MK_EMC (default 1): the expert-major combine of the column tiles this block arrived last on (last[q], q < nbt,
-// tiles jb + q): their indices compacted first (ballot and per-warp counts), then four columns of one token per
-// thread and round, every slot's per-pair outputs loaded as 16-byte vectors before the sums (the per-column loop
-// walked every tile of the batch and waited a round trip per column: s13r1's T = 16 timeline shows the blocks that
-// combine taking 35-65 us more than the rest). Same sums in the same order (k ascending, then the residual).
+// MK_EMC (default 0 until a device run checks and times it; 1: this form): the expert-major combine of the column
+// tiles this block arrived last on (last[q], q < nbt, tiles jb + q): their indices compacted first (ballot and
+// per-warp counts), then four columns of one token per thread and round, every slot's per-pair outputs loaded as
+// 16-byte vectors before the sums (the per-column loop walked every tile of the batch and waited a round trip per
+// column: s13r1's T = 16 timeline shows the blocks that combine taking 35-65 us more than the rest). Same sums in the
+// same order (k ascending, then the residual).
 #ifndef MK_EMC
-#define MK_EMC 1
+#define MK_EMC 0
 #endif
 __device__ __noinline__ void moe_down_combine(const Params& p, const DInstr& I, int jb, int nbt, const int* last) {
   const int H = I.n, WT = I.window, T = p.T, topk = I.topk;
