@@ -188,6 +188,8 @@ if has variants; then
     if [ -d "$W/p_moe_" ]; then
       variant_verify p_moe_ pv ""
       [ -d "$W/p_mid" ] && variant_verify p_mid pvm mid_
+      # The tiny plan with MoE down's expert-major mode forced (the runtime's encoder knob): its combine path.
+      venv0=$venv; venv="$venv MIMO_MOE_DOWN_EM=1"; variant_verify p_moe_ pve em_; venv=$venv0
       # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
       # MIMO_VARIANT_SANITIZE_PLANS: the variant's plan copies it runs on (pv: tiny MoE, pvm: mid; default both).
       for tool in ${MIMO_VARIANT_SANITIZE:-}; do
