@@ -1259,7 +1259,8 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
           const int j = packed ? (gq & 3) : nt * 8 + gq;
           if (j < tn[rt]) {
             const int xr = xl[rt] >= 0 ? d.xrow(xl[rt], j) : j;  // activation row (frag_hi: its halves' order)
-            xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+            xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq +
+                         (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
           } else {
             xa[rt][nt] = ~0u;
           }
@@ -2514,7 +2515,7 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
     for (int t = warp; t < T; t += MK_WARPS) {
       float a = 0.f;
 #pragma unroll 4
-      MK_COLD_LOOP for (int k = lane; k < nks; k += 32) a += ldcg(ss + (long long)k * T + t);
+      for (int k = lane; k < nks; k += 32) a += ldcg(ss + (long long)k * T + t);
       a = warp_sum(a);
       if (lane == 0) SM_INV[t] = rsqrtf(a / I.qd + I.theta);
     }
