@@ -65,6 +65,18 @@ if has verify; then
     echo "verify mid (bench/mid_config.json, fp8 dense): rc=$rc $(tr -d '\n ' < "$W/verify_mid.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
     [ $rc -ne 0 ] && tail -5 "$W/verify_mid.log" | tee -a "$OUT/summary.txt"
   fi
+  # MIMO_VERIFY_MIDK=1: the mid-k plan (bench/midk_config.json: hidden 2304, dense MLP width 12288), where T x K
+  # exceeds the activation buffer from T = 8 and blocks hold several dense-up tiles: the K-outer matmul
+  # (MK_KOUTER builds) runs on it, small enough for the sanitizers (variants: copy pvk).
+  if [ "${MIMO_VERIFY_MIDK:-0}" = 1 ]; then
+    rm -rf "$W/p_midk"
+    $B/mimoc make-bench -o "$W/p_midk" --config bench/midk_config.json --n-experts 8 --dense fp8 > "$W/compile_midk.log" 2>&1 \
+      || tail -5 "$W/compile_midk.log" | tee -a "$OUT/summary.txt"
+    timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_midk" --prefill 40 --decode 8 --json "$W/verify_midk.json" > "$W/verify_midk.log" 2>&1
+    rc=$?
+    echo "verify midk (bench/midk_config.json, fp8 dense): rc=$rc $(tr -d '\n ' < "$W/verify_midk.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
+    [ $rc -ne 0 ] && tail -5 "$W/verify_midk.log" | tee -a "$OUT/summary.txt"
+  fi
   cat "$W"/verify_*.json > "$OUT/verify.json" 2>/dev/null
 fi
 
@@ -188,10 +200,12 @@ if has variants; then
     if [ -d "$W/p_moe_" ]; then
       variant_verify p_moe_ pv ""
       [ -d "$W/p_mid" ] && variant_verify p_mid pvm mid_
+      [ -d "$W/p_midk" ] && variant_verify p_midk pvk midk_
       # The tiny plan with MoE down's expert-major mode forced (the runtime's encoder knob): its combine path.
       venv0=$venv; venv="$venv MIMO_MOE_DOWN_EM=1"; variant_verify p_moe_ pve em_; venv=$venv0
       # MIMO_VARIANT_SANITIZE="racecheck ...": the sanitizer on the variant (racecheck: every hazard, grouped).
-      # MIMO_VARIANT_SANITIZE_PLANS: the variant's plan copies it runs on (pv: tiny MoE, pvm: mid; default both).
+      # MIMO_VARIANT_SANITIZE_PLANS: the variant's plan copies it runs on (pv: tiny MoE, pvm: mid, pvk: mid-k when
+      # MIMO_VERIFY_MIDK=1 made it; default pv pvm).
       for tool in ${MIMO_VARIANT_SANITIZE:-}; do
         [[ -n ${MIMO_VARIANT_SANITIZE_NAMES:-} && " $MIMO_VARIANT_SANITIZE_NAMES " != *" $name "* ]] && continue
         for pl in ${MIMO_VARIANT_SANITIZE_PLANS:-pv pvm}; do
