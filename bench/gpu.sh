@@ -161,6 +161,9 @@ if has ncu; then
   # 32 prefill chunks of the context and 4 warm-up steps): stall reasons per SASS line (source page) and the
   # summary sections.
   [ -d "$W/bench" ] || make_bench > /dev/null 2>&1
+  # MIMO_NCU_VARIANT=NAME: profile bench/variants/NAME.cubin instead of the plan's own cubin (restored after).
+  nv=${MIMO_NCU_VARIANT:-}
+  if [ -n "$nv" ]; then cp "$W/bench/megakernel.cubin" "$W/ncu_base.cubin"; cp "bench/variants/$nv.cubin" "$W/bench/megakernel.cubin"; fi
   for nt in ${MIMO_NCU_TOKENS:-1}; do
     log "ncu: one T=$nt decode step of the bench plan"
     timeout 420 ncu --clock-control none -k regex:mimo_forward --launch-skip 36 --launch-count 1 \
@@ -171,6 +174,7 @@ if has ncu; then
     ncu -i "$W/prof$nt.ncu-rep" --page details --csv > "$OUT/ncu_details_t$nt.csv" 2>&1
     ncu -i "$W/prof$nt.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_sass_t$nt.csv.gz"
   done
+  [ -n "$nv" ] && cp "$W/ncu_base.cubin" "$W/bench/megakernel.cubin"
   ls -la "$OUT" | tee -a "$OUT/summary.txt"
 fi
 
