@@ -711,13 +711,13 @@ __device__ __forceinline__ void frag8(const float (&v)[8], uint4& h, uint4& l) {
   h = make_uint4(hh[0], hh[1], hh[2], hh[3]);
   l = make_uint4(ll[0], ll[1], ll[2], ll[3]);
 }
-// MK_XSWZ (default 0 until a device run checks and times it; 1: the swizzle): in B-fragment rows, odd rows store each
+// MK_XSWZ (default 1 since s15r1: T = 16 36.74 vs 36.88 ms alone, part of v17; 0: no swizzle): in B-fragment rows, odd rows store each
 // unit's lo half first. The consumers' LDS.128 of activations put two rows in each quarter-warp phase (lanes 4g .. 4g
 // + 3 read row g at 32-byte steps); rows a multiple of 128 bytes apart (every K chunk width) then hit the same banks,
 // and the swap moves the odd row to the other 16 bytes of each 32 (s13r3, T = 16: 39 % of all shared wavefronts were
 // excess ones).
 #ifndef MK_XSWZ
-#define MK_XSWZ 0
+#define MK_XSWZ 1
 #endif
 // Byte offset of the hi half of a B-fragment unit in activation row j (its lo half: the other 16 bytes).
 __device__ __forceinline__ unsigned int frag_hi(int j) { return MK_XSWZ ? 16u * ((unsigned int)j & 1u) : 0u; }
@@ -1042,17 +1042,10 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
 #endif
 #define MK_STR(x) #x
 #define MK_PRAGMA_UNROLL(n) _Pragma(MK_STR(unroll n))
-// MK_COLD (experiment knob, default 0): 1 keeps the strided loops of the once-per-layer routing / schedule /
-// epilogue code rolled (they run one or two iterations a thread at T = 1; the compiler's 4x unrolled copies and
-// their remainder paths are instruction-cache lines fetched cold every layer).
-#ifndef MK_COLD
-#define MK_COLD 0
-#endif
-#if MK_COLD
+// The strided loops of the once-per-layer routing / schedule / epilogue code stay rolled: they run one or two
+// iterations a thread at T = 1, and the compiler's 4x unrolled copies and their remainder paths are
+// instruction-cache lines fetched cold every layer (s15r1, H100: T = 1 10.82 vs 11.18 ms).
 #define MK_COLD_LOOP _Pragma("unroll 1")
-#else
-#define MK_COLD_LOOP
-#endif
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -2000,18 +1993,15 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   matmul_finish(p, I, tile, SM_STAGE);
 }
 
-// K-outer matmul (MK_KOUTER, default 0 until a device run checks and times it): when the activations do not fit in
+// K-outer matmul (s15r1, H100: T = 16 matmul path 12.66 -> 12.36 ms alone, part of v17): when the activations do not fit in
 // shared memory (T x K > MK_XS, i.e. T >= 8 at K = 4096) and the block holds several tiles of the instruction, the
 // tiles go in batches that the stage holds and the K chunks run outside the tiles: each chunk's activations load once
 // per batch instead of once per tile, and the producer issues every next ring call's first chunks (next tile, or the
 // next chunk's first tile) while the consumers finish the current one, so the ring does not drain between the short
 // calls (at T = 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials need the stage past the
 // tile).
-#ifndef MK_KOUTER
-#define MK_KOUTER 0
-#endif
 __device__ __forceinline__ bool matmul_kouter(const Params& p, const DInstr& I, int first, int ntiles) {
-  return MK_KOUTER && I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !mk_flags[0] &&
+  return I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !mk_flags[0] &&
          first + (int)gridDim.x < ntiles && 2 * p.T * 2 * I.tile_rows <= MK_STAGE;
 }
 __device__ __noinline__ void op_matmul_kouter(const Params& p, Smem& s, const DInstr& I, int first, int ntiles) {
@@ -2091,11 +2081,10 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 // forward has fewer (token, kv head, group) triples than blocks, each one's visible positions are split into S
 // contiguous ranges on different blocks; each split leaves its heads' unnormalized (max, sum, output) in scratch
 // and the last split to finish (an arrival counter) combines them in split order (deterministic) with the sinks.
+// At most ATTN_SMAX splits (s15r2, H100: 8 instead of 16 took the T = 1 attention path 860 -> 787 us: fewer
+// partials to combine; the encoder's ATTN_SPLITS sizes the partials for it).
 #ifndef ATTN_SMAX
-#define ATTN_SMAX 16
-#endif
-#ifndef MK_ATTN_COMB
-#define MK_ATTN_COMB 1
+#define ATTN_SMAX 8
 #endif
 // A split's partial: max, sum, two unused floats, then the vd outputs (16-byte aligned: the encoder aligns the
 // partials and vd % 4 == 0).
@@ -2245,7 +2234,6 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * APS(vd);
   const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
   float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
-#if MK_ATTN_COMB == 2
   // Lane k < S holds split k's max and sum; lane j combines dims 4j .. 4j + 3 (+ 128 h) of every split, loaded as
   // float4 together with the maxima and sums (one round trip, ~S x VU / 4 wide loads instead of S x VU scalar
   // ones: the combine runs once per layer from a cold instruction cache).
@@ -2287,51 +2275,6 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
       out[e + 3] = acc[h].w * inv;
     }
   }
-#else
-  // MK_ATTN_COMB=1: every split's outputs load with their max and sum (one dependent round trip; 0: one round
-  // trip per 32 dims after the max and sum), unrolled per scalar.
-  float ms[ATTN_SMAX], ls[ATTN_SMAX];
-#if MK_ATTN_COMB
-  float po[ATTN_SMAX][VU];
-#pragma unroll
-  for (int k = 0; k < ATTN_SMAX; k++)
-#pragma unroll
-    for (int u = 0; u < VU; u++)
-      po[k][u] = k < S && lane + 32 * u < vd ? ldcg(part + k * APS(vd) + 4 + lane + 32 * u) : 0.f;
-#endif
-#pragma unroll
-  for (int k = 0; k < ATTN_SMAX; k++) {
-    ms[k] = ldcg(part + min(k, S - 1) * APS(vd));
-    ls[k] = k < S ? ldcg(part + min(k, S - 1) * APS(vd) + 1) : 0.f;
-  }
-  float Mall = sink;
-#pragma unroll
-  for (int k = 0; k < ATTN_SMAX; k++) if (ls[k] > 0.f) Mall = fmaxf(Mall, ms[k]);
-  float Lall = sinks ? __expf(sink - Mall) : 0.f;
-#pragma unroll
-  for (int k = 0; k < ATTN_SMAX; k++) {
-    ms[k] = ls[k] > 0.f ? __expf(ms[k] - Mall) : 0.f;  // each split's weight
-    Lall += ls[k] * ms[k];
-  }
-#if MK_ATTN_COMB
-#pragma unroll
-  for (int u = 0; u < VU; u++) {
-    float acc = 0.f;
-#pragma unroll
-    for (int k = 0; k < ATTN_SMAX; k++)
-      if (ls[k] > 0.f) acc += po[k][u] * ms[k];
-    if (lane + 32 * u < vd) out[lane + 32 * u] = acc / Lall;
-  }
-#else
-  for (int e = lane; e < vd; e += 32) {
-    float acc = 0.f;
-#pragma unroll
-    for (int k = 0; k < ATTN_SMAX; k++)
-      if (ls[k] > 0.f) acc += ldcg(part + k * APS(vd) + 4 + e) * ms[k];
-    out[e] = acc / Lall;
-  }
-#endif
-#endif
 }
 
 // Value head dims up to 128 (four per lane) or 256.
@@ -2757,15 +2700,13 @@ __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
   return I.kv_k >= 0 && (I.heads == 1 || (long long)p.T * I.topk * I.inter > MK_XS);
 }
 
-// MK_EMC (default 0 until a device run checks and times it; 1: this form): the expert-major combine of the column
+// The expert-major combine of the column
 // tiles this block arrived last on (last[q], q < nbt, tiles jb + q): their indices compacted first (ballot and
 // per-warp counts), then four columns of one token per thread and round, every slot's per-pair outputs loaded as
 // 16-byte vectors before the sums (the per-column loop walked every tile of the batch and waited a round trip per
 // column: s13r1's T = 16 timeline shows the blocks that combine taking 35-65 us more than the rest). Same sums in the
-// same order (k ascending, then the residual).
-#ifndef MK_EMC
-#define MK_EMC 0
-#endif
+// same order (k ascending, then the residual). s15r1, H100: T = 16 34.55 vs 36.88 ms (MoE-down path 8.81 -> 6.52 ms).
+// H % 4 == 0 (the encoder requires it).
 __device__ __noinline__ void moe_down_combine(const Params& p, const DInstr& I, int jb, int nbt, const int* last) {
   const int H = I.n, WT = I.window, T = p.T, topk = I.topk;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -2869,18 +2810,7 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
     // Arrivals, one thread per tile: the barrier orders the block's outputs before each arriving thread's fence.
     block_sync();
     arrivals(ctr + jb, nbt, U, last);
-    if (MK_EMC && (H & 3) == 0) {
-      moe_down_combine(p, I, jb, nbt, last);
-    } else {
-      for (int i = threadIdx.x; i < nbt * p.T * WT; i += MK_THREADS) {
-        const int q = i / (p.T * WT), r = i - q * (p.T * WT), t = r / WT, c = (jb + q) * WT + (r - t * WT);
-        if (!last[q] || c >= H) continue;
-        float a = 0.f;
-        for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * ldcg(y + (long long)(t * I.topk + k) * H + c);
-        if (I.res >= 0) a = ldcg(p.arena + I.res + (long long)t * I.resw + c) + a;
-        p.arena[I.out + (long long)t * I.outw + c] = a;
-      }
-    }
+    moe_down_combine(p, I, jb, nbt, last);
     block_sync();
   }
 }

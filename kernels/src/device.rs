@@ -30,7 +30,7 @@ pub const TILE_MAX: usize = 128;
 /// Rows of a matmul tile without RoPE (RoPE tiles are head-aligned or split-pair, LM-head ones 64).
 pub const MATMUL_ROWS: usize = 32;
 /// Most blocks one attention tile (token, kv head, head group) is split over (`ATTN_SMAX` in megakernel.cu).
-pub const ATTN_SPLITS: usize = 16;
+pub const ATTN_SPLITS: usize = 8;
 /// Ints of the kernel's routing lists (`IV_LEN` in megakernel.cu).
 pub const IV_LEN: usize = 1600;
 /// Shared memory one block may use on sm_90 (the 227 KB opt-in limit) less 1 KB for the kernel's static
@@ -847,6 +847,10 @@ pub fn encode_with(
                 let gu = wd(*gate_up);
                 let dn = wd(*down);
                 let h = gu.dims[2];
+                if h % 4 != 0 {
+                    // MoE down's expert-major combine reads four output columns at a time.
+                    return Err(format!("MoE hidden size {h} is not a multiple of 4"));
+                }
                 // The router that fills `routing`: its partial logits are where the MoE instructions route from.
                 let rins = program
                     .instrs

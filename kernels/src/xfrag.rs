@@ -5,9 +5,9 @@
 //! width) would then hit the same banks. The test below reads back what the loaders wrote through the consumers'
 //! addresses and counts shared-memory wavefronts.
 
-/// Whether the default build's odd rows swap their halves (the kernel's `MK_XSWZ`: 0 until a device run has
-/// checked and timed the swizzle; the test below checks both layouts).
-pub const XSWZ: bool = false;
+/// Whether the default build's odd rows swap their halves (the kernel's `MK_XSWZ`: 1 since s15r1; the test below
+/// checks both layouts).
+pub const XSWZ: bool = true;
 
 /// Byte offset of the hi half inside a 32-byte unit of activation row `j` (`frag_hi`).
 pub fn frag_hi(j: usize, swz: bool) -> usize {
