@@ -54,29 +54,24 @@ if has verify; then
       echo "compile $ck $flags FAILED"; tail -20 "$W/compile_$tag.log" | tee -a "$OUT/summary.txt"
     fi
   done
+  # verify_config NAME DECODE: a bench plan from bench/NAME_config.json (MXFP4 experts, FP8 dense) in $W/p_NAME,
+  # checked against the CPU over 40 prefill positions and DECODE decode steps.
+  verify_config() {
+    rm -rf "$W/p_$1"
+    $B/mimoc make-bench -o "$W/p_$1" --config bench/$1_config.json --n-experts 8 --dense fp8 > "$W/compile_$1.log" 2>&1 \
+      || tail -5 "$W/compile_$1.log" | tee -a "$OUT/summary.txt"
+    timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_$1" --prefill 40 --decode $2 --json "$W/verify_$1.json" > "$W/verify_$1.log" 2>&1
+    local rc=$?
+    echo "verify $1 (bench/$1_config.json, fp8 dense): rc=$rc $(tr -d '\n ' < "$W/verify_$1.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
+    [ $rc -ne 0 ] && tail -5 "$W/verify_$1.log" | tee -a "$OUT/summary.txt"
+  }
   # The mid plan (bench/mid_config.json: FP8 attention, MXFP4 experts, rows of 256 B and more): real formats at
   # shapes where the ring fills chunks by tensor copies (MK_TMAP builds), small enough for the sanitizers.
-  if [ "${MIMO_VERIFY_MID:-1}" = 1 ]; then
-    rm -rf "$W/p_mid"
-    $B/mimoc make-bench -o "$W/p_mid" --config bench/mid_config.json --n-experts 8 --dense fp8 > "$W/compile_mid.log" 2>&1 \
-      || tail -5 "$W/compile_mid.log" | tee -a "$OUT/summary.txt"
-    timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_mid" --prefill 40 --decode 24 --json "$W/verify_mid.json" > "$W/verify_mid.log" 2>&1
-    rc=$?
-    echo "verify mid (bench/mid_config.json, fp8 dense): rc=$rc $(tr -d '\n ' < "$W/verify_mid.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
-    [ $rc -ne 0 ] && tail -5 "$W/verify_mid.log" | tee -a "$OUT/summary.txt"
-  fi
+  [ "${MIMO_VERIFY_MID:-1}" = 1 ] && verify_config mid 24
   # MIMO_VERIFY_MIDK=1: the mid-k plan (bench/midk_config.json: hidden 2304, dense MLP width 12288), where T x K
-  # exceeds the activation buffer from T = 8 and blocks hold several dense-up tiles: the K-outer matmul
-  # (MK_KOUTER builds) runs on it, small enough for the sanitizers (variants: copy pvk).
-  if [ "${MIMO_VERIFY_MIDK:-0}" = 1 ]; then
-    rm -rf "$W/p_midk"
-    $B/mimoc make-bench -o "$W/p_midk" --config bench/midk_config.json --n-experts 8 --dense fp8 > "$W/compile_midk.log" 2>&1 \
-      || tail -5 "$W/compile_midk.log" | tee -a "$OUT/summary.txt"
-    timeout ${MIMO_VERIFY_TIMEOUT:-90} $B/mimort verify-gpu "$W/p_midk" --prefill 40 --decode 8 --json "$W/verify_midk.json" > "$W/verify_midk.log" 2>&1
-    rc=$?
-    echo "verify midk (bench/midk_config.json, fp8 dense): rc=$rc $(tr -d '\n ' < "$W/verify_midk.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
-    [ $rc -ne 0 ] && tail -5 "$W/verify_midk.log" | tee -a "$OUT/summary.txt"
-  fi
+  # exceeds the activation buffer from T = 8 and blocks hold several dense-up tiles: the K-outer matmul runs on it,
+  # small enough for the sanitizers (variants: copy pvk).
+  [ "${MIMO_VERIFY_MIDK:-0}" = 1 ] && verify_config midk 8
   cat "$W"/verify_*.json > "$OUT/verify.json" 2>/dev/null
 fi
 

@@ -711,11 +711,11 @@ __device__ __forceinline__ void frag8(const float (&v)[8], uint4& h, uint4& l) {
   h = make_uint4(hh[0], hh[1], hh[2], hh[3]);
   l = make_uint4(ll[0], ll[1], ll[2], ll[3]);
 }
-// MK_XSWZ (default 1 since s15r1: T = 16 36.74 vs 36.88 ms alone, part of v17; 0: no swizzle): in B-fragment rows, odd rows store each
-// unit's lo half first. The consumers' LDS.128 of activations put two rows in each quarter-warp phase (lanes 4g .. 4g
-// + 3 read row g at 32-byte steps); rows a multiple of 128 bytes apart (every K chunk width) then hit the same banks,
-// and the swap moves the odd row to the other 16 bytes of each 32 (s13r3, T = 16: 39 % of all shared wavefronts were
-// excess ones).
+// MK_XSWZ (default 1 since s15r1: T = 16 36.74 vs 36.88 ms alone, part of v17; 0: no swizzle): in B-fragment
+// rows, odd rows store each unit's lo half first. The consumers' LDS.128 of activations put two rows in each
+// quarter-warp phase (lanes 4g .. 4g + 3 read row g at 32-byte steps); rows a multiple of 128 bytes apart (every K
+// chunk width) then hit the same banks, and the swap moves the odd row to the other 16 bytes of each 32 (s13r3,
+// T = 16: 39 % of all shared wavefronts were excess ones).
 #ifndef MK_XSWZ
 #define MK_XSWZ 1
 #endif
@@ -1948,7 +1948,8 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
     for (int t = warp; t < p.T; t += MK_WARPS) {
       float bv = -INFINITY;
       int bi = 0x7fffffff;
-      MK_COLD_LOOP for (int c = lane; c < cols; c += 32) best_of(bv, bi, sample_key(p, t, c0 + c, st[t * sstride + c]), c0 + c);
+      MK_COLD_LOOP for (int c = lane; c < cols; c += 32)
+        best_of(bv, bi, sample_key(p, t, c0 + c, st[t * sstride + c]), c0 + c);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1)
         best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
@@ -1993,13 +1994,13 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   matmul_finish(p, I, tile, SM_STAGE);
 }
 
-// K-outer matmul (s15r1, H100: T = 16 matmul path 12.66 -> 12.36 ms alone, part of v17): when the activations do not fit in
-// shared memory (T x K > MK_XS, i.e. T >= 8 at K = 4096) and the block holds several tiles of the instruction, the
-// tiles go in batches that the stage holds and the K chunks run outside the tiles: each chunk's activations load once
-// per batch instead of once per tile, and the producer issues every next ring call's first chunks (next tile, or the
-// next chunk's first tile) while the consumers finish the current one, so the ring does not drain between the short
-// calls (at T = 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials need the stage past the
-// tile).
+// K-outer matmul (s15r1, H100: T = 16 matmul path 12.66 -> 12.36 ms alone, part of v17): when the activations do
+// not fit in shared memory (T x K > MK_XS, i.e. T >= 8 at K = 4096) and the block holds several tiles of the
+// instruction, the tiles go in batches that the stage holds and the K chunks run outside the tiles: each chunk's
+// activations load once per batch instead of once per tile, and the producer issues every next ring call's first
+// chunks (next tile, or the next chunk's first tile) while the consumers finish the current one, so the ring does not
+// drain between the short calls (at T = 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials
+// need the stage past the tile).
 __device__ __forceinline__ bool matmul_kouter(const Params& p, const DInstr& I, int first, int ntiles) {
   return I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !mk_flags[0] &&
          first + (int)gridDim.x < ntiles && 2 * p.T * 2 * I.tile_rows <= MK_STAGE;
@@ -2705,7 +2706,8 @@ __device__ __forceinline__ bool moe_down_em(const Params& p, const DInstr& I) {
 // per-warp counts), then four columns of one token per thread and round, every slot's per-pair outputs loaded as
 // 16-byte vectors before the sums (the per-column loop walked every tile of the batch and waited a round trip per
 // column: s13r1's T = 16 timeline shows the blocks that combine taking 35-65 us more than the rest). Same sums in the
-// same order (k ascending, then the residual). s15r1, H100: T = 16 34.55 vs 36.88 ms (MoE-down path 8.81 -> 6.52 ms).
+// same order (k ascending, then the residual). s15r1, H100: T = 16 34.55 vs 36.88 ms (MoE-down path 8.81 -> 6.52
+// ms).
 // H % 4 == 0 (the encoder requires it).
 __device__ __noinline__ void moe_down_combine(const Params& p, const DInstr& I, int jb, int nbt, const int* last) {
   const int H = I.n, WT = I.window, T = p.T, topk = I.topk;
@@ -2771,7 +2773,6 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
   const int* cnt = SM_IV + IV_CNT;
   const int* mst = SM_IV + IV_MST;
   const int* ml = SM_IV + IV_ML;
-  const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
   float* y = p.scratch + I.kv_k;
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.kv_v);
   int* last = reinterpret_cast<int*>(SM_RED);  // per tile of a batch: this block combines it
