@@ -196,7 +196,9 @@ if has variants; then
     for ve in ${MIMO_VARIANT_ENV:-}; do [ "${ve%%:*}" = "$name" ] && venv=${ve#*:}; done
     venv=${venv//,/ }
     log "variant $name${venv:+ ($venv)}"
-    if [ -d "$W/p_moe_" ]; then
+    # MIMO_VARIANT_NOVERIFY="NAME ...": variants not checked against the CPU (diagnostic builds whose results are
+    # right by construction or wrong by design, timed only).
+    if [[ -d "$W/p_moe_" && " ${MIMO_VARIANT_NOVERIFY:-} " != *" $name "* ]]; then
       variant_verify p_moe_ pv ""
       [ -d "$W/p_mid" ] && variant_verify p_mid pvm mid_
       [ -d "$W/p_midk" ] && variant_verify p_midk pvk midk_
@@ -227,8 +229,10 @@ if has variants; then
         --json "$OUT/verify_bench_$name.json" > "$W/verify_bench_$name.log" 2>&1
       echo "verify bench $name: rc=$? $(tr -d '\n ' < "$OUT/verify_bench_$name.json" 2>/dev/null | head -c 400)" | tee -a "$OUT/summary.txt"
     fi
-    # MIMO_VARIANT_TIMELINE=1: every block's start / end per instruction (timeline_NAME.txt.gz, tools/timeline.py).
-    vtl=""; [ "${MIMO_VARIANT_TIMELINE:-0}" = 1 ] && vtl="--timeline $W/timeline_$name.txt"
+    # MIMO_VARIANT_TIMELINE=1 (or a list of variant names): every block's start / end per instruction
+    # (timeline_NAME.txt.gz, tools/timeline.py).
+    vt=${MIMO_VARIANT_TIMELINE:-0}
+    vtl=""; [[ $vt = 1 || " $vt " == *" $name "* ]] && vtl="--timeline $W/timeline_$name.txt"
     timeout 200 env $venv $B/mimort bench "$W/bench" --tokens ${MIMO_VARIANT_TOKENS:-1,16} --context 512 --json "$OUT/bench_$name.json" $vtl 2>&1 \
       | tee -a "$OUT/summary.txt"
     [ -n "$vtl" ] && gzip -c "$W/timeline_$name.txt" > "$OUT/timeline_$name.txt.gz"

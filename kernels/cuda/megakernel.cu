@@ -86,6 +86,10 @@ struct Params {
   // which of them the runtime could encode (bits 1, 2, 4); null when the runtime has none.
   const uint8_t* tmaps;
   const unsigned int* tmok;
+  // Pre-tiled weights (see mimo_tile): the buffer, and per instruction its weights' and MXFP4 scales' byte
+  // offsets in it and the tiled tensor's 16-row block count (-1 / 0: the instruction has none); null: none at all.
+  const uint8_t* tiled;
+  const long long* tinfo;
 };
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
@@ -98,6 +102,20 @@ __device__ __forceinline__ unsigned int ld_relaxed(const unsigned int* p) {
   return v;
 }
 __device__ __forceinline__ void fence_acquire() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+// MK_ACQ=1 (experiment knob): the dependency wait ends with one acquire load of each counter it polled instead of
+// a gpu-scope fence (which also waits for the thread's outstanding memory operations). MK_POLL_NS: the poll's
+// back-off (0: spin).
+#ifndef MK_ACQ
+#define MK_ACQ 0
+#endif
+#ifndef MK_POLL_NS
+#define MK_POLL_NS 32
+#endif
 __device__ __forceinline__ void red_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -349,6 +367,10 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 // care): lane quad t holds elements 8t .. 8t + 7, paired (8t + q, 8t + q + 4), q < 4, which is what makes the
 // MXFP4 decode cheap (the two nibbles of a pair sit 16 bits apart, like the two halves of an f16x2).
 
+// MK_PHASE=N (diagnostic builds; the profile's ring column then reports thread 0's time in one phase instead of
+// the ring): 1 prep, 2 a matmul tile from op_matmul's entry to its first ring call, 3 from a ring call's end to
+// matmul_finish, 4 matmul_finish, 5 from the end of an instruction's work to its completion release, 6 the
+// producer warp issuing ring prefetches.
 #ifndef MK_PHASE
 #define MK_PHASE 0
 #endif
@@ -391,9 +413,16 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #error "MK_LDGSTS counts 32 arrivals on a full barrier that tensor-copied chunks arrive on once: build one or the other"
 #endif
 // MK_ONECOPY=N: the producer fills each slot with N bulk copies from a synthetic range (with MK_NOCOMPUTE: what
-// the ring streams with few large copies instead of one per row and segment).
+// the ring streams with few large copies instead of one per row and segment); N = -1 / -2: one / two contiguous
+// copies from the chunk's first row on (real weight bytes, wrong places: a pre-tiled layout's copy count).
 #ifndef MK_ONECOPY
 #define MK_ONECOPY 0
+#endif
+// MK_TILED=1 (v18, the default): ring chunks of FP8 / MXFP4 matrices the runtime tiled (mimo_tile) come as one or
+// two bulk copies instead of one per row (s16r1, H100: issuing a chunk's 32 row copies took ~1.3 us, 4 us for the
+// three chunks prefetched at an instruction's start); 0: row copies only.
+#ifndef MK_TILED
+#define MK_TILED 1
 #endif
 // Consumers release a ring slot with one arrival per thread (MK_ARRIVE_ALL=1, the default) or per warp (lane 0,
 // after __syncwarp orders the lanes' reads): the same ordering, but compute-sanitizer's racecheck follows only the
@@ -427,6 +456,14 @@ extern __shared__ __align__(1024) float mk_smem[];            // dynamic: [ring 
 __shared__ __align__(8) unsigned long long mk_bars[2 * RING_NS];  // full[RING_NS], empty[RING_NS]
 __shared__ unsigned long long mk_stat[5];                     // ring profile counters (see ring_consume)
 __shared__ int mk_prof_on;
+__shared__ unsigned long long mk_tmark;  // MK_PHASE: start of the open phase interval (0: none)
+#define PH_BEGIN(n) \
+  if (MK_PHASE == (n) && mk_prof_on && threadIdx.x == 0) mk_tmark = gtimer();
+#define PH_END(n)                                                               \
+  if (MK_PHASE == (n) && mk_prof_on && threadIdx.x == 0 && mk_tmark != 0ull) { \
+    mk_stat[4] += gtimer() - mk_tmark;                                          \
+    mk_tmark = 0ull;                                                            \
+  }
 // The instruction every block is working on (published by the main loop; its `w` is where the tensor maps
 // start).
 __shared__ DInstr mk_cur;
@@ -436,6 +473,11 @@ __shared__ const uint8_t* mk_tmw;
 __shared__ const uint8_t* mk_tms;
 __shared__ unsigned char mk_slay[RING_NS];
 __shared__ int mk_tmfence;  // the producer acquired this instruction's maps (reset per instruction)
+// Pre-tiled weights of the current instruction (v18, see mimo_tile / ring_produce): tiled weights and MXFP4 scales
+// (null: none) and the tiled tensor's 16-row block count.
+__shared__ const uint8_t* mk_tw;
+__shared__ const uint8_t* mk_tsc;
+__shared__ long long mk_tnb;
 __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
@@ -677,6 +719,36 @@ __device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) 
   p[3] = prmt(r0, r1, 0x7838u) | (w & 0x80008000u);
 }
 #endif
+// v18 pre-tiled copy of a ring-streamed matrix (rows x rb bytes) for one-copy ring chunks (see ring_produce):
+// [16-row block pair p < ceil(nb / 2)][segment sg < nsg][block b & 1][row r < 16][pitch bytes] (block b: rows
+// 16 b .. 16 b + 15), where segment sg of a row is its bytes [sg seg, sg seg + seg), the rest of the pitch (the
+// slot's padding) and rows past `rows` zero: a 32-row chunk is one contiguous pair, a row group's K one run. The runtime tiles
+// each FP8 / MXFP4 matrix's weights (seg = min(RING_SEG, rb), pitch = RingFmt PITCH) and MXFP4 scales (seg / 16
+// scale bytes a segment, pitch RING_SSTR) once at load, after mimo_fp4_repack.
+extern "C" __global__ void mimo_tile(const uint8_t* src, uint8_t* dst, long long rows, int rb, int seg, int pitch,
+                                     int nsg, long long nb) {
+  const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  const bool vec = ((rb | seg | pitch) & 15) == 0 && (((unsigned long long)src | (unsigned long long)dst) & 15) == 0;
+  const int w = vec ? 16 : 1, upr = pitch / w;
+  const unsigned long long npair = (unsigned long long)(nb + 1) / 2;
+  const unsigned long long total = npair * (unsigned long long)nsg * 32ull * (unsigned long long)upr;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int u = (int)(i % (unsigned long long)upr);
+    const unsigned long long t = i / (unsigned long long)upr;
+    const int r = (int)(t & 15ull), b2 = (int)((t >> 4) & 1ull);
+    const unsigned long long ps = t >> 5;
+    const long long sg = (long long)(ps % (unsigned long long)nsg), pr = (long long)(ps / (unsigned long long)nsg);
+    const long long row = (2 * (long long)pr + b2) * 16 + r, col = (long long)u * w, off = sg * seg + col;
+    const bool in = row < rows && col < seg && off < rb;
+    if (vec) {
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (in) v = *reinterpret_cast<const uint4*>(src + row * rb + off);
+      reinterpret_cast<uint4*>(dst)[i] = v;
+    } else {
+      dst[i] = in ? src[row * rb + off] : (uint8_t)0;
+    }
+  }
+}
 __device__ __forceinline__ unsigned int e4m3x2_h2(unsigned int v) {
   __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
   return (unsigned int)h.x | ((unsigned int)h.y << 16);
@@ -831,6 +903,15 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
   int rowh[2] = {-1, -1};
 #endif
   ce = min(ce, nchunks);
+  // v18 pre-tiled weights (mimo_tile): a chunk whose K range is one tiled segment takes each 16-row half that is
+  // a 16-aligned run of consecutive tensor rows (a prefix of them valid) as one bulk copy of the tiled block (one
+  // copy for both halves when the blocks are adjacent), MXFP4 scales likewise; other halves copy row by row.
+  const uint8_t* const tw = mk_tw;
+  const int rowbytes = el_bytes<FMT>(d.K);
+  const bool tcall = MK_TILED && tw != nullptr && (FMT == FMT_F8 || (FMT == FMT_MXFP4 && sring && mk_tsc != nullptr)) &&
+                     (kb0 % RING_SEG) == 0 && seg == min(RING_SEG, rowbytes);
+  long long tb[2] = {-1, -1};
+  ce = min(ce, nchunks);
   for (int c = cb; c < ce; c++) {
     const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
     const unsigned int u = it + c;
@@ -838,6 +919,22 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     if (sg == 0 || c == cb) {
       const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
       rp = ri.rp; sp = ri.sp; ok = ri.ok;
+      if (tcall) {
+        const unsigned int okm = __ballot_sync(0xffffffffu, ok);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const unsigned int hm = (okm >> (16 * h)) & 0xffffu;
+          const uint8_t* r0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, 16 * h));
+          const bool cons = (lane >> 4) != h || !ok || rp == r0 + (long long)(lane - 16 * h) * rowbytes;
+          const bool allc = __all_sync(0xffffffffu, cons);
+          tb[h] = -1;
+          if (hm != 0 && allc && (hm & (hm + 1)) == 0) {
+            const long long off = (long long)(r0 - (W + mk_cur.w));
+            const long long rr = off / rowbytes;
+            if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
+          }
+        }
+      }
 #if MK_TMAP
       // Tensor copies need each 16-row half's valid rows to be a prefix of consecutive weight rows of the mapped
       // matrix. FP8: the half starts on a multiple of 8 and holds 8 or 16 valid rows, so fragment row gq, whose
@@ -906,7 +1003,28 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     }
     if (lane == 0) mk_slay[slot] = 0;
 #endif
-#if MK_ONECOPY
+#if MK_ONECOPY < 0
+    {  // diagnostic: the chunk as -MK_ONECOPY contiguous bulk copies (32 x PITCH weight bytes, 32 x RING_SSTR
+       // scale bytes) from its first valid row's segment onwards: real weight bytes in the wrong places, the copy
+       // count a pre-tiled weight layout would have
+      constexpr int NH = -MK_ONECOPY;
+      const unsigned int okm = __ballot_sync(0xffffffffu, ok);
+      const int l0 = okm ? __ffs(okm) - 1 : 0;
+      const uint8_t* w0 =
+          reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, l0)) + kb0 + sg * seg;
+      const uint8_t* s0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)sp, l0)) +
+                          (k0 + sg * segel) / 32;
+      const unsigned int wb = okm ? RING_ROWS * PITCH : 0u, sb2 = okm && sring ? RING_ROWS * RING_SSTR : 0u;
+      if (lane == 0) mbar_arrive_expect(full + slot, wb + sb2);
+      __syncwarp();
+      if (wb && lane < NH) bulk_g2s(rbuf + slot * RING_SLOT + lane * (wb / NH), w0 + lane * (wb / NH), wb / NH, full + slot);
+      if (sb2 && lane >= 16 && lane < 16 + NH)
+        bulk_g2s(rbuf + slot * RING_SLOT + RING_SCALE_OFF + (lane - 16) * (sb2 / NH), s0 + (lane - 16) * (sb2 / NH),
+                 sb2 / NH, full + slot);
+      (void)cnt; (void)bytes; (void)sbytes;
+      continue;
+    }
+#elif MK_ONECOPY
     {  // diagnostic: the chunk's bytes in MK_ONECOPY bulk copies from a synthetic 256 MB range
       const unsigned int tot = cnt * (bytes + sbytes), per = ((tot / MK_ONECOPY) + 15) & ~15u;
       if (lane == 0) mbar_arrive_expect(full + slot, per * MK_ONECOPY);
@@ -960,6 +1078,35 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
       continue;
     }
 #endif
+    if (tcall && (tb[0] >= 0 || tb[1] >= 0) && bytes == min(RING_SEG, rowbytes - (kb0 + sg * seg))) {
+      const long long sgg = (kb0 + sg * seg) / RING_SEG, nsg = (rowbytes + RING_SEG - 1) / RING_SEG;
+      const bool merged = tb[0] >= 0 && (tb[0] & 1) == 0 && tb[1] == tb[0] + 1;  // one block pair
+      const bool rowcp = ok && ((lane >> 4) ? tb[1] : tb[0]) < 0;  // lanes of a half without a tiled block copy their rows
+      const unsigned int rcnt = __popc(__ballot_sync(0xffffffffu, rowcp));
+      constexpr unsigned int HW = 16 * PITCH, HS = 16 * RING_SSTR;
+      const unsigned int hb = HW + (sring ? HS : 0u);
+      if (lane == 0)
+        mbar_arrive_expect(full + slot, rcnt * (bytes + sbytes) + (tb[0] >= 0 ? hb : 0u) + (tb[1] >= 0 ? hb : 0u));
+      __syncwarp();
+      if ((lane == 0 || lane == 16) && !(lane == 16 && merged)) {
+        const int h = lane >> 4;
+        const long long b = h ? tb[1] : tb[0];
+        if (b >= 0) {
+          const unsigned int n = merged ? 2u : 1u;
+          const long long at = (((b >> 1) * nsg + sgg) * 2 + (b & 1));  // block index in the tiled layout
+          bulk_g2s(rbuf + slot * RING_SLOT + h * HW, tw + at * HW, n * HW, full + slot);
+          if (sring)
+            bulk_g2s(rbuf + slot * RING_SLOT + RING_SCALE_OFF + h * HS, mk_tsc + at * HS, n * HS, full + slot);
+        }
+      }
+      if (rowcp) {
+        bulk_g2s(rbuf + slot * RING_SLOT + lane * PITCH, rp + kb0 + sg * seg, bytes, full + slot);
+        if (sring)
+          bulk_g2s(rbuf + slot * RING_SLOT + RING_SCALE_OFF + lane * RING_SSTR, sp + (k0 + sg * segel) / 32, sbytes,
+                   full + slot);
+      }
+      continue;
+    }
     if (lane == 0) mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
     __syncwarp();
     if (MK_NOCOPY) {  // diagnostic: the consumers' rate alone (they compute on whatever the slot holds)
@@ -1189,6 +1336,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   const int nchunks = ((nrows + RING_ROWS - 1) / RING_ROWS) * nseg;
   const unsigned int ringb = smem_u32(mk_smem);
   const unsigned int xsb = smem_u32(xs);
+  PH_END(2)
   const long long tstart = clock64();
   const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
   long long twait = 0;
@@ -1388,6 +1536,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
     stat[4] += gtimer() - gstart;
 #endif
   }
+  PH_BEGIN(3)
 }
 
 // Chunks a ring call consumes (to advance the running counter).
@@ -1809,6 +1958,8 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
 __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt, const TileRows& d, int k0, int kc,
                                            int nrows) {
   int n = 0;
+  // MK_PHASE=6: the producer's time issuing prefetches (its lane 0 reports instead of thread 0).
+  const unsigned long long tpf = MK_PHASE == 6 && mk_prof_on && threadIdx.x == MK_CW * 32 ? gtimer() : 0ull;
   switch (fmt) {
     case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
     case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
@@ -1817,6 +1968,7 @@ __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt,
   }
   __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
   s.pre = n; s.pre_c0 = d.c0; s.pre_rows = nrows; s.pre_kc = kc; s.pre_k0 = k0; s.pre_w = d.w;
+  if (tpf) mk_stat[4] += gtimer() - tpf;
 }
 
 // Producer warp: issue the first chunks of matmul tile `tile`'s first ring call ahead of it. Weights do not depend
@@ -1972,6 +2124,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   const int ntiles = I.ntiles < 0 ? -I.ntiles * p.T : I.ntiles;
   const int next = tile + (int)gridDim.x < ntiles && mma_fmt(I.fmt) ? tile + (int)gridDim.x : -1;
   const bool producer = (threadIdx.x >> 5) == MK_CW;
+  PH_BEGIN(2)
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   if (mk_flags[0]) {
     d.xstride = I.k;
@@ -1991,7 +2144,10 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
   block_sync();
+  PH_END(3)
+  PH_BEGIN(4)
   matmul_finish(p, I, tile, SM_STAGE);
+  PH_END(4)
 }
 
 // K-outer matmul (s15r1, H100: T = 16 matmul path 12.66 -> 12.36 ms alone, part of v17): when the activations do
@@ -3016,6 +3172,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
     mk_prof_on = p.prof != nullptr;
   }
   if (threadIdx.x < 5) mk_stat[threadIdx.x] = 0;
+  if (threadIdx.x == 0) mk_tmark = 0ull;
   if (threadIdx.x == 0) mk_flags[1] = -1;
   if (threadIdx.x < 6) mk_xkey[threadIdx.x] = -1;
   DInstr& cur = mk_cur;
@@ -3024,6 +3181,12 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
   // Descriptor words of the next instruction, loaded one instruction ahead (the load's latency hides behind the
   // current instruction's work).
   int nxt = threadIdx.x < 64 && p.ninstr > 0 ? reinterpret_cast<const int*>(p.instrs)[threadIdx.x] : 0;
+  // The next instruction's pre-tiled weights (v18: tiled weights and scales offsets, 16-row blocks; thread 65),
+  // also loaded one ahead.
+  long long tin0 = -1, tin1 = -1, tin2 = 0;
+  if (threadIdx.x == 65 && p.tinfo != nullptr && p.ninstr > 0) {
+    tin0 = p.tinfo[0]; tin1 = p.tinfo[1]; tin2 = p.tinfo[2];
+  }
 #if MK_TMAP
   // The tensor-map flags of the next instruction, also loaded one ahead (thread 64); the maps need 1 KB-aligned
   // ring slots.
@@ -3035,6 +3198,11 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
     if (p.prof && threadIdx.x == 0) t0 = gtimer();
     // Control: publish the descriptor, fetch the next one, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
+    if (threadIdx.x == 65) {
+      mk_tw = tin0 >= 0 ? p.tiled + tin0 : nullptr;
+      mk_tsc = tin1 >= 0 ? p.tiled + tin1 : nullptr;
+      mk_tnb = tin2;
+    }
 #if MK_TMAP
     if (threadIdx.x == 64) {
       const uint8_t* m = p.tmaps + (long long)i * 384;
@@ -3045,6 +3213,10 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
 #endif
     block_sync();
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
+    if (threadIdx.x == 65 && p.tinfo != nullptr && i + 1 < p.ninstr) {
+      const long long* ti = p.tinfo + 3ll * (i + 1);
+      tin0 = ti[0]; tin1 = ti[1]; tin2 = ti[2];
+    }
 #if MK_TMAP
     if (threadIdx.x == 64 && tm_on && i + 1 < p.ninstr) tmn = p.tmok[i + 1];
 #endif
@@ -3060,23 +3232,28 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
       if (threadIdx.x == 0) {
         for (int d = 0; d < cur.ndeps; d++) {
           const unsigned int* c = p.done + cur.deps[d];
-          while (ld_relaxed(c) < target) __nanosleep(32);
+          while (ld_relaxed(c) < target) {
+            if (MK_POLL_NS > 0) __nanosleep(MK_POLL_NS);
+          }
         }
-        fence_acquire();
+        if (MK_ACQ) {
+          // Each counter already reached the target (counts only grow within a forward): the acquire load reads
+          // a value of every block's release sequence on it.
+          unsigned int acc = 0;
+          for (int d = 0; d < cur.ndeps; d++) acc |= ld_acquire(p.done + cur.deps[d]);
+          if (acc == 0xffffffffu) __trap();  // keeps the loads; never true (counts stay far below 2^32)
+        } else {
+          fence_acquire();
+        }
         if (p.prof) t1 = gtimer();
       } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
         if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
         else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
       block_sync();
-#if MK_PHASE
-      // Experiment builds: the profile's ring column reports the per-instruction preparation time instead.
-      const unsigned long long tprep = p.prof && threadIdx.x == 0 ? gtimer() : 0;
+      PH_BEGIN(1)
       prep(p, s, cur);
-      if (p.prof && threadIdx.x == 0) mk_stat[4] += gtimer() - tprep;
-#else
-      prep(p, s, cur);
-#endif
+      PH_END(1)
       if (cur.op == OP_MOE_UP) {
         op_moe_up(p, s, cur);
       } else if (all) {
@@ -3101,12 +3278,14 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
     // Completion: publish this block's share of instruction i (release orders all prior writes of the block).
     // The descriptor is read before the barrier: past it, other threads already publish the next one.
     const int routed = cur.op == OP_MOE_UP ? (int)cur.aux : -1;
+    PH_BEGIN(5)
     block_sync();
     if (threadIdx.x == 0) {
       mk_flags[1] = routed;  // SM_IV holds this MoE's routing lists
       // The barrier orders the block's writes before this thread's release (cumulative at gpu scope), so no
       // separate fence: the release is the only one on the completion path.
       red_release(p.done + i, 1u);
+      PH_END(5)
       if (p.prof) {
         unsigned long long* r = p.prof + ((long long)i * G + blockIdx.x) * 4;
         r[0] = t0; r[1] = t1; r[2] = gtimer(); r[3] = mk_stat[4];  // cumulative ns consumer 0 spent in the ring

@@ -37,6 +37,8 @@ struct Params {
     prof: u64,
     tmaps: u64,
     tmok: u64,
+    tiled: u64,
+    tinfo: u64,
 }
 // SAFETY: plain-old-data, passed by value as the kernel's single parameter.
 unsafe impl DeviceRepr for Params {}
@@ -109,13 +111,18 @@ pub fn cuda_available() -> bool {
     present && CudaContext::new(0).is_ok()
 }
 
-/// The megakernel's entry point, when the build has one its MXFP4 load transform (`mimo_fp4_repack`: kernels
-/// built without it read MXFP4 weights in the plan's OCP layout), and whether it reads TMA tensor maps (builds
+/// The megakernel's entry points: `mimo_forward`; when the build has them its MXFP4 load transform
+/// (`mimo_fp4_repack`: kernels built without it read MXFP4 weights in the plan's OCP layout) and its weight tiler
+/// (`mimo_tile`: older builds stream every ring chunk by row copies); and whether it reads TMA tensor maps (builds
 /// with `MK_TMAP` carry the `mimo_tmap_marker` entry).
-fn load_function(
-    ctx: &Arc<CudaContext>,
-    plan_dir: &Path,
-) -> Result<(CudaFunction, Option<CudaFunction>, bool)> {
+struct Entries {
+    forward: CudaFunction,
+    repack: Option<CudaFunction>,
+    tile: Option<CudaFunction>,
+    reads_tmaps: bool,
+}
+
+fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<Entries> {
     let cubin = plan_dir.join("megakernel.cubin");
     let (module, image) = if cubin.is_file() {
         let image =
@@ -147,11 +154,65 @@ fn load_function(
             None
         }
     };
-    Ok((
+    Ok(Entries {
         forward,
-        optional("mimo_fp4_repack"),
-        optional("mimo_tmap_marker").is_some(),
-    ))
+        repack: optional("mimo_fp4_repack"),
+        tile: optional("mimo_tile"),
+        reads_tmaps: optional("mimo_tmap_marker").is_some(),
+    })
+}
+
+/// The v18 pre-tiled copy of the ring-streamed FP8 / MXFP4 matrices (`mimo_kernels::tiled`): the tiled buffer and
+/// the per-instruction `tinfo` triples the kernel reads. None when the plan has nothing to tile or the device has
+/// no room for the copy (a warning; the kernel then copies every ring chunk row by row).
+fn tile_weights(
+    stream: &Arc<CudaStream>,
+    tile: &CudaFunction,
+    plan: &mimo_ir::plan::Plan,
+    instrs: &[DInstr],
+    weights: &CudaSlice<u8>,
+) -> Result<Option<(CudaSlice<u8>, CudaSlice<i64>)>> {
+    let tp = mimo_kernels::tiled::tile_plan(&plan.weights, instrs);
+    if tp.jobs.is_empty() {
+        return Ok(None);
+    }
+    let mut buf = match stream.alloc_zeros::<u8>(tp.bytes as usize) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(
+                "no device memory for the {:.2} GB tiled weight copy ({e:?}): ring chunks stream row by row",
+                tp.bytes as f64 / 1e9
+            );
+            return Ok(None);
+        }
+    };
+    for j in &tp.jobs {
+        let total = j.bytes() / if j.pitch % 16 == 0 { 16 } else { 1 };
+        let blocks = total.div_ceil(256).clamp(1, 8192) as u32;
+        let (src, _g) = weights.device_ptr(stream);
+        let (dst, _d) = buf.device_ptr_mut(stream);
+        let (src, dst) = (src + j.src, dst + j.dst);
+        let (rows, nb) = (j.rows as i64, j.nb as i64);
+        let (rb, seg, pitch, nsg) = (j.rb as i32, j.seg as i32, j.pitch as i32, j.nsg as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(tile);
+        b.arg(&src)
+            .arg(&dst)
+            .arg(&rows)
+            .arg(&rb)
+            .arg(&seg)
+            .arg(&pitch)
+            .arg(&nsg)
+            .arg(&nb);
+        // SAFETY: src is a weight (or its scales) the plan loader checked against the weight blob, rows x rb bytes;
+        // dst + j.bytes() lies inside `buf`, which tile_plan sized to hold every job.
+        unsafe { b.launch(cfg) }.with_context(|| format!("tiling weight {}", j.name))?;
+    }
+    Ok(Some((buf, stream.memcpy_stod(&tp.tinfo)?)))
 }
 
 /// Whether a module image (a cubin's ELF string table, or PTX text) names entry point `name`: the name as a
@@ -254,6 +315,8 @@ pub struct CudaSession {
     /// TMA tensor maps of the ring-streamed weights and their per-instruction validity bits (`encode_tensor_maps`);
     /// None for a kernel built without them (the kernel then sees null pointers).
     tmaps: Option<(CudaSlice<u8>, CudaSlice<u32>)>,
+    /// The pre-tiled weight copy and its per-instruction offsets (`tile_weights`); None: row copies only.
+    tiled: Option<(CudaSlice<u8>, CudaSlice<i64>)>,
     arena: CudaSlice<f32>,
     kv: CudaSlice<f32>,
     scratch: CudaSlice<f32>,
@@ -307,7 +370,12 @@ impl CudaSession {
         }
         let ctx = CudaContext::new(device).map_err(|e| anyhow!("CUDA device {device}: {e:?}"))?;
         let stream = ctx.default_stream();
-        let (func, repack, reads_tmaps) = load_function(&ctx, plan_dir)?;
+        let Entries {
+            forward: func,
+            repack,
+            tile,
+            reads_tmaps,
+        } = load_function(&ctx, plan_dir)?;
         let plan = &model.plan;
         let prog = plan
             .program("target")
@@ -337,6 +405,14 @@ impl CudaSession {
             repack_fp4(&stream, r, plan, &mut weights)?;
         }
         let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
+        // After the MXFP4 repack (the tiled copy holds the device layout). MIMO_TILED=0 (an A/B knob) keeps the row
+        // copies.
+        let tiled = match &tile {
+            Some(t) if std::env::var_os("MIMO_TILED").is_none_or(|v| v != "0") => {
+                tile_weights(&stream, t, plan, &enc.instrs, &weights)?
+            }
+            _ => None,
+        };
         // Tensor maps only for a kernel that reads them; MIMO_TMAP=0 (an experiment knob) withholds them, so such
         // a kernel streams every chunk by row copies (an A/B of the copy path inside one build).
         let tmaps = if reads_tmaps && std::env::var_os("MIMO_TMAP").is_none_or(|v| v != "0") {
@@ -367,6 +443,7 @@ impl CudaSession {
             instrs,
             ninstr,
             tmaps,
+            tiled,
             arena,
             kv,
             scratch,
@@ -445,6 +522,10 @@ impl CudaSession {
                 Some((m, ok)) => (m.device_ptr(s).0, ok.device_ptr(s).0),
                 None => (0, 0),
             };
+            let (tiled, tinfo) = match self.tiled.as_ref() {
+                Some((t, i)) => (t.device_ptr(s).0, i.device_ptr(s).0),
+                None => (0, 0),
+            };
             let prof = match self.prof.as_mut() {
                 Some(b) => b.device_ptr_mut(s).0,
                 None => 0,
@@ -469,6 +550,8 @@ impl CudaSession {
                 prof,
                 tmaps,
                 tmok,
+                tiled,
+                tinfo,
             }
         };
         let cfg = LaunchConfig {
