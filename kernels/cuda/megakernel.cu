@@ -1183,9 +1183,12 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
 #ifndef MK_HILO
 #define MK_HILO 1
 #endif
-// MK_UNROLL (experiment knob): unroll factor of the consumers' K-step loops (more steps' loads in flight per warp).
+// MK_UNROLL (experiment knob): unroll factor of the consumers' K-step loops. 1 since s16r5 (H100, same call:
+// T = 1 / 4 / 8 / 16 10.28 / 15.02 / 21.35 / 34.23 ms vs 10.44 / 15.17 / 21.66 / 34.59 with 2; s11r3: 4 was
+// slower than 2): ring_consume's code halves (MXFP4 57 -> 33 KB, FP8 35 -> 23 KB of SASS), and the instruction
+// cache matters more than the loop's extra independent steps.
 #ifndef MK_UNROLL
-#define MK_UNROLL 2
+#define MK_UNROLL 1
 #endif
 #define MK_STR(x) #x
 #define MK_PRAGMA_UNROLL(n) _Pragma(MK_STR(unroll n))
