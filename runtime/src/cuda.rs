@@ -164,8 +164,10 @@ fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<Entries> {
 
 /// The v18 pre-tiled copy of the ring-streamed FP8 / MXFP4 matrices (`mimo_kernels::tiled`): the tiled buffer and
 /// the per-instruction `tinfo` triples the kernel reads. None when the plan has nothing to tile or the device has
-/// no room for the copy (a warning; the kernel then copies every ring chunk row by row).
+/// no room for the copy beside everything else the session holds and a reserve (a warning; the kernel then copies
+/// every ring chunk row by row). Called after every other allocation, so the copy never takes the KV cache's room.
 fn tile_weights(
+    ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
     tile: &CudaFunction,
     plan: &mimo_ir::plan::Plan,
@@ -174,6 +176,20 @@ fn tile_weights(
 ) -> Result<Option<(CudaSlice<u8>, CudaSlice<i64>)>> {
     let tp = mimo_kernels::tiled::tile_plan(&plan.weights, instrs);
     if tp.jobs.is_empty() {
+        return Ok(None);
+    }
+    ctx.bind_to_thread()?;
+    let (free, total) = cudarc::driver::result::mem_get_info()?;
+    // Leave 1 GiB or 5 % of the device (whichever is larger) for the driver, workspaces and other sessions.
+    let reserve = (1u64 << 30).max(total as u64 / 20);
+    if (free as u64) < tp.bytes + reserve {
+        tracing::warn!(
+            "{:.2} GB free on the device, the tiled weight copy needs {:.2} GB and a {:.2} GB reserve: ring chunks \
+             stream row by row",
+            free as f64 / 1e9,
+            tp.bytes as f64 / 1e9,
+            reserve as f64 / 1e9
+        );
         return Ok(None);
     }
     let mut buf = match stream.alloc_zeros::<u8>(tp.bytes as usize) {
@@ -405,14 +421,6 @@ impl CudaSession {
             repack_fp4(&stream, r, plan, &mut weights)?;
         }
         let instrs = stream.memcpy_stod(DInstr::as_bytes(&enc.instrs))?;
-        // After the MXFP4 repack (the tiled copy holds the device layout). MIMO_TILED=0 (an A/B knob) keeps the row
-        // copies.
-        let tiled = match &tile {
-            Some(t) if std::env::var_os("MIMO_TILED").is_none_or(|v| v != "0") => {
-                tile_weights(&stream, t, plan, &enc.instrs, &weights)?
-            }
-            _ => None,
-        };
         // Tensor maps only for a kernel that reads them; MIMO_TMAP=0 (an experiment knob) withholds them, so such
         // a kernel streams every chunk by row copies (an A/B of the copy path inside one build).
         let tmaps = if reads_tmaps && std::env::var_os("MIMO_TMAP").is_none_or(|v| v != "0") {
@@ -432,6 +440,14 @@ impl CudaSession {
         let pos = stream.alloc_zeros::<i32>(mt)?;
         let out_tokens = stream.alloc_zeros::<i32>(mt)?;
         let done = stream.alloc_zeros::<u32>(enc.instrs.len())?;
+        // Last, after the MXFP4 repack (the tiled copy holds the device layout) and every buffer the session needs.
+        // MIMO_TILED=0 (an A/B knob) keeps the row copies.
+        let tiled = match &tile {
+            Some(t) if std::env::var_os("MIMO_TILED").is_none_or(|v| v != "0") => {
+                tile_weights(&ctx, &stream, t, plan, &enc.instrs, &weights)?
+            }
+            _ => None,
+        };
         let ninstr = enc.instrs.len();
         let vocab = plan.model.vocab;
         Ok(CudaSession {
