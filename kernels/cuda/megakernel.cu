@@ -102,20 +102,7 @@ __device__ __forceinline__ unsigned int ld_relaxed(const unsigned int* p) {
   return v;
 }
 __device__ __forceinline__ void fence_acquire() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-// MK_ACQ=1 (experiment knob): the dependency wait ends with one acquire load of each counter it polled instead of
-// a gpu-scope fence (which also waits for the thread's outstanding memory operations). MK_POLL_NS: the poll's
-// back-off (0: spin).
-#ifndef MK_ACQ
-#define MK_ACQ 0
-#endif
-#ifndef MK_POLL_NS
-#define MK_POLL_NS 32
-#endif
+
 __device__ __forceinline__ void red_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -413,8 +400,7 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #error "MK_LDGSTS counts 32 arrivals on a full barrier that tensor-copied chunks arrive on once: build one or the other"
 #endif
 // MK_ONECOPY=N: the producer fills each slot with N bulk copies from a synthetic range (with MK_NOCOMPUTE: what
-// the ring streams with few large copies instead of one per row and segment); N = -1 / -2: one / two contiguous
-// copies from the chunk's first row on (real weight bytes, wrong places: a pre-tiled layout's copy count).
+// the ring streams with few large copies instead of one per row and segment).
 #ifndef MK_ONECOPY
 #define MK_ONECOPY 0
 #endif
@@ -1003,28 +989,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     }
     if (lane == 0) mk_slay[slot] = 0;
 #endif
-#if MK_ONECOPY < 0
-    {  // diagnostic: the chunk as -MK_ONECOPY contiguous bulk copies (32 x PITCH weight bytes, 32 x RING_SSTR
-       // scale bytes) from its first valid row's segment onwards: real weight bytes in the wrong places, the copy
-       // count a pre-tiled weight layout would have
-      constexpr int NH = -MK_ONECOPY;
-      const unsigned int okm = __ballot_sync(0xffffffffu, ok);
-      const int l0 = okm ? __ffs(okm) - 1 : 0;
-      const uint8_t* w0 =
-          reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, l0)) + kb0 + sg * seg;
-      const uint8_t* s0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)sp, l0)) +
-                          (k0 + sg * segel) / 32;
-      const unsigned int wb = okm ? RING_ROWS * PITCH : 0u, sb2 = okm && sring ? RING_ROWS * RING_SSTR : 0u;
-      if (lane == 0) mbar_arrive_expect(full + slot, wb + sb2);
-      __syncwarp();
-      if (wb && lane < NH) bulk_g2s(rbuf + slot * RING_SLOT + lane * (wb / NH), w0 + lane * (wb / NH), wb / NH, full + slot);
-      if (sb2 && lane >= 16 && lane < 16 + NH)
-        bulk_g2s(rbuf + slot * RING_SLOT + RING_SCALE_OFF + (lane - 16) * (sb2 / NH), s0 + (lane - 16) * (sb2 / NH),
-                 sb2 / NH, full + slot);
-      (void)cnt; (void)bytes; (void)sbytes;
-      continue;
-    }
-#elif MK_ONECOPY
+#if MK_ONECOPY
     {  // diagnostic: the chunk's bytes in MK_ONECOPY bulk copies from a synthetic 256 MB range
       const unsigned int tot = cnt * (bytes + sbytes), per = ((tot / MK_ONECOPY) + 15) & ~15u;
       if (lane == 0) mbar_arrive_expect(full + slot, per * MK_ONECOPY);
@@ -3235,19 +3200,9 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
       if (threadIdx.x == 0) {
         for (int d = 0; d < cur.ndeps; d++) {
           const unsigned int* c = p.done + cur.deps[d];
-          while (ld_relaxed(c) < target) {
-            if (MK_POLL_NS > 0) __nanosleep(MK_POLL_NS);
-          }
+          while (ld_relaxed(c) < target) __nanosleep(32);
         }
-        if (MK_ACQ) {
-          // Each counter already reached the target (counts only grow within a forward): the acquire load reads
-          // a value of every block's release sequence on it.
-          unsigned int acc = 0;
-          for (int d = 0; d < cur.ndeps; d++) acc |= ld_acquire(p.done + cur.deps[d]);
-          if (acc == 0xffffffffu) __trap();  // keeps the loads; never true (counts stay far below 2^32)
-        } else {
-          fence_acquire();
-        }
+        fence_acquire();
         if (p.prof) t1 = gtimer();
       } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
         if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
