@@ -884,8 +884,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
 #if MK_TMAP
   const uint8_t* const tmw = mk_tmw;
   const uint8_t* const tms = mk_tms;
-  const int rowbytes = el_bytes<FMT>(d.K);
-  bool tg = false;
+  bool tg = false;  // (rowbytes, below, serves the tensor copies too)
   int rowh[2] = {-1, -1};
 #endif
   ce = min(ce, nchunks);

@@ -1103,23 +1103,24 @@ pub fn encode_with(
     })
 }
 
+/// Value of `#define NAME <int>` in the megakernel source (the tests' check that Rust constants match the kernel).
+#[cfg(test)]
+pub(crate) fn cu_define(name: &str) -> usize {
+    let key = format!("#define {name} ");
+    let line = MEGAKERNEL_CU
+        .lines()
+        .find(|l| l.starts_with(&key))
+        .unwrap_or_else(|| panic!("{name} not defined in megakernel.cu"));
+    line[key.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not an integer: {line}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Value of `#define NAME <int>` in the megakernel source.
-    fn cu_define(name: &str) -> usize {
-        let key = format!("#define {name} ");
-        let line = MEGAKERNEL_CU
-            .lines()
-            .find(|l| l.starts_with(&key))
-            .unwrap_or_else(|| panic!("{name} not defined in megakernel.cu"));
-        line[key.len()..]
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} is not an integer: {line}"))
-    }
 
     #[test]
     fn shared_memory_layout_matches_the_kernel_and_fits_the_sm() {

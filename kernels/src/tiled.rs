@@ -168,20 +168,7 @@ pub fn tile_host(src: &[u8], job: &TileJob) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::MEGAKERNEL_CU;
-
-    fn cu_define(name: &str) -> usize {
-        let key = format!("#define {name} ");
-        let line = MEGAKERNEL_CU
-            .lines()
-            .find(|l| l.starts_with(&key))
-            .unwrap_or_else(|| panic!("{name} not defined in megakernel.cu"));
-        line[key.len()..]
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
+    use crate::device::{cu_define, MEGAKERNEL_CU};
 
     #[test]
     fn constants_match_the_kernel() {

@@ -203,18 +203,13 @@ fn tile_weights(
         }
     };
     for j in &tp.jobs {
-        let total = j.bytes() / if j.pitch % 16 == 0 { 16 } else { 1 };
-        let blocks = total.div_ceil(256).clamp(1, 8192) as u32;
+        let units = j.bytes() / if j.pitch % 16 == 0 { 16 } else { 1 };
         let (src, _g) = weights.device_ptr(stream);
         let (dst, _d) = buf.device_ptr_mut(stream);
         let (src, dst) = (src + j.src, dst + j.dst);
         let (rows, nb) = (j.rows as i64, j.nb as i64);
         let (rb, seg, pitch, nsg) = (j.rb as i32, j.seg as i32, j.pitch as i32, j.nsg as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(units, 8192);
         let mut b = stream.launch_builder(tile);
         b.arg(&src)
             .arg(&dst)
@@ -243,6 +238,16 @@ fn image_names_entry(image: &[u8], name: &str) -> bool {
     })
 }
 
+/// A load-time kernel's launch: 256-thread blocks over `units` work items (grid-stride loops), at most
+/// `max_blocks` blocks and at least one.
+fn grid_stride(units: u64, max_blocks: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (units.div_ceil(256).clamp(1, max_blocks) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Rewrite every MXFP4 weight of the plan on the device into the megakernel's decode layout (see
 /// `mimo_fp4_repack` in kernels/cuda/megakernel.cu). Fails, naming the weight, on a region the kernel cannot
 /// take (not whole 32-bit words) or on E8M0 scales above 2^113, which the device decode does not represent.
@@ -266,16 +271,11 @@ fn repack_fp4(
             );
         }
         let nwords = w.nbytes / 4;
-        let blocks = nwords.div_ceil(256).min(4096) as u32; // >= 1: nwords >= 1
         let (base, _g) = weights.device_ptr_mut(stream);
         let (flags, _f) = bad.device_ptr_mut(stream);
         let (data, scales) = (base + w.offset, base + w.scale_offset);
         let flag = flags + 4 * i as u64;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(nwords, 4096);
         let mut b = stream.launch_builder(repack);
         b.arg(&data)
             .arg(&nwords)

@@ -181,3 +181,22 @@ pub fn assert_clean_failure(what: &str, o: &Output, needles: &[&str]) {
         );
     }
 }
+
+/// The `bench/mid_config.json` plan that `bench/gpu.sh` verifies and sanitizes on the device (FP8 attention / dense,
+/// MXFP4 experts), compiled from synthetic weights into `dir`, and its device encoding at a 256-token context.
+pub fn mid_plan(dir: &Path) -> (mimo_ir::plan::Plan, mimo_kernels::device::Encoded) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mid_config.json");
+    let cfg = mimo_models::config::ModelConfig::from_file(Path::new(path)).expect("mid config");
+    let mut opts = CompileOptions::default();
+    opts.passes.dense = mimo_ir::DType::F8E4M3;
+    let plan = mimo_compiler::synth::compile_synthetic(&cfg, dir, &opts, 5).unwrap();
+    let enc = mimo_kernels::device::encode_with(
+        &plan,
+        &plan.programs[0],
+        256,
+        true,
+        mimo_kernels::device::EncodeOptions::from_env(),
+    )
+    .expect("encode");
+    (plan, enc)
+}

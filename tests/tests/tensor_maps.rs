@@ -3,29 +3,14 @@
 //! tensor copies, so the device checks exercise the tensor-copied ring path that tiny plans never reach. Runs
 //! without a GPU: it checks the maps' geometry against the weights they cover.
 
-use mimo_compiler::CompileOptions;
-use mimo_ir::DType;
-use mimo_kernels::device::{encode_with, fmt, op, EncodeOptions};
+use mimo_kernels::device::{fmt, op};
 use mimo_kernels::tmap::{instr_maps, Swizzle};
-use mimo_models::config::ModelConfig;
+use mimo_tests::util::mid_plan;
 
 #[test]
 fn every_ring_instruction_of_the_mid_plan_gets_tensor_maps_inside_its_weights() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mid_config.json");
-    let cfg = ModelConfig::from_file(std::path::Path::new(path)).expect("mid config");
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = CompileOptions::default();
-    opts.passes.dense = DType::F8E4M3;
-    let plan =
-        mimo_compiler::synth::compile_synthetic(&cfg, &dir.path().join("mid"), &opts, 5).unwrap();
-    let enc = encode_with(
-        &plan,
-        &plan.programs[0],
-        256,
-        true,
-        EncodeOptions::from_env(),
-    )
-    .expect("encode");
+    let (plan, enc) = mid_plan(&dir.path().join("mid"));
     let (mut ring, mut fp4_scales, mut fp8) = (0, 0, 0);
     for (i, d) in enc.instrs.iter().enumerate() {
         if ![op::MATMUL, op::MOE_UP, op::MOE_DOWN].contains(&d.op) {

@@ -4,29 +4,15 @@
 //! and the tiled bytes of a real weight hold exactly what the ring's row copies would put in each slot half. Runs
 //! without a GPU (the host reference of `mimo_tile`).
 
-use mimo_compiler::CompileOptions;
-use mimo_ir::DType;
-use mimo_kernels::device::{encode_with, fmt, op, EncodeOptions};
+use mimo_kernels::device::{fmt, op};
 use mimo_kernels::tiled::{block_offset, ring_pitch, tile_host, tile_plan, RING_SEG, RING_SSTR};
-use mimo_models::config::ModelConfig;
+use mimo_tests::util::mid_plan;
 
 #[test]
 fn every_fp8_and_mxfp4_ring_instruction_of_the_mid_plan_gets_a_tiled_copy() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mid_config.json");
-    let cfg = ModelConfig::from_file(std::path::Path::new(path)).expect("mid config");
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = CompileOptions::default();
-    opts.passes.dense = DType::F8E4M3;
     let plan_dir = dir.path().join("mid");
-    let plan = mimo_compiler::synth::compile_synthetic(&cfg, &plan_dir, &opts, 5).unwrap();
-    let enc = encode_with(
-        &plan,
-        &plan.programs[0],
-        256,
-        true,
-        EncodeOptions::from_env(),
-    )
-    .expect("encode");
+    let (plan, enc) = mid_plan(&plan_dir);
     let tp = tile_plan(&plan.weights, &enc.instrs);
     assert_eq!(tp.tinfo.len(), 3 * enc.instrs.len());
     let (mut fp8, mut fp4) = (0, 0);
