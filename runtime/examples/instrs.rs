@@ -1,6 +1,7 @@
 //! The device instruction stream of a compiled plan, one line per instruction (op code, weight format, tiles,
 //! rows per tile, K, epilogue codes, fused-router experts, block rotation): how the encoder lays a layer out on the
-//! blocks, e.g. which instructions leave blocks idle.
+//! blocks, e.g. which instructions leave blocks idle; then the size of the v18 pre-tiled weight copy the CUDA
+//! runtime makes of it (`mimo_kernels::tiled`).
 //!
 //!     cargo run --release -p mimo-runtime --example instrs -- <plan dir> [max context, default 512]
 use anyhow::{anyhow, Context, Result};
@@ -30,5 +31,12 @@ fn main() -> Result<()> {
             d.op, d.fmt, d.ntiles, d.tile_rows, d.k, d.epi, d.e, d.rot
         );
     }
+    let tp = mimo_kernels::tiled::tile_plan(&m.plan.weights, &enc.instrs);
+    println!(
+        "tiled copy: {:.3} GB in {} copies (weights {:.3} GB)",
+        tp.bytes as f64 / 1e9,
+        tp.jobs.len(),
+        m.plan.weights_len as f64 / 1e9
+    );
     Ok(())
 }
