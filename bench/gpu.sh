@@ -5,7 +5,8 @@
 # Binaries are built on the CI-like machine and carried (see README.md, "The GPU device script"):
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
-# Stages (default all but ncu / variants / racerepro): env verify sanitize racerepro hf bench bigverify ncu peer variants
+# Stages (default all but ncu / variants / racerepro / icache): env verify sanitize racerepro hf bench bigverify ncu peer
+# variants icache
 # sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
@@ -105,6 +106,17 @@ if has racerepro; then
     echo "racecheck $m: rc=$? $(grep -E 'RACECHECK SUMMARY' "$W/race_repro_$m.log" | tail -1)" | tee -a "$OUT/summary.txt"
     python3 tools/race_summary.py "$W/race_repro_$m.log" | tail -n +2 | tee -a "$OUT/summary.txt"
   done
+fi
+
+if has icache; then
+  # The instruction-cache probe (tools/icache_probe.cu): cycles per instruction of straight-line code by its size,
+  # cold and warm, for 1 / 4 / 8 warps (bench/variants/icache_probe when carried, else built here).
+  log "instruction-cache probe"
+  probe=bench/variants/icache_probe
+  [ -x "$probe" ] || { nvcc -arch=sm_90a -O3 -o "$W/icache_probe" tools/icache_probe.cu && probe=$W/icache_probe; }
+  timeout 120 "$probe" 2>&1 | tee -a "$OUT/summary.txt"
+  # The instruction-cache counters this ncu has (names only).
+  timeout 60 ncu --query-metrics 2>/dev/null | grep -iE "icc|inst_cache|instruction_cache|imc" | head -40 | tee -a "$OUT/summary.txt"
 fi
 
 if has hf; then
