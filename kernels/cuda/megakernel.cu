@@ -373,6 +373,12 @@ __device__ __forceinline__ unsigned long long gtimer() {
 }
 // Diagnostics (variant cubins only; results are wrong): MK_NOCOMPUTE=1 consumers skip the MMA steps (the ring's
 // own rate), MK_NOCOPY=1 the producer completes each slot without copying (the consumers' own rate).
+// MK_F8PF=1: the FP8 block scales of a warp's next K step are loaded during this one (global loads that miss L1 at
+// each new scale line: s17r1 ncu, the FP8 step loop's top stall, long scoreboard 11 % of its samples); 0: loaded in
+// the step that uses them.
+#ifndef MK_F8PF
+#define MK_F8PF 0
+#endif
 #ifndef MK_NOCOMPUTE
 #define MK_NOCOMPUTE 0
 #endif
@@ -1130,8 +1136,10 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
     } else if (FMT == FMT_F8) {
       fp8_pairs(lds64(wa), pa[rt]);
       fp8_pairs(lds64(wa + r8), pb[rt]);
-      sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
-      sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
+      if (!MK_F8PF) {  // else the caller loaded them a step ahead (f8_scales)
+        sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
+        sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
+      }
     } else {
       bf16_pairs(lds128(wa), pa[rt]);
       bf16_pairs(lds128(wa + r8), pb[rt]);
@@ -1160,6 +1168,14 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
 // iterations a thread at T = 1, and the compiler's 4x unrolled copies and their remainder paths are
 // instruction-cache lines fetched cold every layer (s15r1, H100: T = 1 10.82 vs 11.18 ms).
 #define MK_COLD_LOOP _Pragma("unroll 1")
+// FP8 block scales of element kk (inside [k0, k0 + kc)) for this lane's rows gq, gq + 8 of both tiles.
+__device__ __forceinline__ void f8_scales(const uint8_t* const (&spr)[2][2], int k, float (&sa)[2], float (&sbv)[2]) {
+#pragma unroll
+  for (int rt = 0; rt < 2; rt++) {
+    sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + k / 128);
+    sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + k / 128);
+  }
+}
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -1168,6 +1184,9 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, unsi
                                           const unsigned int (&xa)[2][NT],
                                           const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
                                           float (&acc)[2][NT][4]) {
+  constexpr bool PF = FMT == FMT_F8 && MK_F8PF;
+  float fa[2] = {0.f, 0.f}, fb[2] = {0.f, 0.f};  // PF: this step's scales
+  if (PF && ks0 < nks) f8_scales(spr, k0 + kseg + ks0 * 32, fa, fb);
 MK_PRAGMA_UNROLL(MK_UNROLL)
   for (int ks = ks0; ks < nks; ks += MK_CW) {
     const int kk = kseg + ks * 32;  // element offset of the step inside [k0, k0 + kc)
@@ -1185,6 +1204,11 @@ MK_PRAGMA_UNROLL(MK_UNROLL)
     unsigned int pa[2][4], pb[2][4];
     float sa[2], sbv[2];
     step_weights<FMT, SRING, TL>(wb, sb, pr, tsel, spr, k0, kk, ks, pa, pb, sa, sbv);
+    if (PF) {  // this step's scales, and the next step's loads (the last step reloads its own)
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) { sa[rt] = fa[rt]; sbv[rt] = fb[rt]; }
+      f8_scales(spr, k0 + kseg + (ks + MK_CW < nks ? ks + MK_CW : ks) * 32, fa, fb);
+    }
 #pragma unroll
     for (int rt = 0; rt < 2; rt++)
 #pragma unroll
@@ -1215,6 +1239,9 @@ __device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int s
                                                  const unsigned int (&xa)[2][1],
                                                  const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0,
                                                  int nks, float (&acc)[2][1][4]) {
+  constexpr bool PF = FMT == FMT_F8 && MK_F8PF;
+  float fa[2] = {0.f, 0.f}, fb[2] = {0.f, 0.f};  // PF: this step's scales
+  if (PF && ks0 < nks) f8_scales(spr, k0 + kseg + ks0 * 32, fa, fb);
 MK_PRAGMA_UNROLL(MK_UNROLL)
   for (int ks = ks0; ks < nks; ks += MK_CW) {
     const int kk = kseg + ks * 32;
@@ -1225,6 +1252,11 @@ MK_PRAGMA_UNROLL(MK_UNROLL)
     unsigned int pa[2][4], pb[2][4];
     float sa[2], sbv[2];
     step_weights<FMT, SRING, TL>(wb, sb, pr, tsel, spr, k0, kk, ks, pa, pb, sa, sbv);
+    if (PF) {  // this step's scales, and the next step's loads (the last step reloads its own)
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) { sa[rt] = fa[rt]; sbv[rt] = fb[rt]; }
+      f8_scales(spr, k0 + kseg + (ks + MK_CW < nks ? ks + MK_CW : ks) * 32, fa, fb);
+    }
 #pragma unroll
     for (int rt = 0; rt < 2; rt++) {
       const uint4 bb = b[SAME ? 0 : rt];
@@ -1270,6 +1302,9 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 
 #ifndef MK_SUM1
 #define MK_SUM1 1
+#endif
+#ifndef MK_GFAST
+#define MK_GFAST 0
 #endif
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
 // The cross-warp sum at the end of a row group: with NT = 1 each warp writes both tiles' partials into one half
@@ -1327,8 +1362,40 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   unsigned int parity = (it / RING_NS) & 1u;
   const int nks_full = seg / SB, nks_last = (kbytes - (nseg - 1) * seg) / SB;
   const int rot_full = nks_full % MK_CW, rot_last = nks_last % MK_CW;
+  // MK_GFAST: a call whose rows all read the same activation rows (modes 0, 1, 3) sets up each whole row group
+  // (all 32 rows below nrows) from values computed once here: both tiles take the call's d.n tokens at the same
+  // activation addresses, and only FP8 / global MXFP4 scale rows are looked up (plain row maps: mode 3 with global
+  // scales keeps the general setup, whose invalid rows must not address scales). Rows past a mode-3 tile's columns
+  // compute garbage partials from stale slot rows, dropped by the sum like any invalid row's.
+  const bool uni = MK_GFAST && d.mode != 2 && !(d.mode == 3 && (FMT == FMT_F8 || (FMT == FMT_MXFP4 && !sring)));
+  const int nu = d.n;
+  const bool packed_u = MK_PACK && NT == 1 && nu <= 4;
+  unsigned int xa_u[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    const int j = packed_u ? (gq & 3) : nt * 8 + gq;
+    xa_u[nt] = j < nu ? xsb + 4u * (unsigned int)(j * d.xstride) + 32u * tq + (frag_hi(j) ^ (packed_u && gq >= 4 ? 16u : 0u))
+                      : ~0u;
+  }
   for (int c = 0; c < nchunks; c++) {
-    if (sg == 0) {
+    if (sg == 0 && uni && (g + 1) * RING_ROWS <= nrows) {
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) {
+        tn[rt] = nu;
+        const int r0 = g * RING_ROWS + rt * 16;
+        if (FMT == FMT_F8 || (FMT == FMT_MXFP4 && !sring)) {
+          spr[rt][0] = srow_ptr<FMT>(W, d.ws, d.map(r0 + gq), d.K);
+          spr[rt][1] = srow_ptr<FMT>(W, d.ws, d.map(r0 + gq + 8), d.K);
+        } else {
+          spr[rt][0] = W;
+          spr[rt][1] = W;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) xa[rt][nt] = xa_u[nt];
+      }
+      packed = packed_u;
+      same = true;
+    } else if (sg == 0) {
       int xl[2];
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
@@ -2544,6 +2611,11 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
 // squares: its logits are scaled by 1 / rms (K = I.qd, eps = I.theta), and SM_INV holds those factors for the
 // MoE up's norm prologue (the same norm). Splits are added in order; when the logits are fewer than the threads,
 // S threads share one (interleaved splits, their sums added in order).
+// MK_RANK=1: sigmoid routing without group limit picks each token's experts by rank, a thread per (token, expert),
+// when that is at most 512 comparisons a thread (route_token: one warp per token, top-k serial shuffle rounds).
+#ifndef MK_RANK
+#define MK_RANK 0
+#endif
 __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int* raw, float* rw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = I.E, T = p.T, TE = T * E;
   const bool fused = I.ws2 < 0;
@@ -2590,8 +2662,40 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
     MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) lg[i] *= SM_INV[i / E];
   }
   block_sync();
-  for (int t = warp; t < T; t += MK_WARPS)
-    route_token(I, bias, lg + t * E, ch + t * E, SM_RED + warp * 32, raw + t * I.topk, rw + t * I.topk);
+  if (MK_RANK && I.sigmoid && I.ngroup <= 1 && ((TE + MK_THREADS - 1) / MK_THREADS) * E <= 512) {
+    // A thread per (token, expert): its sigmoid score and choice value, then its rank among the token's choices
+    // (higher first, ties: lower index); ranks below topk are the picks in route_token's order.
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+      const float sc = 1.f / (1.f + __expf(-lg[i]));
+      lg[i] = sc;
+      ch[i] = sc + (bias ? __ldg(bias + (i - (i / E) * E)) : 0.f);
+    }
+    block_sync();
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+      const int t = i / E, e = i - t * E;
+      const float v = ch[i];
+      const float* row = ch + t * E;
+      int r = 0;
+      for (int f = 0; f < E; f++) {
+        const float w = row[f];
+        r += (w > v || (w == v && f < e)) ? 1 : 0;
+      }
+      if (r < I.topk) {
+        raw[t * I.topk + r] = e;
+        rw[t * I.topk + r] = lg[i];
+      }
+    }
+    block_sync();
+    MK_COLD_LOOP for (int t = threadIdx.x; t < T; t += MK_THREADS) {
+      float* w = rw + t * I.topk;
+      float wsum = 0.f;
+      for (int k = 0; k < I.topk; k++) wsum += w[k];
+      for (int k = 0; k < I.topk; k++) w[k] = (I.normtopk ? w[k] / (wsum + 1e-20f) : w[k]) * I.rscale;
+    }
+  } else {
+    for (int t = warp; t < T; t += MK_WARPS)
+      route_token(I, bias, lg + t * E, ch + t * E, SM_RED + warp * 32, raw + t * I.topk, rw + t * I.topk);
+  }
   block_sync();
   if (blockIdx.x == 0 && I.aux >= 0) {
     MK_COLD_LOOP for (int i = threadIdx.x; i < T * I.topk; i += MK_THREADS) {
