@@ -865,6 +865,24 @@ __device__ __forceinline__ void tma_chunk(uint8_t* dst, unsigned long long* bar,
 }
 #endif
 
+// Half h (16 rows) of a ring chunk whose lanes hold row pointers rp (valid: ok, the warp's mask okm): its valid
+// lanes' mask, its first lane's row pointer, and whether every valid row is the one rowbytes * (lane - 16 h) past it
+// (the tiled and tensor-copy paths take such halves whole). Warp-collective.
+struct HalfRun {
+  unsigned int hm;
+  const uint8_t* r0;
+  bool consecutive;
+};
+__device__ __forceinline__ HalfRun half_run(const uint8_t* rp, bool ok, unsigned int okm, int h, int lane,
+                                            int rowbytes) {
+  HalfRun o;
+  o.hm = (okm >> (16 * h)) & 0xffffu;
+  o.r0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, 16 * h));
+  o.consecutive =
+      __all_sync(0xffffffffu, (lane >> 4) != h || !ok || rp == o.r0 + (long long)(lane - 16 * h) * rowbytes);
+  return o;
+}
+
 // Issues chunks [cb, ce) of the call (clamped to its chunk count) and returns how many it issued.
 template <int FMT>
 __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, int k0, int kc, int nrows,
@@ -902,7 +920,6 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
   const bool tcall = MK_TILED && tw != nullptr && (FMT == FMT_F8 || (FMT == FMT_MXFP4 && sring && mk_tsc != nullptr)) &&
                      (kb0 % RING_SEG) == 0 && seg == min(RING_SEG, rowbytes);
   long long tb[2] = {-1, -1};
-  ce = min(ce, nchunks);
   for (int c = cb; c < ce; c++) {
     const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
     const unsigned int u = it + c;
@@ -914,10 +931,10 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
         const unsigned int okm = __ballot_sync(0xffffffffu, ok);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-          const unsigned int hm = (okm >> (16 * h)) & 0xffffu;
-          const uint8_t* r0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, 16 * h));
-          const bool cons = (lane >> 4) != h || !ok || rp == r0 + (long long)(lane - 16 * h) * rowbytes;
-          const bool allc = __all_sync(0xffffffffu, cons);
+          const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
+          const unsigned int hm = hr.hm;
+          const uint8_t* r0 = hr.r0;
+          const bool allc = hr.consecutive;
           tb[h] = -1;
           if (hm != 0 && allc && (hm & (hm + 1)) == 0) {
             const long long off = (long long)(r0 - (W + mk_cur.w));
@@ -935,10 +952,10 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
       const unsigned int okm = __ballot_sync(0xffffffffu, ok);
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const unsigned int hm = (okm >> (16 * h)) & 0xffffu;
-        const uint8_t* r0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, 16 * h));
-        const bool cons = (lane >> 4) != h || !ok || rp == r0 + (long long)(lane - 16 * h) * rowbytes;
-        const bool allc = __all_sync(0xffffffffu, cons);
+        const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
+        const unsigned int hm = hr.hm;
+        const uint8_t* r0 = hr.r0;
+        const bool allc = hr.consecutive;
         rowh[h] = -1;
         if (hm != 0) {
           const long long rr = (long long)(r0 - (W + mk_cur.w)) / rowbytes;
