@@ -373,11 +373,11 @@ __device__ __forceinline__ unsigned long long gtimer() {
 }
 // Diagnostics (variant cubins only; results are wrong): MK_NOCOMPUTE=1 consumers skip the MMA steps (the ring's
 // own rate), MK_NOCOPY=1 the producer completes each slot without copying (the consumers' own rate).
-// MK_F8PF=1: the FP8 block scales of a warp's next K step are loaded during this one (global loads that miss L1 at
-// each new scale line: s17r1 ncu, the FP8 step loop's top stall, long scoreboard 11 % of its samples); 0: loaded in
-// the step that uses them.
+// MK_F8PF (default 1 since s17r2, part of v19): the FP8 block scales of a warp's next K step are loaded during this
+// one (global loads that miss L1 at each new scale line: s17r1 ncu, the FP8 step loop's top stall, long scoreboard
+// 11 % of its samples); 0: loaded in the step that uses them.
 #ifndef MK_F8PF
-#define MK_F8PF 0
+#define MK_F8PF 1
 #endif
 #ifndef MK_NOCOMPUTE
 #define MK_NOCOMPUTE 0
@@ -1320,8 +1320,9 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 #ifndef MK_SUM1
 #define MK_SUM1 1
 #endif
+// MK_GFAST (default 1 since s17r2, part of v19): see ring_consume's uniform row-group setup; 0: every group general.
 #ifndef MK_GFAST
-#define MK_GFAST 0
+#define MK_GFAST 1
 #endif
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
 // The cross-warp sum at the end of a row group: with NT = 1 each warp writes both tiles' partials into one half
@@ -2628,10 +2629,11 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
 // squares: its logits are scaled by 1 / rms (K = I.qd, eps = I.theta), and SM_INV holds those factors for the
 // MoE up's norm prologue (the same norm). Splits are added in order; when the logits are fewer than the threads,
 // S threads share one (interleaved splits, their sums added in order).
-// MK_RANK=1: sigmoid routing without group limit picks each token's experts by rank, a thread per (token, expert),
-// when that is at most 512 comparisons a thread (route_token: one warp per token, top-k serial shuffle rounds).
+// MK_RANK (default 1 since s17r2, part of v19): sigmoid routing without group limit picks each token's experts by
+// rank, a thread per (token, expert), when that is at most 512 comparisons a thread; 0 (and other routers): one
+// warp per token, top-k serial shuffle rounds (route_token).
 #ifndef MK_RANK
-#define MK_RANK 0
+#define MK_RANK 1
 #endif
 __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int* raw, float* rw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = I.E, T = p.T, TE = T * E;
