@@ -8,11 +8,13 @@ addresses, no function names) and an nvdisasm listing of the same cubin (the fun
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass                 # by function
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --top 40
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --ranges
+    python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk.sass --fn ring_consumeILi4ELi1E --by-count
     nvdisasm -c -g <plan>/megakernel.cubin > mk_lines.sass   # with the cubin's line info (mimoc builds -lineinfo)
     python3 tools/ncu_sass.py ncu_sass_t1.csv.gz mk_lines.sass --fn ring_consumeILi4ELi1E --lines <plan>/megakernel.cu
 
 --fn takes a substring of the mangled name; --top lists its hottest instructions, --ranges its samples by
-straight-line stretch between branch targets (loops show up as the hot stretches), --lines SRC its samples by
+straight-line stretch between branch targets (loops show up as the hot stretches), --by-count its instructions and
+samples by how many times each ran (loop body, per chunk, per row group: distinct levels), --lines SRC its samples by
 source line of SRC (the generated megakernel.cu the cubin was built from; a listing made with nvdisasm -g).
 --code (no --fn): all stall reasons, the instruction-cache misses by function and each function's executed code.
 """
@@ -170,6 +172,31 @@ def main():
             text = src[ln - 1].strip() if 0 < ln <= len(src) else "?"
             print(f"  line {ln:5d} {100.0 * a['samples'] / ftot:5.1f}% {a['static']:4d} instrs  {text[:70]:<70} "
                   f"{top_stalls(a, ftot, 2)}")
+        return
+    if "--by-count" in args:
+        # Instructions grouped by how often they ran (two significant digits): a loop body, the per-chunk and
+        # per-row-group code of a ring call each run a distinct number of times, so this splits a function's
+        # executed instructions and samples by those levels (session 17: the MXFP4 consumer's per-group code).
+        lm = line_map(sass_path)
+        lvl = defaultdict(lambda: defaultdict(int))
+        lines = defaultdict(set)
+        ntot = sum(r["instrs"] for r in mine) or 1
+        for r in mine:
+            if r["instrs"] <= 0:
+                continue
+            a = lvl[float(f"{r['instrs']:.2g}")]
+            a["static"] += 1
+            for k in ["samples", "instrs"] + STALLS:
+                a[k] += r[k]
+            if r["off"] in lm:
+                lines[float(f"{r['instrs']:.2g}")].add(lm[r["off"]])
+        for n, a in sorted(lvl.items(), key=lambda kv: -kv[0]):
+            if a["instrs"] * 200 < ntot and a["samples"] * 200 < ftot:
+                continue
+            ls = sorted(lines[n])
+            where = f"  source lines {ls[0]}-{ls[-1]}" if ls else ""
+            print(f"  ran {n:9.2e} times: {a['static']:4d} instrs, {100.0 * a['instrs'] / ntot:5.1f}% of executed, "
+                  f"{100.0 * a['samples'] / ftot:5.1f}% of samples  {top_stalls(a, ftot, 2)}{where}")
         return
     if "--ranges" in args:
         # Stretches between branch targets / branches: split at every BRA and every target it names.
