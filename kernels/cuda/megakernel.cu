@@ -364,6 +364,11 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
+// MK_MOEST (experiment knob): MK_MOEW = 1's per-expert first blocks computed once by a thread per expert (see
+// op_moe_up); same assignment.
+#ifndef MK_MOEST
+#define MK_MOEST 0
+#endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
 __device__ __forceinline__ unsigned long long gtimer() {
@@ -2340,8 +2345,8 @@ __device__ __forceinline__ float4 lds128f(unsigned int a) {
 // the VU x 32 value dims) accumulated with each position's weight by shuffle. About 31 SASS instructions per
 // position and head (the lanes-over-dims form: ~81, a five-shuffle sum and a serial update per position).
 template <int VU>
-__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, float& m, float& l,
-                          float (&o)[VU]) {
+__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, bool pre, float& m,
+                          float& l, float (&o)[VU]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
   const int kp = ((qd >> 2) & 1) ? qd : qd + 4;  // K row pitch: an odd number of 16-byte units
@@ -2356,7 +2361,7 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
 #pragma unroll
   for (int u = 0; u < VU; u++) o[u] = 0.f;
   float* buf[2] = {SM_XS, SM_XS + ch * (kp + vd)};
-  if (a <= b) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * kp, kp);
+  if (a <= b && !pre) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * kp, kp);
   for (int j0 = a, c = 0; j0 <= b; j0 += ch, c++) {
     const int n = min(ch, b - j0 + 1);
     if (j0 + ch <= b) {
@@ -2398,22 +2403,54 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
   }
 }
 
-template <int VU>
-__device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int tile) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+// Attention tile `tile`: its token t, kv head, first head g0 of its group, split sp of S, and positions [a, b].
+__device__ __forceinline__ void attn_geom(const Params& p, const DInstr& I, int tile, int& t, int& kvh, int& g0,
+                                          int& sp, int& a, int& b) {
   const int S = attn_splits(p.T, I), NG = attn_groups(I);
-  const int tg = tile / S, sp = tile - tg * S;
-  const int tk = tg / NG, g0 = (tg - tk * NG) * MK_WARPS;
-  const int t = tk / I.nkv, kvh = tk - t * I.nkv;
-  const int G = I.nh / I.nkv, vd = I.vd, ng = min(MK_WARPS, G - g0);
+  const int tg = tile / S;
+  sp = tile - tg * S;
+  const int tk = tg / NG;
+  g0 = (tg - tk * NG) * MK_WARPS;
+  t = tk / I.nkv;
+  kvh = tk - t * I.nkv;
   const int P = p.pos[t];
   const int lo = I.window > 0 ? max(0, P + 1 - I.window) : 0;
   const int per = (P - lo + S) / S;  // positions per split (ceil)
-  const int a = lo + sp * per, b = min(P, a + per - 1);
+  a = lo + sp * per;
+  b = min(P, a + per - 1);
+}
+
+// MK_ASTAGE (experiment knob): the K / V rows of a block's first attention tile's first chunk are copied into
+// shared memory before the instruction's dependency wait when they all precede this forward's first position
+// (p.pos is ascending and consecutive: those rows were written by earlier forwards and this forward's KV writes
+// cannot reach their slots, see the encoder's KV capacity), so their latency overlaps the wait for q / k / v.
+#ifndef MK_ASTAGE
+#define MK_ASTAGE 0
+#endif
+// Whether tile `tile`'s first chunk may be staged before the wait (and, staged, it is: attn_head skips it).
+__device__ __forceinline__ bool attn_prestage(const Params& p, const DInstr& I, int tile, bool issue) {
+  int t, kvh, g0, sp, a, b;
+  attn_geom(p, I, tile, t, kvh, g0, sp, a, b);
+  const int qd = I.qd, vd = I.vd;
+  const int kp = ((qd >> 2) & 1) ? qd : qd + 4;
+  const int ch = min(32, MK_XS / (2 * (kp + vd))) & ~3;
+  const int n = min(ch, b - a + 1);
+  const bool ok = a <= b && a + n <= p.pos[0];
+  if (ok && issue) attn_stage(p, I, kvh, a, n, SM_XS, SM_XS + ch * kp, kp);
+  return ok;
+}
+
+template <int VU>
+__device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int tile, bool pre) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int S = attn_splits(p.T, I);
+  int t, kvh, g0, sp, a, b;
+  attn_geom(p, I, tile, t, kvh, g0, sp, a, b);
+  const int G = I.nh / I.nkv, vd = I.vd, ng = min(MK_WARPS, G - g0);
   const float* sinks = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
   const int th0 = t * I.nh + kvh * G + g0;  // (token, head) index of the tile's first head
   float m, l, o[VU];
-  attn_head<VU>(p, I, t, kvh, g0, a, b, m, l, o);
+  attn_head<VU>(p, I, t, kvh, g0, a, b, pre, m, l, o);
   if (warp < ng) {
     if (S == 1) {
       const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
@@ -2487,9 +2524,10 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
 }
 
 // Value head dims up to 128 (four per lane) or 256.
-__device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile) {
-  if (I.vd <= 128) attn_tile<4>(p, I, tile);
-  else attn_tile<8>(p, I, tile);
+// pre: the tile's first chunk is already in flight (MK_ASTAGE).
+__device__ __noinline__ void op_attn(const Params& p, Smem& s, const DInstr& I, int tile, bool pre) {
+  if (I.vd <= 128) attn_tile<4>(p, I, tile, pre);
+  else attn_tile<8>(p, I, tile, pre);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -2857,6 +2895,30 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     const int st = u0 * G / U;
     nb = (u0 + 1) * G / U - st;
     q = b - st;
+    ustep = U;
+  } else if (U <= G && MK_MOEST && U < MK_THREADS) {
+    // As below, with expert u's first block st[u] = u + floor((G - U) C_u / C) (st[U] = G) computed once by
+    // thread u in shared memory: each thread then only scans st (the serial loops below ran every expert's cost,
+    // two integer divisions, on every thread, and were the MoE up's most instruction-cache-missed code).
+    int* st = reinterpret_cast<int*>(SM_RED);  // [0, U]: costs, then first blocks
+    const int me = threadIdx.x;
+    if (me < U) st[me] = moe_cost(I, cnt[me]);
+    block_sync();
+    int cpre = 0, ctot = 0;
+    if (me <= U) {
+      MK_COLD_LOOP for (int u = 0; u < U; u++) {
+        const int c = st[u];
+        cpre += u < me ? c : 0;
+        ctot += c;
+      }
+    }
+    block_sync();
+    if (me <= U) st[me] = me + (int)((long long)(G - U) * cpre / ctot);
+    block_sync();
+    u0 = 0;
+    MK_COLD_LOOP while (b >= st[u0 + 1]) u0++;
+    q = b - st[u0];
+    nb = st[u0 + 1] - st[u0];
     ustep = U;
   } else if (U <= G) {
     // One block per routed expert, the other G - U shared in proportion to moe_cost: expert u gets blocks
@@ -3319,6 +3381,8 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
     // MoE up, and MoE down in expert-major mode, schedule their own work over every block.
     const bool all = cur.op == OP_MOE_UP || (cur.op == OP_MOE_DOWN && moe_down_em(p, cur));
     if (first < ntiles || all) {
+      // MK_ASTAGE: the first attention tile's past K / V rows start copying before the wait.
+      const bool astaged = MK_ASTAGE && cur.op == OP_ATTN && attn_prestage(p, cur, first, true);
       if (threadIdx.x == 0) {
         for (int d = 0; d < cur.ndeps; d++) {
           const unsigned int* c = p.done + cur.deps[d];
@@ -3344,7 +3408,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
         for (int tile = ko ? ntiles : first; tile < ntiles; tile += G) {
           switch (cur.op) {
             case OP_MATMUL: op_matmul(p, s, cur, tile); break;
-            case OP_ATTN: op_attn(p, s, cur, tile); break;
+            case OP_ATTN: op_attn(p, s, cur, tile, astaged && tile == first); break;
             case OP_ROUTER: op_router(p, s, cur, tile); break;
             case OP_MOE_DOWN: op_moe_down(p, s, cur, tile); break;
             default: op_rowwise(p, s, cur, tile); break;
