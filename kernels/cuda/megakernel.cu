@@ -873,18 +873,20 @@ __device__ __forceinline__ void tma_chunk(uint8_t* dst, unsigned long long* bar,
 // Half h (16 rows) of a ring chunk whose lanes hold row pointers rp (valid: ok, the warp's mask okm): its valid
 // lanes' mask, its first lane's row pointer, and whether every valid row is the one rowbytes * (lane - 16 h) past it
 // (the tiled and tensor-copy paths take such halves whole). Warp-collective.
+// A 16-row half of a chunk: its valid-row mask, its first row's address, and whether its valid rows are a prefix
+// of the half holding consecutive weight rows (what one tiled or tensor copy can fetch).
 struct HalfRun {
   unsigned int hm;
   const uint8_t* r0;
-  bool consecutive;
+  bool whole;
 };
 __device__ __forceinline__ HalfRun half_run(const uint8_t* rp, bool ok, unsigned int okm, int h, int lane,
                                             int rowbytes) {
   HalfRun o;
   o.hm = (okm >> (16 * h)) & 0xffffu;
   o.r0 = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, (unsigned long long)rp, 16 * h));
-  o.consecutive =
-      __all_sync(0xffffffffu, (lane >> 4) != h || !ok || rp == o.r0 + (long long)(lane - 16 * h) * rowbytes);
+  o.whole = __all_sync(0xffffffffu, (lane >> 4) != h || !ok || rp == o.r0 + (long long)(lane - 16 * h) * rowbytes) &&
+            (o.hm & (o.hm + 1)) == 0;
   return o;
 }
 
@@ -937,12 +939,9 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
 #pragma unroll
         for (int h = 0; h < 2; h++) {
           const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
-          const unsigned int hm = hr.hm;
-          const uint8_t* r0 = hr.r0;
-          const bool allc = hr.consecutive;
           tb[h] = -1;
-          if (hm != 0 && allc && (hm & (hm + 1)) == 0) {
-            const long long off = (long long)(r0 - (W + mk_cur.w));
+          if (hr.hm != 0 && hr.whole) {
+            const long long off = (long long)(hr.r0 - (W + mk_cur.w));
             const long long rr = off / rowbytes;
             if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
           }
@@ -958,15 +957,12 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
-        const unsigned int hm = hr.hm;
-        const uint8_t* r0 = hr.r0;
-        const bool allc = hr.consecutive;
         rowh[h] = -1;
-        if (hm != 0) {
-          const long long rr = (long long)(r0 - (W + mk_cur.w)) / rowbytes;
+        if (hr.hm != 0) {
+          const long long rr = (long long)(hr.r0 - (W + mk_cur.w)) / rowbytes;
           rowh[h] = (int)rr;
-          if (!allc || (hm & (hm + 1)) != 0 || rr < 0 || rr > 0x7fffffffLL ||
-              (FMT == FMT_F8 && ((rr & 7) != 0 || (hm != 0xffu && hm != 0xffffu))))
+          if (!hr.whole || rr < 0 || rr > 0x7fffffffLL ||
+              (FMT == FMT_F8 && ((rr & 7) != 0 || (hr.hm != 0xffu && hr.hm != 0xffffu))))
             tg = false;
         }
       }
