@@ -1325,6 +1325,10 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 #ifndef MK_GFAST
 #define MK_GFAST 1
 #endif
+// MK_GFAST2 (experiment knob): see ring_consume's mode-2 row-group setup.
+#ifndef MK_GFAST2
+#define MK_GFAST2 0
+#endif
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
 // The cross-warp sum at the end of a row group: with NT = 1 each warp writes both tiles' partials into one half
 // of a double buffer (halves alternate by group), one named barrier, then the consumers add them up in warp
@@ -1387,6 +1391,10 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
   // scales keeps the general setup, whose invalid rows must not address scales). Rows past a mode-3 tile's columns
   // compute garbage partials from stale slot rows, dropped by the sum like any invalid row's.
   const bool uni = MK_GFAST && d.mode != 2 && !(d.mode == 3 && (FMT == FMT_F8 || (FMT == FMT_MXFP4 && !sring)));
+  // MK_GFAST2: MoE down (mode 2) whose experts' column tiles have no padding rows (cols a multiple of 16), scales
+  // in the ring or none: a whole row group's setup is its two 16-row tiles' experts, no per-row tests.
+  const bool uni2 = MK_GFAST2 && d.mode == 2 && d.cols == moe_colsp(d.cols) &&
+                    !(FMT == FMT_F8 || (FMT == FMT_MXFP4 && !sring));
   const int nu = d.n;
   const bool packed_u = MK_PACK && NT == 1 && nu <= 4;
   unsigned int xa_u[NT];
@@ -1414,6 +1422,32 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       }
       packed = packed_u;
       same = true;
+    } else if (sg == 0 && uni2 && (g + 1) * RING_ROWS <= nrows) {
+      // MK_GFAST2: each 16-row tile is whole rows of one expert (no padding rows), all valid.
+      int xl[2], uu[2];
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) {
+        uu[rt] = (int)d.rdiv.div((unsigned)(g * RING_ROWS + rt * 16));
+        tn[rt] = sld(d.cnt + uu[rt]);
+        xl[rt] = sld(d.mst + uu[rt]);
+        spr[rt][0] = W;
+        spr[rt][1] = W;
+      }
+      packed = MK_PACK && NT == 1 && tn[0] <= 4 && tn[1] <= 4;
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          const int j = packed ? (gq & 3) : nt * 8 + gq;
+          if (j < tn[rt]) {
+            const int xr = d.xrow(xl[rt], j);
+            xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq +
+                         (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+          } else {
+            xa[rt][nt] = ~0u;
+          }
+        }
+      same = uu[0] == uu[1];  // one expert: the same rows (two experts' member rows differ)
     } else if (sg == 0) {
       int xl[2];
 #pragma unroll
