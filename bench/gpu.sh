@@ -199,7 +199,9 @@ if has variants; then
     timeout 60 env $venv $B/mimort verify-gpu "$W/$2" --prefill 40 --decode 24 --json "$W/verify_$3$name.json" > "$W/verify_$3$name.log" 2>&1
     echo "verify ${3//_/ }$name: rc=$? $(tr -d '\n ' < "$W/verify_$3$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
   }
-  for v in bench/variants/*.cubin; do
+  # MIMO_VARIANT_DIR: where the variant cubins are (default bench/variants; a second set, e.g. for a later call
+  # in the same device command, can sit in another carried folder).
+  for v in ${MIMO_VARIANT_DIR:-bench/variants}/*.cubin; do
     [ -f "$v" ] || continue
     name=$(basename "$v" .cubin)
     # MIMO_VARIANT_ENV="NAME:VAR=VALUE[,VAR=VALUE] ...": the environment variant NAME runs under (e.g. an older
