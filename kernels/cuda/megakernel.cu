@@ -364,10 +364,15 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
-// MK_MOEST (experiment knob): MK_MOEW = 1's per-expert first blocks computed once by a thread per expert (see
-// op_moe_up); same assignment.
+// MK_UNIQW (experiment knob): moe_unique's member counts and lists by warp ballots (see there).
+#ifndef MK_UNIQW
+#define MK_UNIQW 0
+#endif
+// MK_MOEST (default 1 since s18r1): MK_MOEW = 1's per-expert first blocks computed once by a thread per expert (see
+// op_moe_up); same assignment. s18r1 (H100, one call): T = 1 / 16 9.705 / 32.464 ms vs 9.897 / 32.573 (MoE-up path
+// at T = 1 3063 -> 2893 us).
 #ifndef MK_MOEST
-#define MK_MOEST 0
+#define MK_MOEST 1
 #endif
 #define MK_CW (MK_WARPS - 1)  // consumer warps; the last warp is the producer
 
@@ -2703,6 +2708,11 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
 #ifndef MK_RANK
 #define MK_RANK 1
 #endif
+// MK_RTU (experiment knob): unroll of the one-split partial-logit sums (T x E >= MK_THREADS: T = 16), i.e. how
+// many of a thread's L2 loads are in flight at once; same sums in the same order.
+#ifndef MK_RTU
+#define MK_RTU 16
+#endif
 __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int* raw, float* rw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = I.E, T = p.T, TE = T * E;
   const bool fused = I.ws2 < 0;
@@ -2715,7 +2725,7 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
   if (S == 1) {
     MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
       float a = 0.f;
-#pragma unroll 16
+MK_PRAGMA_UNROLL(MK_RTU)
       for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * TE + i);
       lg[i] = a;
     }
@@ -2827,6 +2837,54 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   }
   block_sync();
   const int U = SM_IV[IV_U];
+#if MK_UNIQW
+  // A warp per routed expert: its members counted and listed 32 pairs a step by ballots (ascending pair index),
+  // and the member starts scanned by warp 0 (the thread-per-expert loops walked all T x topk pairs serially: 128
+  // dependent shared loads twice at T = 16).
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  MK_COLD_LOOP for (int u = warp; u < U; u += MK_WARPS) {
+    const int e = ids[u];
+    int c = 0;
+    MK_COLD_LOOP for (int i0 = 0; i0 < n; i0 += 32)
+      c += __popc(__ballot_sync(0xffffffffu, i0 + lane < n && raw[i0 + lane] == e));
+    if (lane == 0) cnt[u] = c;
+  }
+  block_sync();
+  if (warp == 0) {
+    int carry = 0, mx = 0;
+    MK_COLD_LOOP for (int u0 = 0; u0 < U; u0 += 32) {
+      const int v = u0 + lane < U ? cnt[u0 + lane] : 0;
+      int inc = v;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+      }
+      if (u0 + lane < U) mst[u0 + lane] = carry + inc - v;
+      mx = max(mx, v);
+      carry += __shfl_sync(0xffffffffu, inc, 31);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) {
+      mst[U] = carry;
+      SM_IV[IV_U + 1] = mx;
+    }
+  }
+  block_sync();
+  MK_COLD_LOOP for (int u = warp; u < U; u += MK_WARPS) {
+    const int e = ids[u];
+    int pos = mst[u];
+    MK_COLD_LOOP for (int i0 = 0; i0 < n; i0 += 32) {
+      const bool hit = i0 + lane < n && raw[i0 + lane] == e;
+      const unsigned int b = __ballot_sync(0xffffffffu, hit);
+      if (hit) ml[pos + __popc(b & ((1u << lane) - 1u))] = i0 + lane;
+      pos += __popc(b);
+    }
+  }
+  block_sync();
+  return U;
+#else
   MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_THREADS) {
     int e = ids[u], c = 0;
     for (int i = 0; i < n; i++) c += raw[i] == e;
@@ -2846,6 +2904,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   }
   block_sync();
   return U;
+#endif
 }
 
 // UP: the block's share of (routed expert, column tile) work. Blocks are split into contiguous groups, one group
