@@ -16,7 +16,9 @@ addresses, no function names) and an nvdisasm listing of the same cubin (the fun
 straight-line stretch between branch targets (loops show up as the hot stretches), --by-count its instructions and
 samples by how many times each ran (loop body, per chunk, per row group: distinct levels), --lines SRC its samples by
 source line of SRC (the generated megakernel.cu the cubin was built from; a listing made with nvdisasm -g).
---code (no --fn): all stall reasons, the instruction-cache misses by function and each function's executed code.
+--code (no --fn): all stall reasons, the instruction-cache misses by function and each function's executed code;
+--code --lines SRC: the executed instructions by (function, source line), largest first (--fn A,B leaves out the
+functions whose names contain A or B, e.g. ILi1E,op_rowwise for the LM head and embedding: the per-layer code).
 """
 import csv
 import gzip
@@ -31,8 +33,15 @@ STALLS = ["barrier", "branch_resolving", "dispatch", "drain", "imc", "lg", "long
 def line_map(sass_path):
     """{offset: source line} from an `nvdisasm -g` listing (the last `//## File ..., line N` before each
     instruction)."""
-    out, cur = {}, None
+    out, cur, on = {}, None, False
     for line in open(sass_path):
+        # Only the megakernel's section: every kernel's offsets start at 0 (the load-time kernels would overwrite
+        # the main loop's first lines).
+        if re.match(r"^\s*\.section\s+\.text\.", line):
+            on = ".text.mimo_forward," in line
+            continue
+        if not on:
+            continue
         m = re.search(r'//## File ".*", line (\d+)', line)
         if m:
             cur = int(m.group(1))
@@ -130,6 +139,32 @@ def code_report(funcs, recs, total):
               f"{len(lines[name]) * 128 / 1024:9.1f} {a['exec'] * 16 / 1024:8.1f} {a['static'] * 16 / 1024:8.1f}")
 
 
+def exec_lines(funcs, recs, total, sass_path, src_path, top, skip):
+    """The executed code by source line (all functions, or all but those whose names contain one of the
+    comma-separated --fn substrings, e.g. the LM head's): distinct executed instructions per (function, line), their
+    no-instruction samples, largest first: where a step's instruction-cache working set comes from (session 18:
+    MoE up's inlined assignment divisions)."""
+    src = open(src_path).read().split("\n")
+    lm = line_map(sass_path)
+    drop = [x for x in (skip or "").split(",") if x]
+    agg = defaultdict(lambda: [0, 0])
+    for r in recs:
+        if r["instrs"] <= 0:
+            continue
+        f = owner(funcs, r["off"])
+        if any(x in f for x in drop):
+            continue
+        a = agg[(f, lm.get(r["off"], 0))]
+        a[0] += 1
+        a[1] += r["no_inst"]
+    n = sum(a[0] for a in agg.values())
+    print(f"executed: {n} instructions ({n * 16 / 1024:.1f} KB){' without ' + skip if skip else ''}")
+    print(f"{'instrs':>6} {'no_inst':>8}  {'function':<32} {'line':>5}  source")
+    for (f, ln), a in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
+        text = src[ln - 1].strip() if 0 < ln <= len(src) else "?"
+        print(f"{a[0]:6d} {100.0 * a[1] / total:7.2f}%  {f[:32]:<32} {ln:5d}  {text[:80]}")
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -140,6 +175,9 @@ def main():
     funcs = functions(sass_path)
     recs = list(rows(csv_path))
     total = sum(r["samples"] for r in recs) or 1
+    if "--code" in args and "--lines" in args:
+        exec_lines(funcs, recs, total, sass_path, args[args.index("--lines") + 1], top or 40, fn)
+        return
     if "--code" in args:
         code_report(funcs, recs, total)
         return
