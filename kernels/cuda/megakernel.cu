@@ -364,9 +364,11 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
-// MK_UNIQW (experiment knob): moe_unique's member counts and lists by warp ballots (see there).
+// MK_UNIQW (default 1 since s18r2, with MK_RTU = 32): moe_unique's member counts and lists by warp ballots (see
+// there). s18r2 (H100, same call): T = 1 / 4 / 8 / 16 9.698 / 13.828 / 20.666 / 32.593 vs 9.721 / 13.867 / 20.752 /
+// 33.282 ms.
 #ifndef MK_UNIQW
-#define MK_UNIQW 0
+#define MK_UNIQW 1
 #endif
 // MK_MOEST (default 1 since s18r1): MK_MOEW = 1's per-expert first blocks computed once by a thread per expert (see
 // op_moe_up); same assignment. s18r1 (H100, one call): T = 1 / 16 9.705 / 32.464 ms vs 9.897 / 32.573 (MoE-up path
@@ -2708,10 +2710,10 @@ __device__ void route_token(const DInstr& I, const float* bias, float* lg, float
 #ifndef MK_RANK
 #define MK_RANK 1
 #endif
-// MK_RTU (experiment knob): unroll of the one-split partial-logit sums (T x E >= MK_THREADS: T = 16), i.e. how
-// many of a thread's L2 loads are in flight at once; same sums in the same order.
+// MK_RTU (32 since s18r2, with MK_UNIQW; 16 before): unroll of the one-split partial-logit sums (T x E >=
+// MK_THREADS: T = 16), i.e. how many of a thread's L2 loads are in flight at once; same sums in the same order.
 #ifndef MK_RTU
-#define MK_RTU 16
+#define MK_RTU 32
 #endif
 __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int* raw, float* rw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = I.E, T = p.T, TE = T * E;
