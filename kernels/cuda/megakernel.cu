@@ -364,6 +364,10 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
+// MK_UPPF (experiment knob, off): see moe_up_tiles.
+#ifndef MK_UPPF
+#define MK_UPPF 0
+#endif
 // MK_UNIQW (default 1 since s18r2, with MK_RTU = 32): moe_unique's member counts and lists by warp ballots (see
 // there). s18r2 (H100, same call): T = 1 / 4 / 8 / 16 9.698 / 13.828 / 20.666 / 32.593 vs 9.721 / 13.867 / 20.752 /
 // 33.282 ms.
@@ -2928,16 +2932,34 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
   const bool full = kcw == I.k;
   const int tr = I.tile_rows;
   const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
+  // The ring call of batch jb: its tiles' gate and up rows.
+  auto batch = [&](int jb) {
+    TileRows d{};
+    d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
+    d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = min(B, nt - jb) * 2 * tr;
+    return d;
+  };
+  // MK_UPPF (experiment knob, not yet run): the producer warp issues the first chunks of batch jb's ring call over
+  // [k0, k0 + kc) before the activation rows that call reads are loaded (weights do not depend on them), so the
+  // ring's start overlaps the load instead of following it (every K pass of an expert with more than 4 members at
+  // T = 16 started its ring cold after its reload).
+  auto prefetch = [&](int jb, int k0, int kc) {
+    if (MK_UPPF && (threadIdx.x >> 5) == MK_CW && mma_fmt(I.fmt)) {
+      TileRows d = batch(jb);
+      d.rdiv.init(2 * d.cols);
+      prefetch_call(p, s, I.fmt, d, k0, kc, d.sstride);
+    }
+  };
   block_sync();
   if (full && nt > 0) {
+    prefetch(0, 0, I.k);
     load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
   }
   for (int jb = 0; jb < nt; jb += B) {
     const int nbt = min(B, nt - jb);
     const int sstride = nbt * 2 * tr;
-    TileRows d{};
-    d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
-    d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
+    const TileRows d = batch(jb);
+    if (full && jb > 0) prefetch(jb, 0, I.k);
     MK_COLD_LOOP for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
     if (full) {
       block_sync();
@@ -2946,6 +2968,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
       for (int k0 = 0; k0 < I.k; k0 += kcw) {
         int kc = min(kcw, I.k - k0);
         block_sync();
+        prefetch(jb, k0, kc);
         load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
         block_sync();
         rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
