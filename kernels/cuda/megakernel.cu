@@ -1340,6 +1340,31 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 #ifndef MK_GFAST2
 #define MK_GFAST2 0
 #endif
+// A row group's activation fragment addresses (xa: ~0u past a tile's tn tokens; xl: the tiles' member-list starts,
+// -1: rows j), whether the hi / lo halves are packed, and whether both tiles read the same rows.
+template <int NT>
+__device__ __forceinline__ void group_xa(const TileRows& d, const int (&tn)[2], const int (&xl)[2], unsigned int xsb,
+                                         int gq, int tq, unsigned int (&xa)[2][NT], bool& packed, bool& same) {
+  packed = MK_PACK && NT == 1 && tn[0] <= 4 && tn[1] <= 4;
+#pragma unroll
+  for (int rt = 0; rt < 2; rt++)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      // Packed: lanes gq < 4 read token gq's hi half, lanes gq >= 4 token gq - 4's lo half.
+      const int j = packed ? (gq & 3) : nt * 8 + gq;
+      if (j < tn[rt]) {
+        const int xr = xl[rt] >= 0 ? d.xrow(xl[rt], j) : j;  // activation row (frag_hi: its halves' order)
+        xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq +
+                     (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+      } else {
+        xa[rt][nt] = ~0u;
+      }
+    }
+  same = tn[0] == tn[1];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) same = same && __all_sync(0xffffffffu, xa[0][nt] == xa[1][nt]);
+}
+
 // Consumers (warps 0 .. MK_CW - 1). NT = 8-token MMA column tiles (1: up to 8 tokens, 2: up to 16).
 // The cross-warp sum at the end of a row group: with NT = 1 each warp writes both tiles' partials into one half
 // of a double buffer (halves alternate by group), one named barrier, then the consumers add them up in warp
@@ -1435,30 +1460,16 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       same = true;
     } else if (sg == 0 && uni2 && (g + 1) * RING_ROWS <= nrows) {
       // MK_GFAST2: each 16-row tile is whole rows of one expert (no padding rows), all valid.
-      int xl[2], uu[2];
+      int xl[2];
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
-        uu[rt] = (int)d.rdiv.div((unsigned)(g * RING_ROWS + rt * 16));
-        tn[rt] = sld(d.cnt + uu[rt]);
-        xl[rt] = sld(d.mst + uu[rt]);
+        const int uu = (int)d.rdiv.div((unsigned)(g * RING_ROWS + rt * 16));
+        tn[rt] = sld(d.cnt + uu);
+        xl[rt] = sld(d.mst + uu);
         spr[rt][0] = W;
         spr[rt][1] = W;
       }
-      packed = MK_PACK && NT == 1 && tn[0] <= 4 && tn[1] <= 4;
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          const int j = packed ? (gq & 3) : nt * 8 + gq;
-          if (j < tn[rt]) {
-            const int xr = d.xrow(xl[rt], j);
-            xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq +
-                         (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
-          } else {
-            xa[rt][nt] = ~0u;
-          }
-        }
-      same = uu[0] == uu[1];  // one expert: the same rows (two experts' member rows differ)
+      group_xa<NT>(d, tn, xl, xsb, gq, tq, xa, packed, same);
     } else if (sg == 0) {
       int xl[2];
 #pragma unroll
@@ -1489,24 +1500,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
         }
         tn[rt] = tv ? n : 0;
       }
-      packed = MK_PACK && NT == 1 && tn[0] <= 4 && tn[1] <= 4;
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          // Packed: lanes gq < 4 read token gq's hi half, lanes gq >= 4 token gq - 4's lo half.
-          const int j = packed ? (gq & 3) : nt * 8 + gq;
-          if (j < tn[rt]) {
-            const int xr = xl[rt] >= 0 ? d.xrow(xl[rt], j) : j;  // activation row (frag_hi: its halves' order)
-            xa[rt][nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq +
-                         (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
-          } else {
-            xa[rt][nt] = ~0u;
-          }
-        }
-      same = tn[0] == tn[1];
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) same = same && __all_sync(0xffffffffu, xa[0][nt] == xa[1][nt]);
+      group_xa<NT>(d, tn, xl, xsb, gq, tq, xa, packed, same);
     }
     const bool lastseg = sg == nseg - 1;
     const int nks = lastseg ? nks_last : nks_full;
@@ -2373,6 +2367,13 @@ __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int
   cp_async_commit();
 }
 
+// A chunk of K / V rows in shared memory: the K row pitch kp (an odd number of 16-byte units, so eight rows' LDS.128
+// fall in distinct banks) and the positions per chunk ch (two chunks fit the activation buffer).
+__device__ __forceinline__ void attn_chunk(int qd, int vd, int& kp, int& ch) {
+  kp = ((qd >> 2) & 1) ? qd : qd + 4;
+  ch = min(32, MK_XS / (2 * (kp + vd))) & ~3;
+}
+
 __device__ __forceinline__ float4 lds128f(unsigned int a) {
   const uint4 v = lds128(a);
   return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
@@ -2390,8 +2391,8 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
                           float& l, float (&o)[VU]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
-  const int kp = ((qd >> 2) & 1) ? qd : qd + 4;  // K row pitch: an odd number of 16-byte units
-  const int ch = min(32, MK_XS / (2 * (kp + vd))) & ~3;
+  int kp, ch;
+  attn_chunk(qd, vd, kp, ch);
   float* qs = SM_STAGE + warp * qd;  // the attention instruction leaves the stage unused
   const float* q = p.arena + I.x + (long long)t * I.xw + (long long)(kvh * G + min(g0 + warp, G - 1)) * qd;
   for (int k = lane; k < qd; k += 32) qs[k] = ldcg(q + k) * I.scale;
@@ -2472,9 +2473,8 @@ __device__ __forceinline__ void attn_geom(const Params& p, const DInstr& I, int 
 __device__ __forceinline__ bool attn_prestage(const Params& p, const DInstr& I, int tile, bool issue) {
   int t, kvh, g0, sp, a, b;
   attn_geom(p, I, tile, t, kvh, g0, sp, a, b);
-  const int qd = I.qd, vd = I.vd;
-  const int kp = ((qd >> 2) & 1) ? qd : qd + 4;
-  const int ch = min(32, MK_XS / (2 * (kp + vd))) & ~3;
+  int kp, ch;
+  attn_chunk(I.qd, I.vd, kp, ch);
   const int n = min(ch, b - a + 1);
   const bool ok = a <= b && a + n <= p.pos[0];
   if (ok && issue) attn_stage(p, I, kvh, a, n, SM_XS, SM_XS + ch * kp, kp);
