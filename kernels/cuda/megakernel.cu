@@ -1341,7 +1341,8 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 #define MK_GFAST2 0
 #endif
 // MK_DSUM (experiment knob): ring calls of <= 4 tokens a row tile sum the warps' partials every two row groups
-// (one consumer barrier per two groups instead of one per group; see ring_consume's cross-warp sum).
+// (<= 2 tokens: every four) after one consumer barrier, instead of one barrier and sum per group (see
+// ring_consume's cross-warp sum).
 #ifndef MK_DSUM
 #define MK_DSUM 0
 #endif
@@ -1377,8 +1378,8 @@ __device__ __forceinline__ void group_xa(const TileRows& d, const int (&tn)[2], 
 // so no second barrier is needed. NT = 2 sums one 16-row tile at a time (two barriers each).
 template <int FMT, int NT>
 __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
-                                          unsigned int it, bool sring, bool dsum_call) {
-  const bool dsum = MK_DSUM && dsum_call;
+                                          unsigned int it, bool sring, int dsum_call) {
+  const int dsum = MK_DSUM ? dsum_call : 0;
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
@@ -1416,7 +1417,7 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
       for (int e = 0; e < 4; e++) acc[rt][nt][e] = 0.f;
   // Per row group: each tile's token count (warp-uniform), this lane's activation row address per column tile
   // (~0u: none), the global scale rows of this lane's two rows, and whether the hi / lo halves are packed.
-  int tn[2], tnp[2] = {0, 0};  // tnp (dsum): the counts of the group summed with the next
+  int tn[2];
   bool same = true, packed = false;
   unsigned int xa[2][NT];
   const uint8_t* spr[2][2];
@@ -1564,15 +1565,16 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[rt][0][e] += __shfl_xor_sync(0xffffffffu, acc[rt][0][e], 2);
     }
-    if (NT == 1 && MK_SUM1) {
-      // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group. dsum (MK_DSUM, <= 4 tokens):
-      // four buffers of [MK_CW][32 rows][4 tokens], one barrier per two groups (both summed after it).
-      const int rs = dsum ? 4 : 8;
-      float* red = SM_MMR + (gcur & (dsum ? 3 : 1)) * (MK_CW * 32 * rs);
+    if (NT == 1 && MK_SUM1 && dsum) {
+      // MK_DSUM (<= dsum tokens a row tile, dsum = 2 or 4): 2 * D buffers of [MK_CW][32 rows][dsum tokens], the
+      // partials summed every D = 8 / dsum groups after one barrier (the other D buffers take the next D groups;
+      // a thread reaches the next barrier only after its sums, so no buffer is rewritten while read).
+      const int rs = dsum, nd = dsum == 2 ? 4 : 2;
+      float* red = SM_MMR + (gcur & (2 * nd - 1)) * (MK_CW * 32 * rs);
 #pragma unroll
       for (int rt = 0; rt < 2; rt++) {
         float* r = red + (warp * 32 + rt * 16 + (tl ? (int)pr : gq)) * rs + 2 * tq;
-        if (!dsum || tq < 2) {  // packed: lanes tq >= 2 hold copies of the folded sums
+        if (2 * tq < rs) {  // packed: lanes tq >= 2 hold copies of the folded sums
           r[0] = acc[rt][0][0];
           r[1] = acc[rt][0][1];
           r[8 * rs] = acc[rt][0][2];
@@ -1581,31 +1583,52 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[rt][0][e] = 0.f;
       }
-      if (dsum && (gcur & 1) == 0 && c + 1 < nchunks) {  // the batch's first group: summed with the next
-        tnp[0] = tn[0];
-        tnp[1] = tn[1];
-        continue;
+      if ((gcur & (nd - 1)) != nd - 1 && c + 1 < nchunks) continue;
+      consumers_sync();
+      const int gb = gcur & ~(nd - 1), nr = (gcur - gb + 1) * RING_ROWS;
+      const int me = (int)(((unsigned)threadIdx.x + 32u * (unsigned)gcur) % (unsigned)(MK_CW * 32));
+      for (int e = me; e < nr; e += MK_CW * 32) {
+        const int gg = gb + (e >> 5), r = e & 31;
+        const float* rg = SM_MMR + (gg & (2 * nd - 1)) * (MK_CW * 32 * rs) + r * rs;
+        int col, n, xl, uu;
+        if (row_out(d, gg * RING_ROWS + r, nrows, col, n, xl, uu)) {
+          for (int j = 0; j < n; j++) {
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < MK_CW; w++) sum += rg[w * 32 * rs + j];
+            const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
+            stage[orow * d.sstride + col] += sum;
+          }
+        }
+      }
+      continue;
+    }
+    if (NT == 1 && MK_SUM1) {
+      // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group.
+      float* red = SM_MMR + (gcur & 1) * (MK_CW * 32 * 8);
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) {
+        float* r = red + (warp * 32 + rt * 16 + (tl ? (int)pr : gq)) * 8 + 2 * tq;
+        r[0] = acc[rt][0][0];
+        r[1] = acc[rt][0][1];
+        r[64] = acc[rt][0][2];
+        r[65] = acc[rt][0][3];
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[rt][0][e] = 0.f;
       }
       consumers_sync();
-      // Only the tiles' tokens (tn: 0 when a tile has no valid rows); the summing threads rotate by group. With
-      // dsum the batch's first group (ga) comes first, then this one.
-      const int ga = dsum && (gcur & 1) ? gcur - 1 : gcur;
-      const int a0 = ga != gcur ? tnp[0] : tn[0], a1 = ga != gcur ? tnp[1] : tn[1];
-      const int tota = 16 * (a0 + a1), tot = tota + (ga != gcur ? 16 * (tn[0] + tn[1]) : 0);
+      // Only the tiles' tokens (tn: 0 when a tile has no valid rows); the summing threads rotate by group.
+      const int n0 = tn[0], tot = 16 * (tn[0] + tn[1]);
       const int me = (int)(((unsigned)threadIdx.x + 32u * (unsigned)gcur) % (unsigned)(MK_CW * 32));
       for (int e = me; e < tot; e += MK_CW * 32) {
-        const bool sec = e >= tota;  // this group (else the batch's first)
-        const int gg = sec ? gcur : ga, e1 = sec ? e - tota : e;
-        const int n0 = sec ? tn[0] : a0;
-        const int rt = e1 >= 16 * n0 ? 1 : 0;
-        const int nn = rt ? (sec ? tn[1] : a1) : n0, e2 = e1 - rt * 16 * n0;
+        const int rt = e >= 16 * n0 ? 1 : 0;
+        const int nn = tn[rt], e2 = e - rt * 16 * n0;
         const int row = div_small(e2, nn), j = e2 - row * nn;
-        const float* rg = SM_MMR + (gg & (dsum ? 3 : 1)) * (MK_CW * 32 * rs);
         int col, n, xl, uu;
-        if (row_out(d, gg * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
+        if (row_out(d, gcur * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
           float sum = 0.f;
 #pragma unroll
-          for (int w = 0; w < MK_CW; w++) sum += rg[(w * 32 + rt * 16 + row) * rs + j];
+          for (int w = 0; w < MK_CW; w++) sum += red[(w * 32 + rt * 16 + row) * 8 + j];
           const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
           stage[orow * d.sstride + col] += sum;
         }
@@ -1673,9 +1696,10 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
     s.pre = 0;
   } else if (T <= 8) {
-    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc), MK_DSUM && T <= 4);
+    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc),
+                         T <= 2 ? 2 : T <= 4 ? 4 : 0);
   } else {
-    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc), false);
+    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc), 0);
   }
   s.ring_it += ring_chunks<FMT>(kc, nrows);
 }
