@@ -486,6 +486,17 @@ __shared__ int mk_tmfence;  // the producer acquired this instruction's maps (re
 __shared__ const uint8_t* mk_tw;
 __shared__ const uint8_t* mk_tsc;
 __shared__ long long mk_tnb;
+// MK_NXPF: the weight offset ring_produce resolves tiled blocks against (the current instruction's, or the next
+// one's while the producer issues its first chunks early); the producer warp's alone.
+#ifndef MK_NXPF
+#define MK_NXPF 0
+#endif
+#if MK_NXPF
+__shared__ long long mk_pw;
+#define MK_PW mk_pw
+#else
+#define MK_PW mk_cur.w
+#endif
 __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
@@ -842,6 +853,9 @@ struct Smem {
   // and that call's identity (checked when it comes).
   int pre, pre_c0, pre_rows, pre_kc, pre_k0;
   long long pre_w;
+#if MK_NXPF
+  int inum;  // the instruction being run
+#endif
 };
 
 // Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
@@ -952,7 +966,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
           const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
           tb[h] = -1;
           if (hr.hm != 0 && hr.whole) {
-            const long long off = (long long)(hr.r0 - (W + mk_cur.w));
+            const long long off = (long long)(hr.r0 - (W + MK_PW));
             const long long rr = off / rowbytes;
             if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
           }
@@ -2119,6 +2133,34 @@ __device__ __noinline__ void prefetch_matmul(const Params& p, Smem& s, const DIn
   prefetch_call(p, s, I.fmt, d, 0, kc, nrows);
 }
 
+#if MK_NXPF
+// MK_NXPF (experiment knob): producer warp, after the block's last ring call of instruction s.inum: when the next
+// instruction is a ring matmul with a tile on this block, issue that tile's first chunks now (into the slots the
+// consumers are releasing) instead of during the next instruction's dependency wait, which follows this tile's
+// epilogue, the completion and the descriptor's publication. The tiled-weight context (mk_tw, mk_tsc, mk_tnb,
+// mk_pw) switches to the next instruction's; the main loop publishes the same values again.
+__device__ __noinline__ void prefetch_next(const Params& p, Smem& s) {
+  const int i1 = s.inum + 1;
+  if (i1 >= p.ninstr) return;
+  const DInstr& nI = p.instrs[i1];
+  if (nI.op != OP_MATMUL || !mma_fmt(nI.fmt)) return;
+  const int G = gridDim.x, ntiles = nI.ntiles < 0 ? -nI.ntiles * p.T : nI.ntiles;
+  int first = ((int)blockIdx.x - nI.rot) % G;
+  if (first < 0) first += G;
+  if (first >= ntiles) return;
+  if ((threadIdx.x & 31) == 0) {
+    const long long t0 = p.tinfo != nullptr ? p.tinfo[3ll * i1] : -1ll;
+    const long long t1 = p.tinfo != nullptr ? p.tinfo[3ll * i1 + 1] : -1ll;
+    mk_tw = t0 >= 0 ? p.tiled + t0 : nullptr;
+    mk_tsc = t1 >= 0 ? p.tiled + t1 : nullptr;
+    mk_tnb = p.tinfo != nullptr ? p.tinfo[3ll * i1 + 2] : 0ll;
+    mk_pw = nI.w;
+  }
+  __syncwarp();
+  prefetch_matmul(p, s, nI, first);
+}
+#endif
+
 // Element i of a small f32 / bf16 / f16 weight.
 __device__ __forceinline__ float wel(int fmt, const uint8_t* W, long long i) {
   if (fmt == FMT_F32) return __ldg(reinterpret_cast<const float*>(W) + i);
@@ -2269,6 +2311,9 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     block_sync();
     rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, s);
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
+#if MK_NXPF
+    if (producer && next < 0 && mma_fmt(I.fmt)) prefetch_next(p, s);
+#endif
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
@@ -2280,6 +2325,9 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
+#if MK_NXPF
+    if (producer && next < 0 && mma_fmt(I.fmt)) prefetch_next(p, s);
+#endif
   }
   block_sync();
   PH_END(3)
@@ -2336,6 +2384,9 @@ __device__ __noinline__ void op_matmul_kouter(const Params& p, Smem& s, const DI
             matmul_geom(p, I, nt, dn, nrn, kcn);
             prefetch_call(p, s, I.fmt, dn, nk0, min(kcw, I.k - nk0), nrn);
           }
+#if MK_NXPF
+          else if (j + 1 == nb) prefetch_next(p, s);
+#endif
         }
       }
     }
@@ -3524,6 +3575,13 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
     }
 #endif
     block_sync();
+#if MK_NXPF
+    s.inum = i;
+    if ((threadIdx.x >> 5) == MK_CW) {  // read by this warp alone (ring_produce)
+      if (threadIdx.x == MK_CW * 32) mk_pw = cur.w;
+      __syncwarp();
+    }
+#endif
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
     if (threadIdx.x == 65 && p.tinfo != nullptr && i + 1 < p.ninstr) {
       const long long* ti = p.tinfo + 3ll * (i + 1);
@@ -3551,7 +3609,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
         fence_acquire();
         if (p.prof) t1 = gtimer();
       } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
-        if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
+        if (cur.op == OP_MATMUL && !(MK_NXPF && s.pre > 0)) prefetch_matmul(p, s, cur, first);  // MK_NXPF: issued
         else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
       block_sync();
