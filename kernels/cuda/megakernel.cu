@@ -364,10 +364,6 @@ __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const T
 #ifndef MK_MOEW
 #define MK_MOEW 1  // MoE-up blocks shared among experts by cost (2: items over blocks by cost, 0: equally)
 #endif
-// MK_UPPF (experiment knob, off): see moe_up_tiles.
-#ifndef MK_UPPF
-#define MK_UPPF 0
-#endif
 // MK_UNIQW (default 1 since s18r2, with MK_RTU = 32): moe_unique's member counts and lists by warp ballots (see
 // there). s18r2 (H100, same call): T = 1 / 4 / 8 / 16 9.698 / 13.828 / 20.666 / 32.593 vs 9.721 / 13.867 / 20.752 /
 // 33.282 ms.
@@ -486,17 +482,6 @@ __shared__ int mk_tmfence;  // the producer acquired this instruction's maps (re
 __shared__ const uint8_t* mk_tw;
 __shared__ const uint8_t* mk_tsc;
 __shared__ long long mk_tnb;
-// MK_NXPF: the weight offset ring_produce resolves tiled blocks against (the current instruction's, or the next
-// one's while the producer issues its first chunks early); the producer warp's alone.
-#ifndef MK_NXPF
-#define MK_NXPF 0
-#endif
-#if MK_NXPF
-__shared__ long long mk_pw;
-#define MK_PW mk_pw
-#else
-#define MK_PW mk_cur.w
-#endif
 __shared__ int mk_flags[4];  // [0]: activations resident in xs; [1]: SM_IV holds this routing buffer's lists; [2]: last attention split
 
 // Shared memory: the weight ring first, then the activation rows, the tile stage, reductions, norm factors, the
@@ -853,9 +838,6 @@ struct Smem {
   // and that call's identity (checked when it comes).
   int pre, pre_c0, pre_rows, pre_kc, pre_k0;
   long long pre_w;
-#if MK_NXPF
-  int inum;  // the instruction being run
-#endif
 };
 
 // Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
@@ -966,7 +948,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
           const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
           tb[h] = -1;
           if (hr.hm != 0 && hr.whole) {
-            const long long off = (long long)(hr.r0 - (W + MK_PW));
+            const long long off = (long long)(hr.r0 - (W + mk_cur.w));
             const long long rr = off / rowbytes;
             if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
           }
@@ -1354,12 +1336,6 @@ __device__ __forceinline__ void mma_dispatch(unsigned int wb, unsigned int sb, u
 #ifndef MK_GFAST2
 #define MK_GFAST2 0
 #endif
-// MK_DSUM (experiment knob): ring calls of <= 4 tokens a row tile sum the warps' partials every two row groups
-// (<= 2 tokens: every four) after one consumer barrier, instead of one barrier and sum per group (see
-// ring_consume's cross-warp sum).
-#ifndef MK_DSUM
-#define MK_DSUM 0
-#endif
 // A row group's activation fragment addresses (xa: ~0u past a tile's tn tokens; xl: the tiles' member-list starts,
 // -1: rows j), whether the hi / lo halves are packed, and whether both tiles read the same rows.
 template <int NT>
@@ -1392,8 +1368,7 @@ __device__ __forceinline__ void group_xa(const TileRows& d, const int (&tn)[2], 
 // so no second barrier is needed. NT = 2 sums one 16-row tile at a time (two barriers each).
 template <int FMT, int NT>
 __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
-                                          unsigned int it, bool sring, int dsum_call) {
-  const int dsum = MK_DSUM ? dsum_call : 0;
+                                          unsigned int it, bool sring) {
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
@@ -1579,44 +1554,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[rt][0][e] += __shfl_xor_sync(0xffffffffu, acc[rt][0][e], 2);
     }
-    if (NT == 1 && MK_SUM1 && dsum) {
-      // MK_DSUM (<= dsum tokens a row tile, dsum = 2 or 4): 2 * D buffers of [MK_CW][32 rows][dsum tokens], the
-      // partials summed every D = 8 / dsum groups after one barrier (the other D buffers take the next D groups;
-      // a thread reaches the next barrier only after its sums, so no buffer is rewritten while read).
-      const int rs = dsum, nd = dsum == 2 ? 4 : 2;
-      float* red = SM_MMR + (gcur & (2 * nd - 1)) * (MK_CW * 32 * rs);
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++) {
-        float* r = red + (warp * 32 + rt * 16 + (tl ? (int)pr : gq)) * rs + 2 * tq;
-        if (2 * tq < rs) {  // packed: lanes tq >= 2 hold copies of the folded sums
-          r[0] = acc[rt][0][0];
-          r[1] = acc[rt][0][1];
-          r[8 * rs] = acc[rt][0][2];
-          r[8 * rs + 1] = acc[rt][0][3];
-        }
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[rt][0][e] = 0.f;
-      }
-      if ((gcur & (nd - 1)) != nd - 1 && c + 1 < nchunks) continue;
-      consumers_sync();
-      const int gb = gcur & ~(nd - 1), nr = (gcur - gb + 1) * RING_ROWS;
-      const int me = (int)(((unsigned)threadIdx.x + 32u * (unsigned)gcur) % (unsigned)(MK_CW * 32));
-      for (int e = me; e < nr; e += MK_CW * 32) {
-        const int gg = gb + (e >> 5), r = e & 31;
-        const float* rg = SM_MMR + (gg & (2 * nd - 1)) * (MK_CW * 32 * rs) + r * rs;
-        int col, n, xl, uu;
-        if (row_out(d, gg * RING_ROWS + r, nrows, col, n, xl, uu)) {
-          for (int j = 0; j < n; j++) {
-            float sum = 0.f;
-#pragma unroll
-            for (int w = 0; w < MK_CW; w++) sum += rg[w * 32 * rs + j];
-            const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
-            stage[orow * d.sstride + col] += sum;
-          }
-        }
-      }
-      continue;
-    }
     if (NT == 1 && MK_SUM1) {
       // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group.
       float* red = SM_MMR + (gcur & 1) * (MK_CW * 32 * 8);
@@ -1710,10 +1647,9 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
     s.pre = 0;
   } else if (T <= 8) {
-    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc),
-                         T <= 2 ? 2 : T <= 4 ? 4 : 0);
+    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
   } else {
-    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc), 0);
+    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
   }
   s.ring_it += ring_chunks<FMT>(kc, nrows);
 }
@@ -2133,34 +2069,6 @@ __device__ __noinline__ void prefetch_matmul(const Params& p, Smem& s, const DIn
   prefetch_call(p, s, I.fmt, d, 0, kc, nrows);
 }
 
-#if MK_NXPF
-// MK_NXPF (experiment knob): producer warp, after the block's last ring call of instruction s.inum: when the next
-// instruction is a ring matmul with a tile on this block, issue that tile's first chunks now (into the slots the
-// consumers are releasing) instead of during the next instruction's dependency wait, which follows this tile's
-// epilogue, the completion and the descriptor's publication. The tiled-weight context (mk_tw, mk_tsc, mk_tnb,
-// mk_pw) switches to the next instruction's; the main loop publishes the same values again.
-__device__ __noinline__ void prefetch_next(const Params& p, Smem& s) {
-  const int i1 = s.inum + 1;
-  if (i1 >= p.ninstr) return;
-  const DInstr& nI = p.instrs[i1];
-  if (nI.op != OP_MATMUL || !mma_fmt(nI.fmt)) return;
-  const int G = gridDim.x, ntiles = nI.ntiles < 0 ? -nI.ntiles * p.T : nI.ntiles;
-  int first = ((int)blockIdx.x - nI.rot) % G;
-  if (first < 0) first += G;
-  if (first >= ntiles) return;
-  if ((threadIdx.x & 31) == 0) {
-    const long long t0 = p.tinfo != nullptr ? p.tinfo[3ll * i1] : -1ll;
-    const long long t1 = p.tinfo != nullptr ? p.tinfo[3ll * i1 + 1] : -1ll;
-    mk_tw = t0 >= 0 ? p.tiled + t0 : nullptr;
-    mk_tsc = t1 >= 0 ? p.tiled + t1 : nullptr;
-    mk_tnb = p.tinfo != nullptr ? p.tinfo[3ll * i1 + 2] : 0ll;
-    mk_pw = nI.w;
-  }
-  __syncwarp();
-  prefetch_matmul(p, s, nI, first);
-}
-#endif
-
 // Element i of a small f32 / bf16 / f16 weight.
 __device__ __forceinline__ float wel(int fmt, const uint8_t* W, long long i) {
   if (fmt == FMT_F32) return __ldg(reinterpret_cast<const float*>(W) + i);
@@ -2311,9 +2219,6 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     block_sync();
     rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, s);
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
-#if MK_NXPF
-    if (producer && next < 0 && mma_fmt(I.fmt)) prefetch_next(p, s);
-#endif
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
@@ -2325,9 +2230,6 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
     if (producer && next >= 0) prefetch_matmul(p, s, I, next);
-#if MK_NXPF
-    if (producer && next < 0 && mma_fmt(I.fmt)) prefetch_next(p, s);
-#endif
   }
   block_sync();
   PH_END(3)
@@ -2384,9 +2286,6 @@ __device__ __noinline__ void op_matmul_kouter(const Params& p, Smem& s, const DI
             matmul_geom(p, I, nt, dn, nrn, kcn);
             prefetch_call(p, s, I.fmt, dn, nk0, min(kcw, I.k - nk0), nrn);
           }
-#if MK_NXPF
-          else if (j + 1 == nb) prefetch_next(p, s);
-#endif
         }
       }
     }
@@ -3029,34 +2928,16 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
   const bool full = kcw == I.k;
   const int tr = I.tile_rows;
   const int B = max(1, MK_STAGE / (m * 2 * tr));                // tiles per batch (stage capacity)
-  // The ring call of batch jb: its tiles' gate and up rows.
-  auto batch = [&](int jb) {
-    TileRows d{};
-    d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
-    d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = min(B, nt - jb) * 2 * tr;
-    return d;
-  };
-  // MK_UPPF (experiment knob, not yet run): the producer warp issues the first chunks of batch jb's ring call over
-  // [k0, k0 + kc) before the activation rows that call reads are loaded (weights do not depend on them), so the
-  // ring's start overlaps the load instead of following it (every K pass of an expert with more than 4 members at
-  // T = 16 started its ring cold after its reload).
-  auto prefetch = [&](int jb, int k0, int kc) {
-    if (MK_UPPF && (threadIdx.x >> 5) == MK_CW && mma_fmt(I.fmt)) {
-      TileRows d = batch(jb);
-      d.rdiv.init(2 * d.cols);
-      prefetch_call(p, s, I.fmt, d, k0, kc, d.sstride);
-    }
-  };
   block_sync();
   if (full && nt > 0) {
-    prefetch(0, 0, I.k);
     load_rows(p.arena + I.x, I.xw, mem, I.topk, m, 0, I.k, I.k, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
   }
   for (int jb = 0; jb < nt; jb += B) {
     const int nbt = min(B, nt - jb);
     const int sstride = nbt * 2 * tr;
-    const TileRows d = batch(jb);
-    if (full && jb > 0) prefetch(jb, 0, I.k);
+    TileRows d{};
+    d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
+    d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
     MK_COLD_LOOP for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
     if (full) {
       block_sync();
@@ -3065,7 +2946,6 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
       for (int k0 = 0; k0 < I.k; k0 += kcw) {
         int kc = min(kcw, I.k - k0);
         block_sync();
-        prefetch(jb, k0, kc);
         load_rows(p.arena + I.x, I.xw, mem, I.topk, m, k0, kc, kcw, SM_XS, SM_INV, normw, mma_fmt(I.fmt));
         block_sync();
         rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, sstride, SM_STAGE, m, s);
@@ -3575,13 +3455,6 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
     }
 #endif
     block_sync();
-#if MK_NXPF
-    s.inum = i;
-    if ((threadIdx.x >> 5) == MK_CW) {  // read by this warp alone (ring_produce)
-      if (threadIdx.x == MK_CW * 32) mk_pw = cur.w;
-      __syncwarp();
-    }
-#endif
     if (threadIdx.x < 64 && i + 1 < p.ninstr) nxt = reinterpret_cast<const int*>(p.instrs + i + 1)[threadIdx.x];
     if (threadIdx.x == 65 && p.tinfo != nullptr && i + 1 < p.ninstr) {
       const long long* ti = p.tinfo + 3ll * (i + 1);
@@ -3609,7 +3482,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
         fence_acquire();
         if (p.prof) t1 = gtimer();
       } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
-        if (cur.op == OP_MATMUL && !(MK_NXPF && s.pre > 0)) prefetch_matmul(p, s, cur, first);  // MK_NXPF: issued
+        if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
         else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
       block_sync();
