@@ -2040,6 +2040,18 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
   kc1 = (long long)p.T * I.k <= MK_XS ? I.k : min(I.k, chunk_width(I.k, p.T));
 }
 
+// Experiment knobs (s19r2): MK_PFN chunks issued ahead by every prefetch (default RING_NS, all the slots);
+// MK_WPF=0 drops the prefetch during the dependency wait, MK_NTPF=0 op_matmul's prefetch of the block's next tile
+// (the producer issues it before the tile's closing barrier, so the block's epilogue waits for that issue).
+#ifndef MK_PFN
+#define MK_PFN RING_NS
+#endif
+#ifndef MK_WPF
+#define MK_WPF 1
+#endif
+#ifndef MK_NTPF
+#define MK_NTPF 1
+#endif
 // Producer warp: issue the first ring chunks of the block's next ring call (weight rows of `d`, columns
 // [k0, k0 + kc)) ahead of it, into slots the block's previous ring call released; the call checks the identity.
 // Weights do not depend on activations, so this overlaps dependency waits and the previous tile's epilogue.
@@ -2049,9 +2061,9 @@ __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt,
   // MK_PHASE=6: the producer's time issuing prefetches (its lane 0 reports instead of thread 0).
   const unsigned long long tpf = MK_PHASE == 6 && mk_prof_on && threadIdx.x == MK_CW * 32 ? gtimer() : 0ull;
   switch (fmt) {
-    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
-    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
-    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, s.ring_it, 0, RING_NS); break;
+    case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
+    case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
+    case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
     default: break;
   }
   __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
@@ -2218,7 +2230,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
     d.xstride = I.k;
     block_sync();
     rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, s);
-    if (producer && next >= 0) prefetch_matmul(p, s, I, next);
+    if (MK_NTPF && producer && next >= 0) prefetch_matmul(p, s, I, next);
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
@@ -2229,7 +2241,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       block_sync();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
-    if (producer && next >= 0) prefetch_matmul(p, s, I, next);
+    if (MK_NTPF && producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
   block_sync();
   PH_END(3)
@@ -3481,7 +3493,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
         }
         fence_acquire();
         if (p.prof) t1 = gtimer();
-      } else if ((threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
+      } else if (MK_WPF && (threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
         if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
         else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
