@@ -2040,17 +2040,20 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
   kc1 = (long long)p.T * I.k <= MK_XS ? I.k : min(I.k, chunk_width(I.k, p.T));
 }
 
-// Experiment knobs (s19r2): MK_PFN chunks issued ahead by every prefetch (default RING_NS, all the slots);
-// MK_WPF=0 drops the prefetch during the dependency wait, MK_NTPF=0 op_matmul's prefetch of the block's next tile
-// (the producer issues it before the tile's closing barrier, so the block's epilogue waits for that issue).
+// Prefetch knobs (v22 = MK_PFN 2 + MK_NTPF 0, s19r2-s19r4): MK_PFN chunks issued ahead by every prefetch (was
+// RING_NS, all the slots: the producer's issue is cold serial code, and the consumers wait for it at the barrier
+// after a short dependency wait); MK_WPF=0 drops the prefetch during the dependency wait (s19r2: T = 1 +2.4 %);
+// MK_NTPF=1 restores op_matmul's prefetch of the block's next tile, which the producer issues before the tile's
+// closing barrier once the consumers free the slots, so the epilogue waited for it. H100, same call (s19r3):
+// T = 1 / 4 / 8 / 16 9.578 / 13.830 / 20.551 / 32.497 ms vs 9.677 / 13.851 / 20.680 / 32.600.
 #ifndef MK_PFN
-#define MK_PFN RING_NS
+#define MK_PFN 2
 #endif
 #ifndef MK_WPF
 #define MK_WPF 1
 #endif
 #ifndef MK_NTPF
-#define MK_NTPF 1
+#define MK_NTPF 0
 #endif
 // Producer warp: issue the first ring chunks of the block's next ring call (weight rows of `d`, columns
 // [k0, k0 + kc)) ahead of it, into slots the block's previous ring call released; the call checks the identity.
