@@ -877,11 +877,9 @@ __device__ __forceinline__ void tma_chunk(uint8_t* dst, unsigned long long* bar,
 }
 #endif
 
-// Half h (16 rows) of a ring chunk whose lanes hold row pointers rp (valid: ok, the warp's mask okm): its valid
-// lanes' mask, its first lane's row pointer, and whether every valid row is the one rowbytes * (lane - 16 h) past it
-// (the tiled and tensor-copy paths take such halves whole). Warp-collective.
-// A 16-row half of a chunk: its valid-row mask, its first row's address, and whether its valid rows are a prefix
-// of the half holding consecutive weight rows (what one tiled or tensor copy can fetch).
+// Half h (16 rows) of a ring chunk whose lanes hold row pointers rp (valid: ok, the warp's mask okm): its valid-row
+// mask, its first row's address, and whether its valid rows are a prefix of the half holding consecutive weight rows
+// (what one tiled or tensor copy can fetch whole). Warp-collective.
 struct HalfRun {
   unsigned int hm;
   const uint8_t* r0;
@@ -2040,20 +2038,17 @@ __device__ __forceinline__ void matmul_geom(const Params& p, const DInstr& I, in
   kc1 = (long long)p.T * I.k <= MK_XS ? I.k : min(I.k, chunk_width(I.k, p.T));
 }
 
-// Prefetch knobs (v22 = MK_PFN 2 + MK_NTPF 0, s19r2-s19r4): MK_PFN chunks issued ahead by every prefetch (was
-// RING_NS, all the slots: the producer's issue is cold serial code, and the consumers wait for it at the barrier
-// after a short dependency wait); MK_WPF=0 drops the prefetch during the dependency wait (s19r2: T = 1 +2.4 %);
-// MK_NTPF=1 restores op_matmul's prefetch of the block's next tile, which the producer issues before the tile's
-// closing barrier once the consumers free the slots, so the epilogue waited for it. H100, same call (s19r3):
-// T = 1 / 4 / 8 / 16 9.578 / 13.830 / 20.551 / 32.497 ms vs 9.677 / 13.851 / 20.680 / 32.600.
+// v22 (s19r2-s19r4): every prefetch issues MK_PFN chunks ahead (was RING_NS, all the slots: the producer's issue is
+// cold serial code, and the consumers wait for it at the barrier after a short dependency wait), and op_matmul no
+// longer prefetches the block's next tile (the producer issued it before the tile's closing barrier once the
+// consumers freed the slots, so the epilogue waited for it; removed, see commit 34b8fd2's MK_NTPF). H100, same call
+// (s19r3): T = 1 / 4 / 8 / 16 9.578 / 13.830 / 20.551 / 32.497 ms vs 9.677 / 13.851 / 20.680 / 32.600.
+// MK_WPF=0 (experiment knob) drops the prefetch during the dependency wait (s19r2: T = 1 +2.4 %).
 #ifndef MK_PFN
 #define MK_PFN 2
 #endif
 #ifndef MK_WPF
 #define MK_WPF 1
-#endif
-#ifndef MK_NTPF
-#define MK_NTPF 0
 #endif
 // Producer warp: issue the first ring chunks of the block's next ring call (weight rows of `d`, columns
 // [k0, k0 + kc)) ahead of it, into slots the block's previous ring call released; the call checks the identity.
@@ -2223,17 +2218,12 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   matmul_geom(p, I, tile, d, nrows, kc1);
   const int sstride = d.sstride;
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
-  // The block's next tile of this instruction, whose first chunks the producer issues once this tile's are out.
-  const int ntiles = I.ntiles < 0 ? -I.ntiles * p.T : I.ntiles;
-  const int next = tile + (int)gridDim.x < ntiles && mma_fmt(I.fmt) ? tile + (int)gridDim.x : -1;
-  const bool producer = (threadIdx.x >> 5) == MK_CW;
   PH_BEGIN(2)
   for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
   if (mk_flags[0]) {
     d.xstride = I.k;
     block_sync();
     rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, nrows, SM_STAGE, p.T, s);
-    if (MK_NTPF && producer && next >= 0) prefetch_matmul(p, s, I, next);
   } else {
     const int kcw = chunk_width(I.k, p.T);
     d.xstride = kcw;
@@ -2244,7 +2234,6 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
       block_sync();
       rows_dot(I.fmt, p.weights, d, k0, kc, SM_XS, nrows, SM_STAGE, p.T, s);
     }
-    if (MK_NTPF && producer && next >= 0) prefetch_matmul(p, s, I, next);
   }
   block_sync();
   PH_END(3)
