@@ -37,6 +37,15 @@
 #define MK_STAGE 6144
 #endif
 #define MK_WARPS (MK_THREADS / 32)
+// MK_DEC=1 (experiment knob, session 20): the producer warp is decoupled from the block. It walks the instruction
+// stream on its own (producer_main) and streams every ring call's weights as soon as slots free up, never waiting on
+// dependencies, barriers or block-wide loops; block barriers are consumer-only named barriers and block-wide loops
+// stride over the consumer warps (MK_BW warps, MK_BT threads). 0: the producer takes part in both (v22).
+#ifndef MK_DEC
+#define MK_DEC 0
+#endif
+#define MK_BW (MK_DEC ? MK_WARPS - 1 : MK_WARPS)  // warps that share block-wide work
+#define MK_BT (MK_BW * 32)                         // threads that share block-wide work
 
 enum Op {
   OP_EMBED = 0, OP_RMSNORM = 1, OP_MATMUL = 2, OP_ROPE = 3, OP_KVWRITE = 4, OP_ATTN = 5, OP_ROUTER = 6,
@@ -294,7 +303,7 @@ __device__ __forceinline__ bool row_ok(const TileRows& d, int r, int nrows) {
 __device__ __noinline__ void warp_rows_scalar(int fmt, const uint8_t* W, const TileRows& d, int k0, int kc, const float* xs,
                                  int nrows, float* stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int rr = warp; rr < nrows; rr += MK_WARPS) {
+  for (int rr = warp; rr < nrows; rr += MK_BW) {
     long long wb = d.w;
     int row, n, xl, col, u;
     if (!row_out(d, rr, nrows, col, n, xl, u)) continue;
@@ -444,7 +453,11 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #endif
 __device__ __forceinline__ void block_sync() {
   if (MK_SYNCWARP) __syncwarp();
+#if MK_DEC
+  asm volatile("bar.sync 1, %0;" ::"n"(MK_BT) : "memory");  // the consumer warps only (MK_DEC)
+#else
   __syncthreads();
+#endif
 }
 #define RING_NS 3
 #define RING_ROWS 32
@@ -471,6 +484,26 @@ __shared__ unsigned long long mk_tmark;  // MK_PHASE: start of the open phase in
 // The instruction every block is working on (published by the main loop; its `w` is where the tensor maps
 // start).
 __shared__ DInstr mk_cur;
+#if MK_DEC
+#if MK_TMAP || MK_LDGSTS || MK_ONECOPY || MK_MOEW != 1
+#error "MK_DEC: the decoupled producer supports the default ring (no MK_TMAP / MK_LDGSTS / MK_ONECOPY) and MK_MOEW=1"
+#endif
+// The decoupled producer's own instruction (it runs ahead of the consumers' mk_cur), the routing lists it copies
+// from SM_IV (U, then ids, member counts and member starts at PV_*), two mbarriers that hand those lists over
+// (ivready: the consumers published them, one arrival; ivfree: the producer copied them, 32 arrivals) and the
+// identity of each of its last 8 ring calls (c0, rows, k0, kc, low word of w, mode), which the consumers check.
+__shared__ DInstr mk_pcur;
+#define PV_IDS 8
+#define PV_CNT 264
+#define PV_MST 520
+__shared__ int mk_piv[PV_MST + 264];
+__shared__ __align__(8) unsigned long long mk_ivready;
+__shared__ __align__(8) unsigned long long mk_ivfree;
+__shared__ int mk_callid[8][6];
+#define MK_PCUR mk_pcur
+#else
+#define MK_PCUR mk_cur
+#endif
 // Tensor copies (MK_TMAP): the current instruction's weight map (3-D with MK_TMAP=1, 2-D with 2) and MXFP4 scale
 // map (null: none), and per ring slot whether tensor copies filled it.
 __shared__ const uint8_t* mk_tmw;
@@ -823,7 +856,7 @@ __device__ __forceinline__ void scale8(float (&x)[8], float f, float4 g0, float4
 // (the loaders write fragments directly; this serves their unaligned fallbacks).
 __device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int width) {
   const int per = width / 8;
-  for (int i = threadIdx.x; i < nrows * per; i += MK_THREADS) {
+  for (int i = threadIdx.x; i < nrows * per; i += MK_BT) {
     const int j = i / per, c = i - j * per;
     float* p = xs + j * xstride + 8 * c;
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
@@ -838,6 +871,10 @@ struct Smem {
   // and that call's identity (checked when it comes).
   int pre, pre_c0, pre_rows, pre_kc, pre_k0;
   long long pre_w;
+#if MK_DEC
+  int ncall;  // ring calls with chunks so far (index of the producer's identity record, mk_callid)
+  int npub;   // routing lists published to the producer so far (mk_ivready / mk_ivfree phases)
+#endif
 };
 
 // Producer: lane i copies ring row i of each chunk of stage[out(r, j)] += dot(W[row(r)], x[j]) over
@@ -946,7 +983,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
           const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
           tb[h] = -1;
           if (hr.hm != 0 && hr.whole) {
-            const long long off = (long long)(hr.r0 - (W + mk_cur.w));
+            const long long off = (long long)(hr.r0 - (W + MK_PCUR.w));
             const long long rr = off / rowbytes;
             if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
           }
@@ -964,7 +1001,7 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
         const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
         rowh[h] = -1;
         if (hr.hm != 0) {
-          const long long rr = (long long)(hr.r0 - (W + mk_cur.w)) / rowbytes;
+          const long long rr = (long long)(hr.r0 - (W + MK_PCUR.w)) / rowbytes;
           rowh[h] = (int)rr;
           if (!hr.whole || rr < 0 || rr > 0x7fffffffLL ||
               (FMT == FMT_F8 && ((rr & 7) != 0 || (hr.hm != 0xffu && hr.hm != 0xffffu))))
@@ -1637,6 +1674,23 @@ template <int FMT>
 __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
                                                 float* stage, int T, Smem& s) {
   const TileRows& d = mk_tile;
+#if MK_DEC
+  // The decoupled producer streams this call on its own (producer_main); thread 0 checks that it is the same call
+  // (its identity record is published with the call's first chunk), so the two walks cannot silently disagree.
+  const unsigned int n = ring_chunks<FMT>(kc, nrows);
+  if (n > 0) {
+    if (threadIdx.x == 0) {
+      mbar_wait(mk_bars + s.ring_it % RING_NS, (s.ring_it / RING_NS) & 1u);
+      const int* r = mk_callid[s.ncall & 7];
+      if (r[0] != d.c0 || r[1] != nrows || r[2] != k0 || r[3] != kc || r[4] != (int)d.w || r[5] != d.mode) __trap();
+    }
+    s.ncall++;
+  }
+  if (T <= 8) ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
+  else ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
+  s.ring_it += n;
+  return;
+#endif
   const int warp = threadIdx.x >> 5;
   if (warp == MK_CW) {
     if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
@@ -1731,6 +1785,8 @@ __device__ __forceinline__ void cost_share(int U, int n, Cost cost, Fn fn) {
 #define IV_ML 1040
 #define IV_RW 1296
 #define IV_BITS 1552
+// The argmax's per-warp indices: past the expert bitmap with MK_DEC (the producer may still be copying the lists).
+#define MK_ARGI (MK_DEC ? IV_BITS + 16 : 0)
 
 // Asynchronous 16-byte copies global -> shared through L2 (no registers held while in flight).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -1746,7 +1802,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // thread's in flight at once (one commit group; the caller waits).
 __device__ __forceinline__ void copy_units(const float* src, long long rs, const int* list, int div, unsigned int tot,
                                            unsigned int q, int k0, int xstride, float* xs) {
-  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_BT) {
     const unsigned int j = i / q, c = i - j * q;
     const int row = list ? list[j] / div : (int)j;
     const float* sp = src + row * rs + k0 + 8 * c;
@@ -1778,7 +1834,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
       g1 = __ldg(reinterpret_cast<const float4*>(normw + k0) + 2 * c0 + 1);
     }
     cp_async_wait<0>();
-    for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+    for (unsigned int i = threadIdx.x; i < tot; i += MK_BT) {
       const unsigned int j = i / q, c = i - j * q;
       float* dp = xs + j * xstride + 8 * c;
       const float4 a = reinterpret_cast<const float4*>(dp)[0], b = reinterpret_cast<const float4*>(dp)[1];
@@ -1795,7 +1851,7 @@ __device__ __noinline__ void load_rows(const float* src, long long rs, const int
     }
     return;
   }
-  for (int i = threadIdx.x; i < nrows * kc; i += MK_THREADS) {
+  for (int i = threadIdx.x; i < nrows * kc; i += MK_BT) {
     int j = i / kc, k = i - j * kc;
     int row = list ? list[j] / div : j;
     float v = ldcg(src + row * rs + k0 + k);
@@ -1830,21 +1886,21 @@ __device__ __noinline__ bool load_resident(const float* src, long long rs, int T
   const unsigned int q = (unsigned int)K >> 3, tot = (unsigned int)T * q;
   copy_units(src, rs, nullptr, 1, tot, q, 0, K, SM_XS);
   cp_async_wait<0>();
-  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_BT) {
     const float4* xp = reinterpret_cast<const float4*>(SM_XS + (i / q) * K + 8 * (i % q));
     const float4 a = xp[0], b = xp[1];
     SM_MMR[i] = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
   }
   block_sync();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int t = warp; t < T; t += MK_WARPS) {
+  for (int t = warp; t < T; t += MK_BW) {
     float a = 0.f;
     for (unsigned int c = lane; c < q; c += 32) a += SM_MMR[t * q + c];
     a = warp_sum(a);
     if (lane == 0) SM_INV[t] = rsqrtf(a / K + eps);
   }
   block_sync();
-  for (unsigned int i = threadIdx.x; i < tot; i += MK_THREADS) {
+  for (unsigned int i = threadIdx.x; i < tot; i += MK_BT) {
     const unsigned int j = i / q, c = i - j * q;
     float* xp = SM_XS + j * K + 8 * c;
     const float4 a = reinterpret_cast<const float4*>(xp)[0], b = reinterpret_cast<const float4*>(xp)[1];
@@ -1865,36 +1921,36 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
   for (int t = 0; t < T; t++) {
     float a = 0.f;
     if (vec) {
-      for (int k = 4 * threadIdx.x; k < K; k += 4 * MK_THREADS) {
+      for (int k = 4 * threadIdx.x; k < K; k += 4 * MK_BT) {
         float4 v = *reinterpret_cast<const float4*>(SM_XS + t * xstride + k);
         a += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       }
     } else {
-      for (int k = threadIdx.x; k < K; k += MK_THREADS) { float v = SM_XS[t * xstride + k]; a += v * v; }
+      for (int k = threadIdx.x; k < K; k += MK_BT) { float v = SM_XS[t * xstride + k]; a += v * v; }
     }
     a = warp_sum(a);
-    if (lane == 0) SM_RED[t * MK_WARPS + warp] = a;
+    if (lane == 0) SM_RED[t * MK_BW + warp] = a;
   }
   block_sync();
   if (threadIdx.x < T) {
     float a = 0.f;
-    for (int w = 0; w < MK_WARPS; w++) a += SM_RED[threadIdx.x * MK_WARPS + w];
+    for (int w = 0; w < MK_BW; w++) a += SM_RED[threadIdx.x * MK_BW + w];
     SM_INV[threadIdx.x] = rsqrtf(a / K + eps);
   }
   block_sync();
   if (vec) {
     // Four norm-weight loads in flight per thread before any use (one memory latency, not four).
     const unsigned int q = K / 4, tot = T * q;
-    for (unsigned int i0 = threadIdx.x; i0 < tot; i0 += 4 * MK_THREADS) {
+    for (unsigned int i0 = threadIdx.x; i0 < tot; i0 += 4 * MK_BT) {
       float4 g[4];
 #pragma unroll
       for (int u = 0; u < 4; u++) {
-        const unsigned int i = i0 + u * MK_THREADS;
+        const unsigned int i = i0 + u * MK_BT;
         if (i < tot) g[u] = __ldg(reinterpret_cast<const float4*>(normw) + (i % q));
       }
 #pragma unroll
       for (int u = 0; u < 4; u++) {
-        const unsigned int i = i0 + u * MK_THREADS;
+        const unsigned int i = i0 + u * MK_BT;
         if (i < tot) {
           const unsigned int t = i / q, c = i - t * q;
           float4* x = reinterpret_cast<float4*>(SM_XS + t * xstride) + c;
@@ -1906,7 +1962,7 @@ __device__ __noinline__ void rms_resident(Smem& s, int T, int K, int xstride, fl
       }
     }
   } else {
-    for (int i = threadIdx.x; i < T * K; i += MK_THREADS) {
+    for (int i = threadIdx.x; i < T * K; i += MK_BT) {
       int t = i / K, k = i - t * K;
       SM_XS[t * xstride + k] *= SM_INV[t] * __ldg(normw + k);
     }
@@ -1923,41 +1979,41 @@ __device__ __noinline__ void rms_factors(const Params& p, Smem& s, int x, int xw
     float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (vec) {
       const unsigned int n4 = (unsigned int)K >> 2;
-      for (unsigned int kb = threadIdx.x; kb < n4; kb += 4 * MK_THREADS) {
+      for (unsigned int kb = threadIdx.x; kb < n4; kb += 4 * MK_BT) {
         // Clamped rows and columns (every element assigned on every path: registers), masked when added.
         float4 v[8][4];
 #pragma unroll
         for (int q = 0; q < 8; q++)
 #pragma unroll
           for (int u = 0; u < 4; u++) {
-            const unsigned int k = min(kb + u * MK_THREADS, n4 - 1);
+            const unsigned int k = min(kb + u * MK_BT, n4 - 1);
             v[q][u] = __ldcg(reinterpret_cast<const float4*>(p.arena + x + (long long)min(t0 + q, p.T - 1) * xw) + k);
           }
 #pragma unroll
         for (int q = 0; q < 8; q++)
 #pragma unroll
           for (int u = 0; u < 4; u++)
-            if (kb + u * MK_THREADS < n4)
+            if (kb + u * MK_BT < n4)
               a[q] += v[q][u].x * v[q][u].x + v[q][u].y * v[q][u].y + v[q][u].z * v[q][u].z + v[q][u].w * v[q][u].w;
       }
     } else {
       for (int q = 0; q < 8 && t0 + q < p.T; q++) {
         const float* row = p.arena + x + (long long)(t0 + q) * xw;
 #pragma unroll 8
-        for (int k = threadIdx.x; k < K; k += MK_THREADS) { const float v = ldcg(row + k); a[q] += v * v; }
+        for (int k = threadIdx.x; k < K; k += MK_BT) { const float v = ldcg(row + k); a[q] += v * v; }
       }
     }
 #pragma unroll
     for (int q = 0; q < 8; q++) {
       if (t0 + q >= p.T) break;
       const float v = warp_sum(a[q]);
-      if (lane == 0) SM_RED[(t0 + q) * MK_WARPS + warp] = v;
+      if (lane == 0) SM_RED[(t0 + q) * MK_BW + warp] = v;
     }
   }
   block_sync();
   if (threadIdx.x < p.T) {
     float a = 0.f;
-    for (int w = 0; w < MK_WARPS; w++) a += SM_RED[threadIdx.x * MK_WARPS + w];
+    for (int w = 0; w < MK_BW; w++) a += SM_RED[threadIdx.x * MK_BW + w];
     SM_INV[threadIdx.x] = rsqrtf(a / K + eps);
   }
   block_sync();
@@ -1995,7 +2051,7 @@ __device__ __forceinline__ void rope_pair(float* a, float* b, int pos, int j, in
 __device__ void apply_rope_stage(float* st, int stride, int T, int cols, int c0, int hd, int rot, float theta,
                                  const int* pos) {
   int half = rot / 2;
-  for (int i = threadIdx.x; i < T * cols; i += MK_THREADS) {
+  for (int i = threadIdx.x; i < T * cols; i += MK_BT) {
     int t = i / cols, c = i - t * cols;
     int cg = c0 + c;
     int j = cg % hd;
@@ -2099,14 +2155,14 @@ __device__ __noinline__ void router_partials(const Params& p, const DInstr& I, i
   float* gw = SM_STAGE + T * sstride;
   const uint8_t* wr = p.weights + I.w2;
   const float* g = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
-  MK_COLD_LOOP for (int i = threadIdx.x; i < E * width; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < E * width; i += MK_BT) {
     const int e = i / width, c = i - e * width, col = c0 + c;
     const float w = wel(I.inter, wr, (long long)e * K + col);
     gw[e * cp + c] = g ? w * __ldg(g + col) : w;
   }
   block_sync();
   float* part = p.scratch + I.ws2 + (long long)tile * T * E;
-  MK_COLD_LOOP for (int i = threadIdx.x; i < T * E; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < T * E; i += MK_BT) {
     const int t = i / E, e = i - t * E;
     const float* h = SM_STAGE + t * sstride;
     const float* w = gw + e * cp;
@@ -2115,7 +2171,7 @@ __device__ __noinline__ void router_partials(const Params& p, const DInstr& I, i
     part[i] = a;
   }
   float* ss = p.scratch + I.ws2 + (long long)I.ntiles * T * E + (long long)tile * T;
-  MK_COLD_LOOP for (int t = threadIdx.x; t < T; t += MK_THREADS) {
+  MK_COLD_LOOP for (int t = threadIdx.x; t < T; t += MK_BT) {
     const float* h = SM_STAGE + t * sstride;
     float a = 0.f;
     for (int c = 0; c < width; c++) a += h[c] * h[c];
@@ -2133,7 +2189,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   // Bias.
   if (I.bias >= 0) {
     const float* b = reinterpret_cast<const float*>(p.weights + I.bias);
-    MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * nrows; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * nrows; i += MK_BT) {
       int t = i / nrows, rr = i - t * nrows;
       st[t * sstride + rr] += __ldg(b + d.map(rr));
     }
@@ -2144,7 +2200,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   for (int q = 0; q < I.nepi; q++) {
     int e = (I.epi >> (4 * q)) & 15;
     if (e == EPI_SCALE) {
-      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_BT) {
         int t = i / width, c = i - t * width;
         st[t * sstride + c] *= I.scale;
       }
@@ -2152,7 +2208,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
       apply_rope_stage(st, sstride, p.T, width, c0, I.hd, I.rotary, I.theta, p.pos);
     } else if (e == EPI_ROPE2) {
       if (d.split) {  // a rotary tile: stage columns c and c + cols are the pair (j, j + rotary / 2)
-        MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+        MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_BT) {
           const int t = i / cols, c = i - t * cols;
           float* sp = st + t * sstride + c;
           rope_pair(sp, sp + cols, p.pos[t], (c0 + c) % I.hd, I.rotary, I.theta);
@@ -2161,20 +2217,20 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
     } else if (e == EPI_KVWRITE) {
       float* base = p.kv + (I.kvkind == 0 ? I.kv_k : I.kv_v);
       int rowlen = I.heads * I.hd;
-      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_BT) {
         int t = i / width, c = i - t * width;
         int slot = p.pos[t] % I.kv_cap;
         base[(long long)slot * rowlen + d.map(c)] = st[t * sstride + c];
       }
     } else if (e == EPI_SWIGLU) {
-      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_BT) {
         int t = i / cols, c = i - t * cols;
         float g = st[t * sstride + c], u = st[t * sstride + cols + c];
         st[t * sstride + c] = silu_f(g) * u;
       }
       width = cols;
     } else if (e == EPI_RESIDUAL) {
-      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+      MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_BT) {
         int t = i / width, c = i - t * width;
         st[t * sstride + c] += ldcg(p.arena + I.res + (long long)t * I.resw + d.map(c));
       }
@@ -2184,7 +2240,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   // Output columns: the stage's width after the epilogues (SwiGLU halves it) at their map (split-pair RoPE tiles
   // are two column runs).
   if (I.out >= 0) {
-    MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * width; i += MK_BT) {
       int t = i / width, c = i - t * width;
       p.arena[I.out + (long long)t * I.outw + d.map(c)] = st[t * sstride + c];
     }
@@ -2195,7 +2251,7 @@ __device__ __noinline__ void matmul_finish(const Params& p, const DInstr& I, int
   // argmax instruction only compares one candidate per tile.
   if (I.aux >= 0) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int t = warp; t < p.T; t += MK_WARPS) {
+    for (int t = warp; t < p.T; t += MK_BW) {
       float bv = -INFINITY;
       int bi = 0x7fffffff;
       MK_COLD_LOOP for (int c = lane; c < cols; c += 32)
@@ -2219,7 +2275,7 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
   const int sstride = d.sstride;
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
   PH_BEGIN(2)
-  for (int i = threadIdx.x; i < p.T * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+  for (int i = threadIdx.x; i < p.T * sstride; i += MK_BT) SM_STAGE[i] = 0.f;
   if (mk_flags[0]) {
     d.xstride = I.k;
     block_sync();
@@ -2249,18 +2305,20 @@ __device__ __noinline__ void op_matmul(const Params& p, Smem& s, const DInstr& I
 // chunks (next tile, or the next chunk's first tile) while the consumers finish the current one, so the ring does not
 // drain between the short calls (at T = 16 one FP8 chunk per call). Plain matmuls only (no fused router: its partials
 // need the stage past the tile).
-__device__ __forceinline__ bool matmul_kouter(const Params& p, const DInstr& I, int first, int ntiles) {
-  return I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !mk_flags[0] &&
+// resident: the activations are in shared memory whole (prep's mk_flags[0]; a reference, read only when needed).
+__device__ __forceinline__ bool matmul_kouter(const Params& p, const DInstr& I, int first, int ntiles,
+                                              const int& resident) {
+  return I.op == OP_MATMUL && mma_fmt(I.fmt) && I.ntiles > 0 && I.E == 0 && !resident &&
          first + (int)gridDim.x < ntiles && 2 * p.T * 2 * I.tile_rows <= MK_STAGE;
 }
 __device__ __noinline__ void op_matmul_kouter(const Params& p, Smem& s, const DInstr& I, int first, int ntiles) {
   const int G = gridDim.x, T = p.T, per = T * 2 * I.tile_rows;  // a tile's stage: T rows at 2 x tile_rows
   const int B = MK_STAGE / per, kcw = chunk_width(I.k, T);
   const float* normw = I.normw >= 0 ? reinterpret_cast<const float*>(p.weights + I.normw) : nullptr;
-  const bool producer = (threadIdx.x >> 5) == MK_CW;
+  const bool producer = !MK_DEC && (threadIdx.x >> 5) == MK_CW;
   for (int t0 = first; t0 < ntiles; t0 += B * G) {
     const int nb = min(B, (ntiles - t0 + G - 1) / G);
-    for (int i = threadIdx.x; i < nb * per; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    for (int i = threadIdx.x; i < nb * per; i += MK_BT) SM_STAGE[i] = 0.f;
     for (int k0 = 0; k0 < I.k; k0 += kcw) {
       const int kc = min(kcw, I.k - k0);
       block_sync();
@@ -2339,7 +2397,7 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 // partials and vd % 4 == 0).
 #define APS(vd) ((vd) + 4)
 static_assert(MK_XS >= 2 * 4 * 516, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
-__device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_WARPS - 1) / MK_WARPS; }
+__device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_BW - 1) / MK_BW; }
 __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
   return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
 }
@@ -2354,7 +2412,7 @@ __device__ __forceinline__ void attn_stage(const Params& p, const DInstr& I, int
   const float* V = p.kv + I.kv_v;
   const long long krow = (long long)I.nkv * qd, vrow = (long long)I.nkv * vd;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, s0 = j0 % I.kv_cap;
-  for (int r = warp; r < n; r += MK_WARPS) {
+  for (int r = warp; r < n; r += MK_BW) {
     int slot = s0 + r;
     while (slot >= I.kv_cap) slot -= I.kv_cap;
     const float* ks = K + slot * krow + kvh * qd;
@@ -2452,7 +2510,7 @@ __device__ __forceinline__ void attn_geom(const Params& p, const DInstr& I, int 
   const int tg = tile / S;
   sp = tile - tg * S;
   const int tk = tg / NG;
-  g0 = (tg - tk * NG) * MK_WARPS;
+  g0 = (tg - tk * NG) * MK_BW;
   t = tk / I.nkv;
   kvh = tk - t * I.nkv;
   const int P = p.pos[t];
@@ -2487,7 +2545,7 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   const int S = attn_splits(p.T, I);
   int t, kvh, g0, sp, a, b;
   attn_geom(p, I, tile, t, kvh, g0, sp, a, b);
-  const int G = I.nh / I.nkv, vd = I.vd, ng = min(MK_WARPS, G - g0);
+  const int G = I.nh / I.nkv, vd = I.vd, ng = min(MK_BW, G - g0);
   const float* sinks = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
   const int th0 = t * I.nh + kvh * G + g0;  // (token, head) index of the tile's first head
   float m, l, o[VU];
@@ -2613,13 +2671,13 @@ __device__ __noinline__ void op_router(const Params& p, Smem& s, const DInstr& I
     xs = SM_XS;
     xstride = kc;
   }
-  for (int i = threadIdx.x; i < p.T * I.tile_rows; i += MK_THREADS) SM_STAGE[i] = 0.f;
+  for (int i = threadIdx.x; i < p.T * I.tile_rows; i += MK_BT) SM_STAGE[i] = 0.f;
   block_sync();
   d.xstride = xstride;
   rows_dot(I.fmt, p.weights, d, k0, kc, xs, rows, SM_STAGE, p.T, s);
   block_sync();
   float* part = p.scratch + I.w2 + (long long)(k0 / I.n) * p.T * I.E;  // this K split's partial logits
-  for (int i = threadIdx.x; i < p.T * rows; i += MK_THREADS) {
+  for (int i = threadIdx.x; i < p.T * rows; i += MK_BT) {
     const int t = i / rows, r = i - t * rows;
     part[t * I.E + r0 + r] = SM_STAGE[t * I.tile_rows + r];
   }
@@ -2727,9 +2785,9 @@ __device__ __noinline__ void route_tokens(const Params& p, const DInstr& I, int*
   float* ch = SM_XS + T * E;  // [T][E] choice scores
   const float* part = p.scratch + I.w2;
   const float* bias = I.bias >= 0 ? reinterpret_cast<const float*>(p.weights + I.bias) : nullptr;
-  const int S = max(1, min(nks, MK_THREADS / TE));
+  const int S = max(1, min(nks, MK_BT / TE));
   if (S == 1) {
-    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_BT) {
       float a = 0.f;
 MK_PRAGMA_UNROLL(MK_RTU)
       for (int k = 0; k < nks; k++) a += ldcg(part + (long long)k * TE + i);
@@ -2745,7 +2803,7 @@ MK_PRAGMA_UNROLL(MK_RTU)
       sub[threadIdx.x] = a;
     }
     block_sync();
-    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_BT) {
       float a = 0.f;
       for (int sp = 0; sp < S; sp++) a += sub[sp * TE + i];
       lg[i] = a;
@@ -2754,7 +2812,7 @@ MK_PRAGMA_UNROLL(MK_RTU)
   if (fused) {
     // Sums of squares: a warp per token, lanes over interleaved splits, added by a fixed shuffle tree.
     const float* ss = part + (long long)nks * TE;
-    for (int t = warp; t < T; t += MK_WARPS) {
+    for (int t = warp; t < T; t += MK_BW) {
       float a = 0.f;
 #pragma unroll 4
       for (int k = lane; k < nks; k += 32) a += ldcg(ss + (long long)k * T + t);
@@ -2762,19 +2820,19 @@ MK_PRAGMA_UNROLL(MK_RTU)
       if (lane == 0) SM_INV[t] = rsqrtf(a / I.qd + I.theta);
     }
     block_sync();
-    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) lg[i] *= SM_INV[i / E];
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_BT) lg[i] *= SM_INV[i / E];
   }
   block_sync();
-  if (MK_RANK && I.sigmoid && I.ngroup <= 1 && ((TE + MK_THREADS - 1) / MK_THREADS) * E <= 512) {
+  if (MK_RANK && I.sigmoid && I.ngroup <= 1 && ((TE + MK_BT - 1) / MK_BT) * E <= 512) {
     // A thread per (token, expert): its sigmoid score and choice value, then its rank among the token's choices
     // (higher first, ties: lower index); ranks below topk are the picks in route_token's order.
-    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_BT) {
       const float sc = 1.f / (1.f + __expf(-lg[i]));
       lg[i] = sc;
       ch[i] = sc + (bias ? __ldg(bias + (i - (i / E) * E)) : 0.f);
     }
     block_sync();
-    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < TE; i += MK_BT) {
       const int t = i / E, e = i - t * E;
       const float v = ch[i];
       const float* row = ch + t * E;
@@ -2789,19 +2847,19 @@ MK_PRAGMA_UNROLL(MK_RTU)
       }
     }
     block_sync();
-    MK_COLD_LOOP for (int t = threadIdx.x; t < T; t += MK_THREADS) {
+    MK_COLD_LOOP for (int t = threadIdx.x; t < T; t += MK_BT) {
       float* w = rw + t * I.topk;
       float wsum = 0.f;
       for (int k = 0; k < I.topk; k++) wsum += w[k];
       for (int k = 0; k < I.topk; k++) w[k] = (I.normtopk ? w[k] / (wsum + 1e-20f) : w[k]) * I.rscale;
     }
   } else {
-    for (int t = warp; t < T; t += MK_WARPS)
+    for (int t = warp; t < T; t += MK_BW)
       route_token(I, bias, lg + t * E, ch + t * E, SM_RED + warp * 32, raw + t * I.topk, rw + t * I.topk);
   }
   block_sync();
   if (blockIdx.x == 0 && I.aux >= 0) {
-    MK_COLD_LOOP for (int i = threadIdx.x; i < T * I.topk; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < T * I.topk; i += MK_BT) {
       const int t = i / I.topk, k = i - t * I.topk;
       float* row = p.arena + I.aux + (long long)t * (2 * I.topk);
       row[k] = (float)raw[i];
@@ -2823,9 +2881,9 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   float* rw = reinterpret_cast<float*>(SM_IV + IV_RW);
   unsigned int* bits = reinterpret_cast<unsigned int*>(SM_IV + IV_BITS);
   const int nw = (E + 31) / 32;
-  MK_COLD_LOOP for (int i = threadIdx.x; i < nw; i += MK_THREADS) bits[i] = 0u;
+  MK_COLD_LOOP for (int i = threadIdx.x; i < nw; i += MK_BT) bits[i] = 0u;
   route_tokens(p, I, raw, rw);
-  MK_COLD_LOOP for (int i = threadIdx.x; i < n; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < n; i += MK_BT) {
     const int e = raw[i];
     if ((unsigned int)e < (unsigned int)E) atomicOr(&bits[e >> 5], 1u << (e & 31));
   }
@@ -2836,7 +2894,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     SM_IV[IV_U] = U;
   }
   block_sync();
-  MK_COLD_LOOP for (int w = threadIdx.x; w < nw; w += MK_THREADS) {
+  MK_COLD_LOOP for (int w = threadIdx.x; w < nw; w += MK_BT) {
     unsigned int b = bits[w];
     int pos = mst[w];
     while (b) { int j = __ffs(b) - 1; ids[pos++] = w * 32 + j; b &= b - 1; }
@@ -2848,7 +2906,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   // and the member starts scanned by warp 0 (the thread-per-expert loops walked all T x topk pairs serially: 128
   // dependent shared loads twice at T = 16).
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  MK_COLD_LOOP for (int u = warp; u < U; u += MK_WARPS) {
+  MK_COLD_LOOP for (int u = warp; u < U; u += MK_BW) {
     const int e = ids[u];
     int c = 0;
     MK_COLD_LOOP for (int i0 = 0; i0 < n; i0 += 32)
@@ -2878,7 +2936,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     }
   }
   block_sync();
-  MK_COLD_LOOP for (int u = warp; u < U; u += MK_WARPS) {
+  MK_COLD_LOOP for (int u = warp; u < U; u += MK_BW) {
     const int e = ids[u];
     int pos = mst[u];
     MK_COLD_LOOP for (int i0 = 0; i0 < n; i0 += 32) {
@@ -2891,7 +2949,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
   block_sync();
   return U;
 #else
-  MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_THREADS) {
+  MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_BT) {
     int e = ids[u], c = 0;
     for (int i = 0; i < n; i++) c += raw[i] == e;
     cnt[u] = c;
@@ -2904,7 +2962,7 @@ __device__ __noinline__ int moe_unique(const Params& p, Smem& s, const DInstr& I
     SM_IV[IV_U + 1] = mx;
   }
   block_sync();
-  MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_THREADS) {
+  MK_COLD_LOOP for (int u = threadIdx.x; u < U; u += MK_BT) {
     int e = ids[u], pos = mst[u];
     for (int i = 0; i < n; i++) if (raw[i] == e) ml[pos++] = i;
   }
@@ -2942,7 +3000,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
     TileRows d{};
     d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
     d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
-    MK_COLD_LOOP for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    MK_COLD_LOOP for (int i = threadIdx.x; i < m * sstride; i += MK_BT) SM_STAGE[i] = 0.f;
     if (full) {
       block_sync();
       rows_dot(I.fmt, p.weights, d, 0, I.k, SM_XS, sstride, SM_STAGE, m, s);
@@ -2956,7 +3014,7 @@ __device__ __forceinline__ void moe_up_tiles(const Params& p, Smem& s, const DIn
       }
     }
     block_sync();
-    MK_COLD_LOOP for (int i = threadIdx.x; i < m * nbt * tr; i += MK_THREADS) {
+    MK_COLD_LOOP for (int i = threadIdx.x; i < m * nbt * tr; i += MK_BT) {
       const int jm = i / (nbt * tr), rem = i - jm * (nbt * tr);
       const int j = rem / tr, c = rem - j * tr;
       const int col = (q + (jb + j) * nb) * tr + c;
@@ -2991,7 +3049,7 @@ __device__ __noinline__ void op_moe_up(const Params& p, Smem& s, const DInstr& I
     nb = (u0 + 1) * G / U - st;
     q = b - st;
     ustep = U;
-  } else if (U <= G && MK_MOEST && U < MK_THREADS) {
+  } else if (U <= G && MK_MOEST && U < MK_BT) {
     // As below, with expert u's first block st[u] = u + floor((G - U) C_u / C) (st[U] = G) computed once by
     // thread u in shared memory: each thread then only scans st (the serial loops below ran every expert's cost,
     // two integer divisions, on every thread, and were the MoE up's most instruction-cache-missed code).
@@ -3054,7 +3112,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
   const int* mst = SM_IV + IV_MST;
   const int* ml = SM_IV + IV_ML;
   const int maxm = SM_IV[IV_U + 1];
-  MK_COLD_LOOP for (int i = threadIdx.x; i < P * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+  MK_COLD_LOOP for (int i = threadIdx.x; i < P * sstride; i += MK_BT) SM_STAGE[i] = 0.f;
   TileRows d{};
   d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter; d.sstride = sstride;
   d.ml = ml;
@@ -3085,7 +3143,7 @@ __device__ __noinline__ void op_moe_down(const Params& p, Smem& s, const DInstr&
   }
   block_sync();
   const float* rw = reinterpret_cast<const float*>(SM_IV + IV_RW);
-  MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_THREADS) {
+  MK_COLD_LOOP for (int i = threadIdx.x; i < p.T * cols; i += MK_BT) {
     int t = i / cols, c = i - t * cols;
     float a = 0.f;
     for (int k = 0; k < I.topk; k++) a += rw[t * I.topk + k] * SM_STAGE[(t * I.topk + k) * sstride + c];
@@ -3125,7 +3183,7 @@ __device__ __noinline__ void moe_down_combine(const Params& p, const DInstr& I, 
   block_sync();
   int base = 0, total = 0;
 #pragma unroll
-  for (int w = 0; w < MK_WARPS; w++) {
+  for (int w = 0; w < MK_BW; w++) {
     base += w < warp ? wcnt[w] : 0;
     total += wcnt[w];
   }
@@ -3133,7 +3191,7 @@ __device__ __noinline__ void moe_down_combine(const Params& p, const DInstr& I, 
   block_sync();
   const int qw = WT >> 2, per = T * qw;  // column quads of a tile row, quads of a tile
 #pragma unroll 2
-  for (int i = threadIdx.x; i < total * per; i += MK_THREADS) {
+  for (int i = threadIdx.x; i < total * per; i += MK_BT) {
     const int ci = i / per, r = i - ci * per, t = r / qw;
     const int c = (jb + list[ci]) * WT + 4 * (r - t * qw);
     if (c >= H) continue;
@@ -3185,7 +3243,7 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
   expert_offsets(I.fmt, I.w, I.ws, ids[u], H, I.inter, &we, &wse);
   const int kcw = chunk_width(I.inter, m);
   const bool full = kcw == I.inter;
-  const int B = max(1, min(MK_THREADS, MK_STAGE / (m * WT)));  // tiles per batch
+  const int B = max(1, min(MK_BT, MK_STAGE / (m * WT)));  // tiles per batch
   block_sync();
   if (full) load_rows(p.scratch, I.inter, mem, 1, m, 0, I.inter, I.inter, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
   for (int jb = j0; jb < j1; jb += B) {
@@ -3193,7 +3251,7 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
     TileRows d{};
     d.mode = 1; d.c0 = c0; d.cols = cols; d.split = 0; d.w = we; d.ws = wse; d.K = I.inter; d.n = m;
     d.xstride = kcw; d.sstride = sstride;
-    for (int i = threadIdx.x; i < m * sstride; i += MK_THREADS) SM_STAGE[i] = 0.f;
+    for (int i = threadIdx.x; i < m * sstride; i += MK_BT) SM_STAGE[i] = 0.f;
     if (full) {
       block_sync();
       rows_dot(I.fmt, p.weights, d, 0, I.inter, SM_XS, cols, SM_STAGE, m, s);
@@ -3207,7 +3265,7 @@ __device__ __forceinline__ void moe_down_em_range(const Params& p, Smem& s, cons
       }
     }
     block_sync();
-    for (int i = threadIdx.x; i < m * cols; i += MK_THREADS) {
+    for (int i = threadIdx.x; i < m * cols; i += MK_BT) {
       const int j = i / cols, c = i - j * cols;
       y[(long long)mem[j] * H + c0 + c] = SM_STAGE[j * sstride + c];
     }
@@ -3236,7 +3294,7 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       int tok = p.tokens[t];
       long long base = (long long)tok * I.k;
 #pragma unroll 4
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) {
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) {
         float v;
         if (I.fmt == FMT_BF16) v = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.weights + I.w)[base + i]);
         else if (I.fmt == FMT_F32) v = reinterpret_cast<const float*>(p.weights + I.w)[base + i];
@@ -3250,27 +3308,27 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       float a = 0.f;
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) { float v = ldcg(x + i); a += v * v; }
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) { float v = ldcg(x + i); a += v * v; }
       a = warp_sum(a);
       if (lane == 0) SM_RED[warp] = a;
       block_sync();
       float tot = 0.f;
-      for (int w = 0; w < MK_WARPS; w++) tot += SM_RED[w];
+      for (int w = 0; w < MK_BW; w++) tot += SM_RED[w];
       float inv = rsqrtf(tot / I.k + I.eps);
       const float* g = reinterpret_cast<const float*>(p.weights + I.normw);
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) * inv * __ldg(g + i);
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) out[i] = ldcg(x + i) * inv * __ldg(g + i);
       break;
     }
     case OP_ROPE: {
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) SM_XS[i] = ldcg(x + i);
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) SM_XS[i] = ldcg(x + i);
       block_sync();
       apply_rope_stage(SM_XS, 0, 1, I.k, 0, I.hd, I.rotary, I.theta, p.pos + t);
       block_sync();
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = SM_XS[i];
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) out[i] = SM_XS[i];
       break;
     }
     case OP_KVWRITE: {
@@ -3278,26 +3336,26 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       int slot = p.pos[t] % I.kv_cap;
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) base[(long long)slot * I.k + i] = ldcg(x + i);
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) base[(long long)slot * I.k + i] = ldcg(x + i);
       break;
     }
     case OP_SWIGLU: {
       int h = I.k / 2;
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < h; i += MK_THREADS) out[i] = silu_f(ldcg(x + i)) * ldcg(x + h + i);
+      for (int i = threadIdx.x; i < h; i += MK_BT) out[i] = silu_f(ldcg(x + i)) * ldcg(x + h + i);
       break;
     }
     case OP_SCALE:
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) * I.scale;
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) out[i] = ldcg(x + i) * I.scale;
       break;
     case OP_ADD: {
       const float* y = p.arena + I.res + (long long)t * I.resw;
       // Unrolled so that a thread's loads are in flight together (one memory latency, not one per element).
 #pragma unroll 8
-      for (int i = threadIdx.x; i < I.k; i += MK_THREADS) out[i] = ldcg(x + i) + ldcg(y + i);
+      for (int i = threadIdx.x; i < I.k; i += MK_BT) out[i] = ldcg(x + i) + ldcg(y + i);
       break;
     }
     case OP_ARGMAX: {
@@ -3308,21 +3366,21 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
       int bi = 0x7fffffff;
       if (I.aux >= 0) {
         const float2* c = reinterpret_cast<const float2*>(p.scratch + I.aux) + (long long)t * I.n;
-        for (int i = threadIdx.x; i < I.n; i += MK_THREADS) {
+        for (int i = threadIdx.x; i < I.n; i += MK_BT) {
           const float2 v = __ldcg(c + i);
           best_of(bv, bi, v.x, __float_as_int(v.y));
         }
       } else {
 #pragma unroll 4
-        for (int i = threadIdx.x; i < I.k; i += MK_THREADS) best_of(bv, bi, sample_key(p, t, i, ldcg(x + i)), i);
+        for (int i = threadIdx.x; i < I.k; i += MK_BT) best_of(bv, bi, sample_key(p, t, i, ldcg(x + i)), i);
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1)
         best_of(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
-      if (lane == 0) { SM_RED[warp] = bv; SM_IV[warp] = bi; }
+      if (lane == 0) { SM_RED[warp] = bv; SM_IV[MK_ARGI + warp] = bi; }
       block_sync();
       if (threadIdx.x == 0) {
-        for (int w = 0; w < MK_WARPS; w++) best_of(bv, bi, SM_RED[w], SM_IV[w]);
+        for (int w = 0; w < MK_BW; w++) best_of(bv, bi, SM_RED[w], SM_IV[MK_ARGI + w]);
         p.out_tokens[t] = bi;
       }
       break;
@@ -3336,6 +3394,15 @@ __device__ __noinline__ void op_rowwise(const Params& p, Smem& s, const DInstr& 
 // attention layer) skips the load, the norm and the rewrite. x = -1: nothing reusable.
 __shared__ int mk_xkey[6];
 
+// MoE: hand the routing lists in SM_IV (complete: moe_unique ends with a barrier, or a previous instruction built
+// them) to the decoupled producer (MK_DEC; nothing otherwise).
+__device__ __forceinline__ void publish_lists(Smem& s) {
+#if MK_DEC
+  if (threadIdx.x == 0) mbar_arrive(&mk_ivready);
+  s.npub++;
+#endif
+}
+
 // Per-instruction preparation, run by every block that works on the instruction: activations that all of the
 // block's tiles share are loaded into shared memory once (normalized in place for a fused RMSNorm) unless the
 // buffer already holds them (mk_xkey), and the MoE routing lists are built.
@@ -3346,6 +3413,11 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
   bool hit = res;
 #pragma unroll
   for (int i = 0; i < 6; i++) hit = hit && mk_xkey[i] == key[i];
+#if MK_DEC
+  // MoE: the decoupled producer has copied the previous routing lists before moe_unique overwrites SM_IV.
+  const bool moe = I.op == OP_MOE_UP || I.op == OP_MOE_DOWN;
+  if (moe && threadIdx.x == 0 && s.npub > 0) mbar_wait(&mk_ivfree, (unsigned int)(s.npub - 1) & 1u);
+#endif
   block_sync();  // every thread has read the key
   if (threadIdx.x == 0) {
     mk_flags[0] = 0;
@@ -3373,10 +3445,12 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
     }
   } else if (I.op == OP_MOE_UP) {
     moe_unique(p, s, I);
+    publish_lists(s);
     if (normw && I.ws2 >= 0) rms_factors(p, s, I.x, I.xw, I.k, I.eps);  // fused router: route_tokens set SM_INV
   } else if (I.op == OP_MOE_DOWN) {
     // The routing lists of the MoE up this block ran just before (same routing buffer) are still in SM_IV.
     if (mk_flags[1] != (int)I.aux) moe_unique(p, s, I);
+    publish_lists(s);
     const int P = p.T * I.topk;
     if ((long long)P * I.inter <= MK_XS && !moe_down_em(p, I)) {
       load_rows(p.scratch, I.inter, nullptr, 1, P, 0, I.inter, I.inter, SM_XS, nullptr, nullptr, mma_fmt(I.fmt));
@@ -3387,6 +3461,228 @@ __device__ __noinline__ void prep(const Params& p, Smem& s, const DInstr& I) {
 }
 
 
+
+#if MK_DEC
+// ---------------------------------------------------------------------------------------------------------------
+// The decoupled producer (MK_DEC): warp MK_CW walks the instruction stream by itself and issues, in order, every
+// ring call this block's consumers will make, deriving them the way the consumers do (the same geometry, residency
+// and schedule functions; mk_callid lets the consumers check each call). Weights do not depend on activations, so
+// it never waits for a dependency: only for free ring slots and, at a MoE instruction, for the routing lists.
+struct PState {
+  unsigned int it;  // ring chunks issued so far (the consumers' s.ring_it, ahead)
+  int ncall;        // ring calls with chunks issued so far
+  int npub;         // routing lists received so far
+};
+
+// One ring call: its identity record, then all of its chunks (ring_produce waits for each slot).
+__device__ __noinline__ void producer_call(const Params& p, int fmt, TileRows d, int k0, int kc, int nrows,
+                                           PState& ps) {
+  const int lane = threadIdx.x & 31;
+  d.rdiv.init(d.mode == 3 ? 2 * d.cols : d.mode == 2 ? moe_colsp(d.cols) : 1);
+  unsigned int n = 0;
+  switch (fmt) {
+    case FMT_BF16: n = ring_chunks<FMT_BF16>(kc, nrows); break;
+    case FMT_F8: n = ring_chunks<FMT_F8>(kc, nrows); break;
+    case FMT_MXFP4: n = ring_chunks<FMT_MXFP4>(kc, nrows); break;
+    default: return;  // scalar formats do not use the ring
+  }
+  if (n == 0) return;
+  if (lane == 0) {  // published by the call's first chunk (lane 0's arrive on its full barrier is a release)
+    int* r = mk_callid[ps.ncall & 7];
+    r[0] = d.c0; r[1] = nrows; r[2] = k0; r[3] = kc; r[4] = (int)d.w; r[5] = d.mode;
+  }
+  __syncwarp();
+  switch (fmt) {
+    case FMT_BF16: ring_produce<FMT_BF16>(p.weights, d, k0, kc, nrows, ps.it, 0, 1 << 30); break;
+    case FMT_F8: ring_produce<FMT_F8>(p.weights, d, k0, kc, nrows, ps.it, 0, 1 << 30); break;
+    default: ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, ps.it, 0, 1 << 30); break;
+  }
+  __syncwarp();
+  ps.it += n;
+  ps.ncall++;
+}
+
+// A call over K columns [0, K) in chunks of kcw (one call when kcw >= K), as the consumers' K loops make them.
+__device__ __forceinline__ void producer_kloop(const Params& p, int fmt, const TileRows& d, int K, int kcw, int nrows,
+                                               PState& ps) {
+  for (int k0 = 0; k0 < K; k0 += kcw) producer_call(p, fmt, d, k0, min(kcw, K - k0), nrows, ps);
+}
+
+// op_matmul / op_matmul_kouter's calls.
+__device__ __noinline__ void producer_matmul(const Params& p, const DInstr& I, int first, int ntiles, PState& ps) {
+  const int G = gridDim.x, T = p.T;
+  const int res = (long long)T * I.k <= MK_XS ? 1 : 0;  // prep's mk_flags[0]
+  const int kcw = chunk_width(I.k, T);
+  const bool ko = matmul_kouter(p, I, first, ntiles, res);
+  if (ko) {
+    const int per = T * 2 * I.tile_rows, B = MK_STAGE / per;
+    for (int t0 = first; t0 < ntiles; t0 += B * G) {
+      const int nb = min(B, (ntiles - t0 + G - 1) / G);
+      for (int k0 = 0; k0 < I.k; k0 += kcw)
+        for (int j = 0; j < nb; j++) {
+          TileRows d;
+          int nrows, kc1;
+          matmul_geom(p, I, t0 + j * G, d, nrows, kc1);
+          producer_call(p, I.fmt, d, k0, min(kcw, I.k - k0), nrows, ps);
+        }
+    }
+  }
+  for (int tile = ko ? ntiles : first; tile < ntiles; tile += G) {
+    TileRows d;
+    int nrows, kc1;
+    matmul_geom(p, I, tile, d, nrows, kc1);
+    producer_kloop(p, I.fmt, d, I.k, res ? I.k : kcw, nrows, ps);
+  }
+}
+
+// moe_up_tiles' calls: expert u's column tiles q + j nb, j < nt.
+__device__ __noinline__ void producer_moe_up(const Params& p, const DInstr& I, int u, int q, int nb, int nt,
+                                             PState& ps) {
+  const int m = mk_piv[PV_CNT + u];
+  long long we, wse;
+  expert_offsets(I.fmt, I.w, I.ws, mk_piv[PV_IDS + u], 2 * I.inter, I.k, &we, &wse);
+  const int kcw = chunk_width(I.k, m), tr = I.tile_rows;
+  const int B = max(1, MK_STAGE / (m * 2 * tr));
+  for (int jb = 0; jb < nt; jb += B) {
+    const int nbt = min(B, nt - jb), sstride = nbt * 2 * tr;
+    TileRows d{};
+    d.mode = 3; d.c0 = (q + jb * nb) * tr; d.cols = tr; d.split = I.inter; d.jstride = nb * tr; d.w = we;
+    d.ws = wse; d.K = I.k; d.n = m; d.xstride = kcw; d.sstride = sstride;
+    producer_kloop(p, I.fmt, d, I.k, kcw, sstride, ps);
+  }
+}
+
+// moe_down_em_range's calls: expert u's column tiles j0 .. j1 - 1.
+__device__ __noinline__ void producer_moe_down_em(const Params& p, const DInstr& I, int u, int j0, int j1,
+                                                  PState& ps) {
+  const int H = I.n, WT = I.window, m = mk_piv[PV_CNT + u];
+  long long we, wse;
+  expert_offsets(I.fmt, I.w, I.ws, mk_piv[PV_IDS + u], H, I.inter, &we, &wse);
+  const int kcw = chunk_width(I.inter, m);
+  const int B = max(1, min(MK_BT, MK_STAGE / (m * WT)));
+  for (int jb = j0; jb < j1; jb += B) {
+    const int nbt = min(B, j1 - jb), c0 = jb * WT, cols = min(nbt * WT, H - c0);
+    TileRows d{};
+    d.mode = 1; d.c0 = c0; d.cols = cols; d.split = 0; d.w = we; d.ws = wse; d.K = I.inter; d.n = m;
+    d.xstride = kcw; d.sstride = nbt * WT;
+    producer_kloop(p, I.fmt, d, I.inter, kcw, cols, ps);
+  }
+}
+
+// A MoE instruction's calls, from the routing lists the consumers hand over after prep.
+__device__ __noinline__ void producer_moe(const Params& p, const DInstr& I, int first, int ntiles, bool em,
+                                          PState& ps) {
+  const int lane = threadIdx.x & 31, G = gridDim.x, b = blockIdx.x;
+  mbar_wait(&mk_ivready, (unsigned int)ps.npub & 1u);
+  const int U = SM_IV[IV_U];
+  for (int i = lane; i < U; i += 32) {
+    mk_piv[PV_IDS + i] = SM_IV[IV_IDS + i];
+    mk_piv[PV_CNT + i] = SM_IV[IV_CNT + i];
+  }
+  for (int i = lane; i <= U; i += 32) mk_piv[PV_MST + i] = SM_IV[IV_MST + i];
+  if (lane == 0) mk_piv[0] = U;
+  __syncwarp();
+  mbar_arrive(&mk_ivfree);  // every lane: its reads of SM_IV are done
+  ps.npub++;
+  const int* cnt = mk_piv + PV_CNT;
+  if (I.op == OP_MOE_UP) {
+    // op_moe_up's assignment (MK_MOEW = 1): expert u's first block u + floor((G - U) C_u / C).
+    const int ctiles = (I.inter + I.tile_rows - 1) / I.tile_rows;
+    int u0 = b, ustep = G, q = 0, nb = 1;
+    if (U <= G) {
+      int ctot = 0;
+      for (int u = 0; u < U; u++) ctot += moe_cost(I, cnt[u]);
+      int cpre = 0;
+      for (int u = 0; u < U; u++) {
+        const int c = moe_cost(I, cnt[u]);
+        const int st = u + (int)((long long)(G - U) * cpre / ctot);
+        const int stn = u + 1 + (int)((long long)(G - U) * (cpre + c) / ctot);
+        if (b < stn) {
+          u0 = u; q = b - st; nb = stn - st;
+          break;
+        }
+        cpre += c;
+      }
+      ustep = U;
+    }
+    for (int u = u0; u < U; u += ustep)
+      producer_moe_up(p, I, u, q, nb, q < ctiles ? (ctiles - q + nb - 1) / nb : 0, ps);
+  } else if (em) {
+    cost_share(
+        U, (I.n + I.window - 1) / I.window, [&](int u) { return pass_cost(I.vd, I.inter, cnt[u]); },
+        [&](int u, int j0, int j1) { producer_moe_down_em(p, I, u, j0, j1, ps); });
+  } else {
+    // op_moe_down's calls per column tile.
+    const int H = I.n, P = p.T * I.topk;
+    const bool res = (long long)P * I.inter <= MK_XS;  // prep's mk_flags[0] (not expert-major)
+    const int* mst = mk_piv + PV_MST;
+    for (int tile = first; tile < ntiles; tile += G) {
+      const int c0 = tile * I.tile_rows, cols = min(I.tile_rows, H - c0), colsp = moe_colsp(cols);
+      TileRows d{};
+      d.mode = 2; d.c0 = c0; d.cols = cols; d.w = I.w; d.ws = I.ws; d.erows = H; d.K = I.inter;
+      d.sstride = I.tile_rows;
+      if (res) {
+        d.ids = mk_piv + PV_IDS; d.cnt = cnt; d.mst = mst; d.xpack = -1; d.xstride = I.inter;
+        producer_call(p, I.fmt, d, 0, I.inter, U * colsp, ps);
+      } else {
+        const int cap = MK_XS / I.inter;
+        for (int ua = 0; ua < U;) {
+          int ub = ua + 1;
+          while (ub < U && mst[ub + 1] - mst[ua] <= cap) ub++;
+          const int kcw = chunk_width(I.inter, mst[ub] - mst[ua]);
+          d.ids = mk_piv + PV_IDS + ua; d.cnt = cnt + ua; d.mst = mst + ua; d.xpack = mst[ua]; d.xstride = kcw;
+          producer_kloop(p, I.fmt, d, I.inter, kcw, (ub - ua) * colsp, ps);
+          ua = ub;
+        }
+      }
+    }
+  }
+}
+
+// The producer warp's whole forward: each instruction's descriptor and pre-tiled weights from global memory into
+// its own shared copies, then the block's ring calls of it, in the consumers' order.
+__device__ __noinline__ void producer_main(const Params& p) {
+  const int lane = threadIdx.x & 31;
+  const unsigned int G = gridDim.x;
+  PState ps;
+  ps.it = 0; ps.ncall = 0; ps.npub = 0;
+  for (int i = 0; i < p.ninstr; i++) {
+    const int* src = reinterpret_cast<const int*>(p.instrs + i);
+    int* dst = reinterpret_cast<int*>(&mk_pcur);
+    dst[lane] = __ldg(src + lane);
+    dst[lane + 32] = __ldg(src + lane + 32);
+    if (lane == 0) {
+      const long long t0 = p.tinfo != nullptr ? __ldg(p.tinfo + 3ll * i) : -1;
+      const long long t1 = p.tinfo != nullptr ? __ldg(p.tinfo + 3ll * i + 1) : -1;
+      mk_tw = t0 >= 0 ? p.tiled + t0 : nullptr;
+      mk_tsc = t1 >= 0 ? p.tiled + t1 : nullptr;
+      mk_tnb = p.tinfo != nullptr ? __ldg(p.tinfo + 3ll * i + 2) : 0;
+    }
+    __syncwarp();
+    const DInstr& I = mk_pcur;
+    if (I.op == OP_MATMUL || I.op == OP_ROUTER || I.op == OP_MOE_UP || I.op == OP_MOE_DOWN) {
+      // The main loop's work test (attention's tile count is not needed: it makes no ring calls).
+      const int ntiles = I.ntiles < 0 ? -I.ntiles * p.T : I.ntiles;
+      int first = ((int)blockIdx.x - I.rot) % (int)G;
+      if (first < 0) first += G;
+      const bool em = I.op == OP_MOE_DOWN && moe_down_em(p, I);
+      if (I.op == OP_MOE_UP || I.op == OP_MOE_DOWN) {
+        if (first < ntiles || I.op == OP_MOE_UP || em) producer_moe(p, I, first, ntiles, em, ps);
+      } else if (I.op == OP_MATMUL) {
+        producer_matmul(p, I, first, ntiles, ps);
+      } else {
+        for (int tile = first; tile < ntiles; tile += G) {
+          TileRows d;
+          int k0, kc, rows;
+          router_geom(p, I, tile, d, k0, kc, rows);
+          producer_call(p, I.fmt, d, k0, kc, rows, ps);
+        }
+      }
+    }
+    __syncwarp();  // every lane is done with mk_pcur and the tiled pointers
+  }
+}
+#endif
 
 #if MK_TMAP
 // Present only in builds that read Params::tmaps / tmok: the runtime encodes tensor maps only for those.
@@ -3409,12 +3705,19 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
   Smem s;
   s.ring_it = 0;
   s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0; s.pre_w = 0;
+#if MK_DEC
+  s.ncall = 0; s.npub = 0;
+#endif
   if (threadIdx.x == 0) {
     for (int i = 0; i < RING_NS; i++) {
       mbar_init(mk_bars + i, MK_LDGSTS ? 32 : 1);
       mbar_init(mk_bars + RING_NS + i, MK_CW * (MK_ARRIVE_ALL ? 32 : 1));
     }
     mbar_init(&mk_cbar, MK_CW * 32);
+#if MK_DEC
+    mbar_init(&mk_ivready, 1);
+    mbar_init(&mk_ivfree, 32);
+#endif
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mk_prof_on = p.prof != nullptr;
   }
@@ -3440,12 +3743,18 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
   const bool tm_on = p.tmok != nullptr && (smem_u32(mk_smem) & 1023u) == 0;
   unsigned int tmn = threadIdx.x == 64 && tm_on && p.ninstr > 0 ? p.tmok[0] : 0u;
 #endif
+#if MK_DEC
+  __syncthreads();  // the barriers are initialized
+  if ((threadIdx.x >> 5) == MK_CW) {
+    producer_main(p);
+  } else
+#endif
   for (int i = 0; i < p.ninstr; i++) {
     unsigned long long t0 = 0, t1 = 0;
     if (p.prof && threadIdx.x == 0) t0 = gtimer();
     // Control: publish the descriptor, fetch the next one, wait for producers.
     if (threadIdx.x < 64) reinterpret_cast<int*>(&cur)[threadIdx.x] = nxt;
-    if (threadIdx.x == 65) {
+    if (!MK_DEC && threadIdx.x == 65) {  // (MK_DEC: the producer keeps its own)
       mk_tw = tin0 >= 0 ? p.tiled + tin0 : nullptr;
       mk_tsc = tin1 >= 0 ? p.tiled + tin1 : nullptr;
       mk_tnb = tin2;
@@ -3485,7 +3794,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
         }
         fence_acquire();
         if (p.prof) t1 = gtimer();
-      } else if (MK_WPF && (threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
+      } else if (!MK_DEC && MK_WPF && (threadIdx.x >> 5) == MK_CW && mma_fmt(cur.fmt)) {
         if (cur.op == OP_MATMUL) prefetch_matmul(p, s, cur, first);
         else if (cur.op == OP_ROUTER) prefetch_router(p, s, cur, first);
       }
@@ -3498,7 +3807,7 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
       } else if (all) {
         op_moe_down_em(p, s, cur);
       } else {
-        const bool ko = matmul_kouter(p, cur, first, ntiles);
+        const bool ko = matmul_kouter(p, cur, first, ntiles, mk_flags[0]);
         if (ko) op_matmul_kouter(p, s, cur, first, ntiles);
         for (int tile = ko ? ntiles : first; tile < ntiles; tile += G) {
           switch (cur.op) {
@@ -3531,6 +3840,10 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
       }
     }
   }
+#if MK_DEC
+  __syncthreads();  // the producer's profile counters too
+#else
   block_sync();
+#endif
   if (p.prof && threadIdx.x < 4) p.prof[(long long)p.ninstr * G * 4 + blockIdx.x * 4 + threadIdx.x] = mk_stat[threadIdx.x];
 }
