@@ -932,6 +932,31 @@ __device__ __forceinline__ HalfRun half_run(const uint8_t* rp, bool ok, unsigned
   return o;
 }
 
+// The pre-tiled 16-row blocks (see mimo_tile) of a ring row group whose lanes hold row pointers rp (valid: ok):
+// per half, its block index when its valid rows are a prefix of one 16-aligned run of consecutive rows of the
+// current instruction's tiled tensor, else -1. Warp-collective.
+__device__ __forceinline__ void half_blocks(const uint8_t* W, const uint8_t* rp, bool ok, int lane, int rowbytes,
+                                            long long (&tb)[2]) {
+  const unsigned int okm = __ballot_sync(0xffffffffu, ok);
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
+    tb[h] = -1;
+    if (hr.hm != 0 && hr.whole) {
+      const long long off = (long long)(hr.r0 - (W + MK_PCUR.w));
+      const long long rr = off / rowbytes;
+      if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
+    }
+  }
+}
+#ifndef MK_L2PF
+#define MK_L2PF 0
+#endif
+// L2 prefetch of a byte range (16-byte aligned and sized; a hint).
+__device__ __forceinline__ void bulk_pf_l2(const void* src, unsigned int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 // Issues chunks [cb, ce) of the call (clamped to its chunk count) and returns how many it issued.
 template <int FMT>
 __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, int k0, int kc, int nrows,
@@ -976,19 +1001,22 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
     if (sg == 0 || c == cb) {
       const RowInfo ri = ring_row<FMT>(W, d, g * RING_ROWS + lane, nrows);
       rp = ri.rp; sp = ri.sp; ok = ri.ok;
-      if (tcall) {
-        const unsigned int okm = __ballot_sync(0xffffffffu, ok);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const HalfRun hr = half_run(rp, ok, okm, h, lane, rowbytes);
-          tb[h] = -1;
-          if (hr.hm != 0 && hr.whole) {
-            const long long off = (long long)(hr.r0 - (W + MK_PCUR.w));
-            const long long rr = off / rowbytes;
-            if (off >= 0 && rr * rowbytes == off && (rr & 15) == 0 && rr / 16 < mk_tnb) tb[h] = rr / 16;
-          }
+      if (tcall) half_blocks(W, rp, ok, lane, rowbytes, tb);
+#if MK_L2PF
+      // MK_L2PF=D: the whole K range of row group g + D of the call (one tiled block pair) into L2 ahead of the
+      // ring, so that the ring refills from L2 after the consumers' non-ring phases.
+      if (tcall && sg == 0 && (g + MK_L2PF) * RING_ROWS < nrows) {
+        const RowInfo rn = ring_row<FMT>(W, d, (g + MK_L2PF) * RING_ROWS + lane, nrows);
+        long long tn[2];
+        half_blocks(W, rn.rp, rn.ok, lane, rowbytes, tn);
+        if (lane == 0 && tn[0] >= 0 && (tn[0] & 1) == 0 && tn[1] == tn[0] + 1) {
+          const long long nsg = (rowbytes + RING_SEG - 1) / RING_SEG;
+          const long long at = ((tn[0] >> 1) * nsg + kb0 / RING_SEG) * 2;  // the pair's first block, this K
+          bulk_pf_l2(tw + at * (16 * PITCH), (unsigned int)nseg * 2u * (16u * PITCH));
+          if (sring) bulk_pf_l2(mk_tsc + at * (16 * RING_SSTR), (unsigned int)nseg * 2u * (16u * RING_SSTR));
         }
       }
+#endif
 #if MK_TMAP
       // Tensor copies need each 16-row half's valid rows to be a prefix of consecutive weight rows of the mapped
       // matrix. FP8: the half starts on a multiple of 8 and holds 8 or 16 valid rows, so fragment row gq, whose
