@@ -196,8 +196,10 @@ if has variants; then
   # variant_verify PLAN COPY TAG: variant $v in a copy of plan $W/PLAN against the CPU (verify_TAG$name.json).
   variant_verify() {
     rm -rf "$W/$2"; cp -r "$W/$1" "$W/$2"; cp "$v" "$W/$2/megakernel.cubin"
-    timeout 60 env $venv $B/mimort verify-gpu "$W/$2" --prefill 40 --decode 24 --json "$W/verify_$3$name.json" > "$W/verify_$3$name.log" 2>&1
-    echo "verify ${3//_/ }$name: rc=$? $(tr -d '\n ' < "$W/verify_$3$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
+    timeout ${MIMO_VARIANT_VERIFY_TIMEOUT:-60} env $venv $B/mimort verify-gpu "$W/$2" --prefill 40 --decode 24 --json "$W/verify_$3$name.json" > "$W/verify_$3$name.log" 2>&1
+    vrc=$?
+    [ $vrc = 0 ] || vbad=1
+    echo "verify ${3//_/ }$name: rc=$vrc $(tr -d '\n ' < "$W/verify_$3$name.json" 2>/dev/null | head -c 300)" | tee -a "$OUT/summary.txt"
   }
   # MIMO_VARIANT_DIR: where the variant cubins are (default bench/variants; a second set, e.g. for a later call
   # in the same device command, can sit in another carried folder).
@@ -212,8 +214,14 @@ if has variants; then
     log "variant $name${venv:+ ($venv)}"
     # MIMO_VARIANT_NOVERIFY="NAME ...": variants not checked against the CPU (diagnostic builds whose results are
     # right by construction or wrong by design, timed only).
+    vbad=0
     if [[ -d "$W/p_moe_" && " ${MIMO_VARIANT_NOVERIFY:-} " != *" $name "* ]]; then
       variant_verify p_moe_ pv ""
+      # MIMO_VARIANT_SKIPBAD=1: a variant that fails (or hangs in) the tiny plan's check is not run any further.
+      if [[ $vbad = 1 && ${MIMO_VARIANT_SKIPBAD:-0} = 1 ]]; then
+        echo "variant $name skipped: it failed the tiny plan's check" | tee -a "$OUT/summary.txt"
+        continue
+      fi
       [ -d "$W/p_mid" ] && variant_verify p_mid pvm mid_
       [ -d "$W/p_midk" ] && variant_verify p_midk pvk midk_
       # The tiny plan with MoE down's expert-major mode forced (the runtime's encoder knob): its combine path.
