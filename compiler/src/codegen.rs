@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use mimo_ir::plan::Plan;
-use mimo_kernels::device::{stage_floats, xs_floats, MEGAKERNEL_CU, THREADS, TILE_MAX};
+use mimo_kernels::device::{stage_floats, threads, xs_floats, MEGAKERNEL_CU, TILE_MAX};
 use std::path::{Path, PathBuf};
 
 pub const CU_FILE: &str = "megakernel.cu";
@@ -22,7 +22,8 @@ pub fn megakernel_source(plan: &Plan) -> String {
         plan.programs.iter().map(|p| p.instrs.len()).sum::<usize>()
     ));
     s.push_str(&format!(
-        "#define MK_THREADS {THREADS}\n#define MK_MAX_T {}\n",
+        "#define MK_THREADS {}\n#define MK_MAX_T {}\n",
+        threads(),
         plan.max_tokens
     ));
     s.push_str(&format!(

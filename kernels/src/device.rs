@@ -12,6 +12,23 @@ use mimo_ir::{DType, Epilogue, KvKind};
 /// sub-partition, leave each thread 255 registers. (12 warps, tried with the tensor-core consumers, were 10 %
 /// slower: see bench/NOTES.md.)
 pub const THREADS: usize = 256;
+
+/// Threads per block of the plans this process compiles and runs: `MIMO_THREADS` (an experiment knob: a multiple
+/// of 32 in 128..=512, one producer warp and the rest consumers; the shared activation buffer shrinks where the
+/// consumers' partial sums need the room) or [`THREADS`]. The runtime checks it against the kernel it loads.
+pub fn threads() -> usize {
+    static T: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *T.get_or_init(|| match std::env::var("MIMO_THREADS") {
+        Err(_) => THREADS,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(t) if t.is_multiple_of(32) && (128..=512).contains(&t) => t,
+            _ => {
+                eprintln!("warning: MIMO_THREADS={v} is not a multiple of 32 in 128..=512; using {THREADS}");
+                THREADS
+            }
+        },
+    })
+}
 /// Bytes of the shared-memory weight ring (`RING_NS * RING_SLOT` in megakernel.cu): 3 slots of 32 rows, each a
 /// 1 KB segment at a padded pitch plus its MXFP4 scale bytes, rounded up to 1 KB (tensor copies into a slot use
 /// the 128-byte swizzle, whose pattern repeats every 1 KB).
@@ -19,12 +36,15 @@ pub const RING_BYTES: usize = 3 * (32 * (1024 + 64 + 80usize)).div_ceil(1024) * 
 /// Rows of a ring chunk (two 16-row tensor-core tiles).
 pub const RING_ROWS: usize = 32;
 /// Consumer warps of a block (`MK_CW`: all warps but the producer).
-pub const CONSUMER_WARPS: usize = THREADS / 32 - 1;
+pub fn consumer_warps() -> usize {
+    threads() / 32 - 1
+}
 
 /// Floats of the consumer warps' partial-sum buffer (`SM_MMR`): up to 8 tokens a double buffer of warps x one
 /// 32-row group x 8 tokens; above 8, warps x one 16-row MMA tile x tokens rounded to 8.
 pub fn mmr_floats(max_tokens: usize) -> usize {
-    (CONSUMER_WARPS * 2 * 32 * 8).max(CONSUMER_WARPS * 16 * max_tokens.div_ceil(8) * 8)
+    let cw = consumer_warps();
+    (cw * 2 * 32 * 8).max(cw * 16 * max_tokens.div_ceil(8) * 8)
 }
 pub const TILE_MAX: usize = 128;
 /// Rows of a matmul tile without RoPE (RoPE tiles are head-aligned or split-pair, LM-head ones 64).
@@ -249,7 +269,7 @@ pub fn xs_floats(max_tokens: usize) -> usize {
 /// Floats of the shared regions after the activation buffer, in kernel order: stage, reductions (`SM_RED`), norm
 /// factors (`SM_INV`), routing lists (`SM_IV`), the consumers' partial sums (`SM_MMR`).
 fn other_floats(max_tokens: usize) -> usize {
-    stage_floats(max_tokens) + THREADS + max_tokens + IV_LEN + mmr_floats(max_tokens)
+    stage_floats(max_tokens) + threads() + max_tokens + IV_LEN + mmr_floats(max_tokens)
 }
 const _: () = assert!(
     XS_TARGET >= 256 * 32,
@@ -1143,7 +1163,7 @@ mod tests {
         assert!(seg / 16 <= sstr && sstr % 16 == 0);
         // One producer warp plus the consumer warps; a chunk is whole 16-row MMA tiles, one row per producer lane.
         assert!(MEGAKERNEL_CU.contains("#define MK_CW (MK_WARPS - 1)"));
-        assert!(THREADS.is_multiple_of(32) && CONSUMER_WARPS >= 1);
+        assert!(threads().is_multiple_of(32) && consumer_warps() >= 1);
         assert!(rows % 16 == 0 && rows <= 32);
         assert_eq!(IV_LEN, cu_define("IV_LEN"));
         assert_eq!(ATTN_SPLITS, cu_define("ATTN_SMAX"));

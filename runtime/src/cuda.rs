@@ -10,7 +10,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
     LaunchConfig, PushKernelArg,
 };
-use mimo_kernels::device::{encode, DInstr, Encoded, THREADS};
+use mimo_kernels::device::{encode, threads, DInstr, Encoded};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -392,6 +392,17 @@ impl CudaSession {
             tile,
             reads_tmaps,
         } = load_function(&ctx, plan_dir)?;
+        // The kernel's block size (its __launch_bounds__) must be the one this process encodes for.
+        let kthreads = func
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+            .context("querying the megakernel's block size")? as usize;
+        if kthreads != threads() {
+            bail!(
+                "the plan's megakernel was built for {kthreads} threads per block but this process encodes for {}: \
+                 run with MIMO_THREADS={kthreads} (the value the plan was compiled with)",
+                threads()
+            );
+        }
         let plan = &model.plan;
         let prog = plan
             .program("target")
@@ -406,7 +417,7 @@ impl CudaSession {
         )
         .context("raising the megakernel's shared-memory limit")?;
         let per_sm = func
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, enc.smem_bytes, None)
+            .occupancy_max_active_blocks_per_multiprocessor(threads() as u32, enc.smem_bytes, None)
             .context("occupancy query")?;
         if per_sm < 1 {
             bail!(
@@ -572,7 +583,7 @@ impl CudaSession {
         };
         let cfg = LaunchConfig {
             grid_dim: (self.grid, 1, 1),
-            block_dim: (THREADS as u32, 1, 1),
+            block_dim: (threads() as u32, 1, 1),
             shared_mem_bytes: self.enc.smem_bytes as u32,
         };
         let mut b = self.stream.launch_builder(&self.func);
