@@ -2425,19 +2425,7 @@ __device__ __forceinline__ bool last_arrival(unsigned int* ctr, unsigned int n) 
 // partials and vd % 4 == 0).
 #define APS(vd) ((vd) + 4)
 static_assert(MK_XS >= 2 * 4 * 516, "two chunks of four K / V rows (head dims up to 256) fit the activation buffer");
-// MK_AH: query heads per warp (2 with MK_DEC, whose 7 warps would otherwise split 8 or 16 heads into 2 or 3
-// groups, each reading the K / V rows again); a group is then at most MK_AH x MK_BW heads, as even as the count of
-// groups allows (16 heads: 8 + 8, not 14 + 2).
-#define MK_AH (MK_DEC ? 2 : 1)
-__device__ __forceinline__ int attn_gsize(const DInstr& I) {
-  const int G = I.nh / I.nkv;
-  if (MK_AH == 1) return MK_BW;
-  const int ng = (G + MK_AH * MK_BW - 1) / (MK_AH * MK_BW);
-  return (G + ng - 1) / ng;
-}
-__device__ __forceinline__ int attn_groups(const DInstr& I) {
-  return (I.nh / I.nkv + attn_gsize(I) - 1) / attn_gsize(I);
-}
+__device__ __forceinline__ int attn_groups(const DInstr& I) { return (I.nh / I.nkv + MK_BW - 1) / MK_BW; }
 __device__ __forceinline__ int attn_splits(int T, const DInstr& I) {
   return max(1, min(ATTN_SMAX, (int)gridDim.x / (T * I.nkv * attn_groups(I))));
 }
@@ -2485,26 +2473,21 @@ __device__ __forceinline__ float4 lds128f(unsigned int a) {
 // the VU x 32 value dims) accumulated with each position's weight by shuffle. About 31 SASS instructions per
 // position and head (the lanes-over-dims form: ~81, a five-shuffle sum and a serial update per position).
 template <int VU>
-__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, bool pre,
-                          float (&m)[MK_AH], float (&l)[MK_AH], float (&o)[MK_AH][VU]) {
+__device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int g0, int a, int b, bool pre, float& m,
+                          float& l, float (&o)[VU]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = I.nh / I.nkv, qd = I.qd, vd = I.vd;
   int kp, ch;
   attn_chunk(qd, vd, kp, ch);
-  // Head g0 + warp + h MK_BW of the group is this warp's head h (MK_AH of them; past the group: a clamped copy).
-  unsigned int qsb[MK_AH];
-#pragma unroll
-  for (int h = 0; h < MK_AH; h++) {
-    float* qs = SM_STAGE + (warp + h * MK_BW) * qd;  // the attention instruction leaves the stage unused
-    const float* q = p.arena + I.x + (long long)t * I.xw + (long long)(kvh * G + min(g0 + warp + h * MK_BW, G - 1)) * qd;
-    for (int k = lane; k < qd; k += 32) qs[k] = ldcg(q + k) * I.scale;
-    qsb[h] = smem_u32(qs);
-    m[h] = -INFINITY;
-    l[h] = 0.f;
-#pragma unroll
-    for (int u = 0; u < VU; u++) o[h][u] = 0.f;
-  }
+  float* qs = SM_STAGE + warp * qd;  // the attention instruction leaves the stage unused
+  const float* q = p.arena + I.x + (long long)t * I.xw + (long long)(kvh * G + min(g0 + warp, G - 1)) * qd;
+  for (int k = lane; k < qd; k += 32) qs[k] = ldcg(q + k) * I.scale;
   __syncwarp();
+  const unsigned int qsb = smem_u32(qs);
+  m = -INFINITY;
+  l = 0.f;
+#pragma unroll
+  for (int u = 0; u < VU; u++) o[u] = 0.f;
   float* buf[2] = {SM_XS, SM_XS + ch * (kp + vd)};
   if (a <= b && !pre) attn_stage(p, I, kvh, a, min(ch, b - a + 1), buf[0], buf[0] + ch * kp, kp);
   for (int j0 = a, c = 0; j0 <= b; j0 += ch, c++) {
@@ -2519,47 +2502,31 @@ __device__ void attn_head(const Params& p, const DInstr& I, int t, int kvh, int 
     block_sync();
     const unsigned int kbs = smem_u32(buf[c & 1]), vbs = kbs + 4u * (unsigned int)(ch * kp);
     const unsigned int kr = kbs + 4u * (unsigned int)(min(lane, n - 1) * kp);  // lanes past n: dropped below
-    float s0[MK_AH], s1[MK_AH], s2[MK_AH], s3[MK_AH];
-#pragma unroll
-    for (int h = 0; h < MK_AH; h++) s0[h] = s1[h] = s2[h] = s3[h] = 0.f;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll 4
     for (int k = 0; k < qd; k += 4) {
-      const float4 kv = lds128f(kr + 4u * k);
-#pragma unroll
-      for (int h = 0; h < MK_AH; h++) {
-        const float4 qv = lds128f(qsb[h] + 4u * k);
-        s0[h] += qv.x * kv.x;
-        s1[h] += qv.y * kv.y;
-        s2[h] += qv.z * kv.z;
-        s3[h] += qv.w * kv.w;
-      }
+      const float4 qv = lds128f(qsb + 4u * k), kv = lds128f(kr + 4u * k);
+      s0 += qv.x * kv.x;
+      s1 += qv.y * kv.y;
+      s2 += qv.z * kv.z;
+      s3 += qv.w * kv.w;
     }
-    float e[MK_AH];
+    const float d = lane < n ? (s0 + s1) + (s2 + s3) : -INFINITY;
+    const float mn = fmaxf(m, warp_max(d));
+    const float cc = __expf(m - mn);
+    const float e = lane < n ? __expf(d - mn) : 0.f;
+    l = l * cc + warp_sum(e);
 #pragma unroll
-    for (int h = 0; h < MK_AH; h++) {
-      const float d = lane < n ? (s0[h] + s1[h]) + (s2[h] + s3[h]) : -INFINITY;
-      const float mn = fmaxf(m[h], warp_max(d));
-      const float cc = __expf(m[h] - mn);
-      e[h] = lane < n ? __expf(d - mn) : 0.f;
-      l[h] = l[h] * cc + warp_sum(e[h]);
-#pragma unroll
-      for (int u = 0; u < VU; u++) o[h][u] *= cc;
-      m[h] = mn;
-    }
+    for (int u = 0; u < VU; u++) o[u] *= cc;
     unsigned int vr = vbs + 4u * lane;
 #pragma unroll 4
     for (int j = 0; j < n; j++, vr += 4u * vd) {
-      float ej[MK_AH];
-#pragma unroll
-      for (int h = 0; h < MK_AH; h++) ej[h] = __shfl_sync(0xffffffffu, e[h], j);
+      const float ej = __shfl_sync(0xffffffffu, e, j);
 #pragma unroll
       for (int u = 0; u < VU; u++)
-        if (lane + 32 * u < vd) {
-          const float v = __uint_as_float(lds32(vr + 128u * u));
-#pragma unroll
-          for (int h = 0; h < MK_AH; h++) o[h][u] += ej[h] * v;
-        }
+        if (lane + 32 * u < vd) o[u] += ej * __uint_as_float(lds32(vr + 128u * u));
     }
+    m = mn;
     block_sync();  // the buffer is refilled two chunks on
   }
 }
@@ -2571,7 +2538,7 @@ __device__ __forceinline__ void attn_geom(const Params& p, const DInstr& I, int 
   const int tg = tile / S;
   sp = tile - tg * S;
   const int tk = tg / NG;
-  g0 = (tg - tk * NG) * attn_gsize(I);
+  g0 = (tg - tk * NG) * MK_BW;
   t = tk / I.nkv;
   kvh = tk - t * I.nkv;
   const int P = p.pos[t];
@@ -2606,45 +2573,40 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
   const int S = attn_splits(p.T, I);
   int t, kvh, g0, sp, a, b;
   attn_geom(p, I, tile, t, kvh, g0, sp, a, b);
-  const int G = I.nh / I.nkv, vd = I.vd, ng = min(attn_gsize(I), G - g0);
+  const int G = I.nh / I.nkv, vd = I.vd, ng = min(MK_BW, G - g0);
   const float* sinks = I.sinks >= 0 ? reinterpret_cast<const float*>(p.weights + I.sinks) : nullptr;
   const int th0 = t * I.nh + kvh * G + g0;  // (token, head) index of the tile's first head
-  float m[MK_AH], l[MK_AH], o[MK_AH][VU];
+  float m, l, o[VU];
   attn_head<VU>(p, I, t, kvh, g0, a, b, pre, m, l, o);
-#pragma unroll
-  for (int h = 0; h < MK_AH; h++) {
-    const int hw = warp + h * MK_BW;  // the group's head this warp's head h is
-    if (hw >= ng) break;
+  if (warp < ng) {
     if (S == 1) {
-      const float sink = sinks ? __ldg(sinks + kvh * G + g0 + hw) : -INFINITY;
-      const float Mall = fmaxf(m[h], sink);
-      const float f = __expf(m[h] - Mall);
-      const float Lall = l[h] * f + (sinks ? __expf(sink - Mall) : 0.f);
+      const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
+      const float Mall = fmaxf(m, sink);
+      const float f = __expf(m - Mall);
+      const float Lall = l * f + (sinks ? __expf(sink - Mall) : 0.f);
       const float sc = f / Lall;  // one division (per element, an IEEE division is a ~30-instruction subroutine)
-      float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + hw) * vd;
+      float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
 #pragma unroll
       for (int u = 0; u < VU; u++)
-        if (lane + 32 * u < vd) out[lane + 32 * u] = o[h][u] * sc;
+        if (lane + 32 * u < vd) out[lane + 32 * u] = o[u] * sc;
     } else {
       // Partial of split sp at scratch[I.aux + ((t * nh + h) * S + sp) * APS(vd)]: max, sum, (2 unused), output.
-      float* part = p.scratch + I.aux + (long long)(th0 + hw) * S * APS(vd) + sp * APS(vd);
-      if (lane == 0) { part[0] = m[h]; part[1] = l[h]; }
+      float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * APS(vd) + sp * APS(vd);
+      if (lane == 0) { part[0] = m; part[1] = l; }
 #pragma unroll
       for (int u = 0; u < VU; u++)
-        if (lane + 32 * u < vd) part[4 + lane + 32 * u] = o[h][u];
+        if (lane + 32 * u < vd) part[4 + lane + 32 * u] = o[u];
     }
   }
   if (S == 1) return;
   block_sync();
   unsigned int* ctr = reinterpret_cast<unsigned int*>(p.scratch + I.aux) - 1 - th0;  // counters below the partials
   if (!last_arrival(ctr, S)) return;
-  // Warp w combines head g0 + w (and g0 + w + MK_BW ...): the overall max (with the sink) and sum, then its
-  // outputs, splits in order.
-#pragma unroll 1
-  for (int hw = warp; hw < ng; hw += MK_BW) {
-  const float* part = p.scratch + I.aux + (long long)(th0 + hw) * S * APS(vd);
-  const float sink = sinks ? __ldg(sinks + kvh * G + g0 + hw) : -INFINITY;
-  float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + hw) * vd;
+  // Warp w combines head g0 + w: the overall max (with the sink) and sum, then its outputs, splits in order.
+  if (warp >= ng) return;
+  const float* part = p.scratch + I.aux + (long long)(th0 + warp) * S * APS(vd);
+  const float sink = sinks ? __ldg(sinks + kvh * G + g0 + warp) : -INFINITY;
+  float* out = p.arena + I.out + (long long)t * I.outw + (long long)(kvh * G + g0 + warp) * vd;
   // Lane k < S holds split k's max and sum; lane j combines dims 4j .. 4j + 3 (+ 128 h) of every split, loaded as
   // float4 together with the maxima and sums (one round trip, ~S x VU / 4 wide loads instead of S x VU scalar
   // ones: the combine runs once per layer from a cold instruction cache).
@@ -2685,7 +2647,6 @@ __device__ __forceinline__ void attn_tile(const Params& p, const DInstr& I, int 
       out[e + 2] = acc[h].z * inv;
       out[e + 3] = acc[h].w * inv;
     }
-  }
   }
 }
 
