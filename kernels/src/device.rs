@@ -43,7 +43,10 @@ pub fn consumer_warps() -> usize {
 /// Floats of the consumer warps' partial-sum buffer (`SM_MMR`): up to 8 tokens a double buffer of warps x one
 /// 32-row group x 8 tokens; above 8, warps x one 16-row MMA tile x tokens rounded to 8.
 pub fn mmr_floats(max_tokens: usize) -> usize {
-    let cw = consumer_warps();
+    mmr_floats_for(max_tokens, threads())
+}
+fn mmr_floats_for(max_tokens: usize, threads: usize) -> usize {
+    let cw = threads / 32 - 1;
     (cw * 2 * 32 * 8).max(cw * 16 * max_tokens.div_ceil(8) * 8)
 }
 pub const TILE_MAX: usize = 128;
@@ -261,15 +264,18 @@ pub fn stage_floats(max_tokens: usize) -> usize {
 /// weight ring and the other regions a block leaves part of the SM's 256 KB of L1/shared memory as L1 cache
 /// (register spills, the stack, scale bytes). Never more than the opt-in limit leaves.
 pub fn xs_floats(max_tokens: usize) -> usize {
+    xs_floats_for(max_tokens, threads())
+}
+fn xs_floats_for(max_tokens: usize, threads: usize) -> usize {
     let floats = (SMEM_LIMIT - RING_BYTES) / 4;
-    let room = (floats - other_floats(max_tokens)) / 1024 * 1024;
+    let room = (floats - other_floats(max_tokens, threads)) / 1024 * 1024;
     room.min(XS_TARGET)
 }
 
 /// Floats of the shared regions after the activation buffer, in kernel order: stage, reductions (`SM_RED`), norm
 /// factors (`SM_INV`), routing lists (`SM_IV`), the consumers' partial sums (`SM_MMR`).
-fn other_floats(max_tokens: usize) -> usize {
-    stage_floats(max_tokens) + threads() + max_tokens + IV_LEN + mmr_floats(max_tokens)
+fn other_floats(max_tokens: usize, threads: usize) -> usize {
+    stage_floats(max_tokens) + threads + max_tokens + IV_LEN + mmr_floats_for(max_tokens, threads)
 }
 const _: () = assert!(
     XS_TARGET >= 256 * 32,
@@ -281,7 +287,10 @@ pub const XS_TARGET: usize = 16_384;
 
 /// Dynamic shared memory bytes per block.
 pub fn smem_bytes(max_tokens: usize) -> usize {
-    RING_BYTES + 4 * (xs_floats(max_tokens) + other_floats(max_tokens))
+    smem_bytes_for(max_tokens, threads())
+}
+fn smem_bytes_for(max_tokens: usize, threads: usize) -> usize {
+    RING_BYTES + 4 * (xs_floats_for(max_tokens, threads) + other_floats(max_tokens, threads))
 }
 
 /// Rows of a split-pair RoPE tile for a head of `head_dim` with `rotary` rotated dims: the largest R in
@@ -1167,17 +1176,27 @@ mod tests {
         assert!(rows % 16 == 0 && rows <= 32);
         assert_eq!(IV_LEN, cu_define("IV_LEN"));
         assert_eq!(ATTN_SPLITS, cu_define("ATTN_SMAX"));
-        for mt in 1..=16 {
-            let total = smem_bytes(mt);
-            assert!(
-                total <= SMEM_LIMIT,
-                "mt {mt}: {total} bytes of shared memory"
-            );
-            // A decode token's activations fit whole; 256 routed pairs x one 32-wide chunk fit.
-            assert!(xs_floats(mt) >= 4096 && xs_floats(mt) >= 256 * 32);
-            // MoE down stages one row per routed pair: top_k <= 12 at 32 columns.
-            assert!(stage_floats(mt) >= mt * 12 * 32);
+        // Every block size MIMO_THREADS accepts.
+        for t in (128..=512).step_by(32) {
+            for mt in 1..=16 {
+                let total = smem_bytes_for(mt, t);
+                assert!(
+                    total <= SMEM_LIMIT,
+                    "{t} threads, mt {mt}: {total} bytes of shared memory"
+                );
+                // A decode token's activations fit whole; 256 routed pairs x one 32-wide chunk fit.
+                let xs = xs_floats_for(mt, t);
+                assert!(
+                    xs >= 4096 && xs >= 256 * 32,
+                    "{t} threads, mt {mt}: xs {xs}"
+                );
+                // MoE down stages one row per routed pair: top_k <= 12 at 32 columns.
+                assert!(stage_floats(mt) >= mt * 12 * 32);
+            }
         }
+        // The default keeps 4 tokens x 4096 resident at the bench plan's 16 tokens.
+        assert_eq!(xs_floats_for(16, THREADS), XS_TARGET);
+        assert_eq!(smem_bytes(16), smem_bytes_for(16, threads()));
     }
 
     #[test]

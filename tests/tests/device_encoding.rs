@@ -5,8 +5,8 @@
 
 use mimo_ir::plan::{Instr, Plan};
 use mimo_kernels::device::{
-    encode_with, fused_routers, moe_down_cols, op, stage_floats, DInstr, EncodeOptions,
-    ATTN_SPLITS, MATMUL_ROWS,
+    encode_with, fused_routers, moe_down_cols, op, stage_floats, threads, xs_floats, DInstr,
+    EncodeOptions, ATTN_SPLITS, MATMUL_ROWS,
 };
 use mimo_models::config::Arch;
 use mimo_tests::util::{compile_bf16, tiny};
@@ -334,4 +334,24 @@ fn check_kv_deps(ins: &[DInstr], split_kv: bool) {
         checked += 1;
     }
     assert!(checked >= 2);
+}
+
+/// The generated kernel's header carries the layout the runtime's encoder assumes: block size (`MIMO_THREADS`),
+/// max tokens, activation buffer and stage sizes.
+#[test]
+fn generated_header_matches_the_encoder_layout() {
+    for mt in [4, 16] {
+        let (dir, plan) = plan(mt);
+        assert_eq!(plan.max_tokens, mt);
+        let src =
+            std::fs::read_to_string(dir.path().join("plan/megakernel.cu")).expect("megakernel.cu");
+        for line in [
+            format!("#define MK_THREADS {}\n", threads()),
+            format!("#define MK_MAX_T {mt}\n"),
+            format!("#define MK_XS {}\n", xs_floats(mt)),
+            format!("#define MK_STAGE {}\n", stage_floats(mt)),
+        ] {
+            assert!(src.contains(&line), "mt {mt}: header lacks {line:?}");
+        }
+    }
 }
