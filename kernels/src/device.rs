@@ -1184,12 +1184,9 @@ mod tests {
                     total <= SMEM_LIMIT,
                     "{t} threads, mt {mt}: {total} bytes of shared memory"
                 );
-                // A decode token's activations fit whole; 256 routed pairs x one 32-wide chunk fit.
+                // 256 routed pairs x one 32-wide chunk fit (and so a decode token's 4096 activations).
                 let xs = xs_floats_for(mt, t);
-                assert!(
-                    xs >= 4096 && xs >= 256 * 32,
-                    "{t} threads, mt {mt}: xs {xs}"
-                );
+                assert!(xs >= 256 * 32, "{t} threads, mt {mt}: xs {xs}");
                 // MoE down stages one row per routed pair: top_k <= 12 at 32 columns.
                 assert!(stage_floats(mt) >= mt * 12 * 32);
             }
