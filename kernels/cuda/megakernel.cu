@@ -1705,8 +1705,7 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
 #if MK_DEC
   // The decoupled producer streams this call on its own (producer_main); thread 0 checks that it is the same call
   // (its identity record is published with the call's first chunk), so the two walks cannot silently disagree.
-  const unsigned int n = ring_chunks<FMT>(kc, nrows);
-  if (n > 0) {
+  if (ring_chunks<FMT>(kc, nrows) > 0) {
     if (threadIdx.x == 0) {
       mbar_wait(mk_bars + s.ring_it % RING_NS, (s.ring_it / RING_NS) & 1u);
       const int* r = mk_callid[s.ncall & 7];
@@ -1714,11 +1713,7 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     }
     s.ncall++;
   }
-  if (T <= 8) ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
-  else ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
-  s.ring_it += n;
-  return;
-#endif
+#else
   const int warp = threadIdx.x >> 5;
   if (warp == MK_CW) {
     if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
@@ -1726,7 +1721,9 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
     __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
     s.pre = 0;
-  } else if (T <= 8) {
+  } else
+#endif
+  if (T <= 8) {
     ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
   } else {
     ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
