@@ -35,9 +35,9 @@ pub fn threads() -> usize {
 pub const RING_BYTES: usize = 3 * (32 * (1024 + 64 + 80usize)).div_ceil(1024) * 1024;
 /// Rows of a ring chunk (two 16-row tensor-core tiles).
 pub const RING_ROWS: usize = 32;
-/// Consumer warps of a block (`MK_CW`: all warps but the producer).
-pub fn consumer_warps() -> usize {
-    threads() / 32 - 1
+/// Consumer warps of a block of `threads` (`MK_CW`: all warps but the producer).
+pub fn consumer_warps(threads: usize) -> usize {
+    threads / 32 - 1
 }
 
 /// Floats of the consumer warps' partial-sum buffer (`SM_MMR`): up to 8 tokens a double buffer of warps x one
@@ -46,7 +46,7 @@ pub fn mmr_floats(max_tokens: usize) -> usize {
     mmr_floats_for(max_tokens, threads())
 }
 fn mmr_floats_for(max_tokens: usize, threads: usize) -> usize {
-    let cw = threads / 32 - 1;
+    let cw = consumer_warps(threads);
     (cw * 2 * 32 * 8).max(cw * 16 * max_tokens.div_ceil(8) * 8)
 }
 pub const TILE_MAX: usize = 128;
@@ -1172,7 +1172,7 @@ mod tests {
         assert!(seg / 16 <= sstr && sstr % 16 == 0);
         // One producer warp plus the consumer warps; a chunk is whole 16-row MMA tiles, one row per producer lane.
         assert!(MEGAKERNEL_CU.contains("#define MK_CW (MK_WARPS - 1)"));
-        assert!(threads().is_multiple_of(32) && consumer_warps() >= 1);
+        assert!(threads().is_multiple_of(32) && consumer_warps(threads()) >= 1);
         assert!(rows % 16 == 0 && rows <= 32);
         assert_eq!(IV_LEN, cu_define("IV_LEN"));
         assert_eq!(ATTN_SPLITS, cu_define("ATTN_SMAX"));
