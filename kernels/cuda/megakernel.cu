@@ -408,6 +408,11 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_PIPE
 #define MK_PIPE 0
 #endif
+// MK_PIPEC (with MK_PIPE): the next step's loads are not skipped after a warp's last step of a chunk but repeat that
+// step (in the slot, not yet released): one basic block per step, which ptxas schedules differently.
+#ifndef MK_PIPEC
+#define MK_PIPEC 0
+#endif
 #ifndef MK_NOCOMPUTE
 #define MK_NOCOMPUTE 0
 #endif
@@ -1322,14 +1327,16 @@ __device__ __forceinline__ void pipe_loop(int ks0, int nks, S& x, S& y, const L&
 #pragma unroll 1
   for (int ks = ks0;;) {
     ks += MK_CW;
-    if (ks < nks) load(y, ks);
+    if (MK_PIPEC) load(y, ks < nks ? ks : ks - MK_CW);
+    else if (ks < nks) load(y, ks);
     step(x, y);
     if (ks >= nks) {
       flush(x);
       return;
     }
     ks += MK_CW;
-    if (ks < nks) load(x, ks);
+    if (MK_PIPEC) load(x, ks < nks ? ks : ks - MK_CW);
+    else if (ks < nks) load(x, ks);
     step(y, x);
     if (ks >= nks) {
       flush(y);
