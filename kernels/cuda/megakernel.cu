@@ -1149,7 +1149,8 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
       continue;
     }
 #endif
-    if (tcall && (tb[0] >= 0 || tb[1] >= 0) && bytes == min(RING_SEG, rowbytes - (kb0 + sg * seg))) {
+    if (!MK_NOCOPY && tcall && (tb[0] >= 0 || tb[1] >= 0) &&
+        bytes == min(RING_SEG, rowbytes - (kb0 + sg * seg))) {
       const long long sgg = (kb0 + sg * seg) / RING_SEG, nsg = (rowbytes + RING_SEG - 1) / RING_SEG;
       const bool merged = tb[0] >= 0 && (tb[0] & 1) == 0 && tb[1] == tb[0] + 1;  // one block pair
       const bool rowcp = ok && ((lane >> 4) ? tb[1] : tb[0]) < 0;  // lanes of a half without a tiled block copy their rows
