@@ -400,20 +400,6 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_F8PF
 #define MK_F8PF 1
 #endif
-// MK_PIPE (experiment knob, default 0): the consumers' K-step loops software-pipelined by one step without unrolling:
-// a step's slot words, scales (FP8's block scales too, instead of MK_F8PF) and activations are loaded while the
-// previous step is decoded and multiplied, so a warp's step waits on the shared-memory latency once per call
-// instead of every step; 2: also each step's scale-and-accumulate one step late, so the FFMAs do not wait on the
-// step's own MMAs. Same operations in the same order: results are bit-identical to MK_PIPE = 0. Measured (s21r1,
-// H100, T = 1): 1 +11 %, 2 +10 %, 2 with MK_PIPEC +3 % (its MXFP4 rings -3 %, the longer loops cost more outside).
-#ifndef MK_PIPE
-#define MK_PIPE 0
-#endif
-// MK_PIPEC (with MK_PIPE): the next step's loads are not skipped after a warp's last step of a chunk but repeat that
-// step (in the slot, not yet released): one basic block per step, which ptxas schedules differently.
-#ifndef MK_PIPEC
-#define MK_PIPEC 0
-#endif
 #ifndef MK_NOCOMPUTE
 #define MK_NOCOMPUTE 0
 #endif
@@ -1199,80 +1185,8 @@ __device__ __noinline__ int ring_produce(const uint8_t* W, const TileRows& d, in
   return max(0, ce - cb);
 }
 
-// A lane's share of one row tile of a K step as loaded from the slot, before decoding: the weight words of rows gq
-// (w) and gq + 8 (v) (MXFP4 .x, FP8 .x / .y, bf16 all four) and their scales (MXFP4: E8M0 bytes; FP8: the f32 block
-// scales' bits when F8S).
-struct StepRaw {
-  uint4 w, v;
-  unsigned int s, t;
-};
-template <int FMT, bool SRING, bool TL, bool F8S>
-__device__ __forceinline__ void step_load(unsigned int wb, unsigned int sb, unsigned int pr, unsigned int tsel,
-                                          const uint8_t* const (&spr)[2][2], int k0, int kk, int ks, int rt,
-                                          StepRaw& r) {
-  constexpr int SB = RingFmt<FMT>::SB;
-  constexpr int PITCH = RingFmt<FMT>::PITCH;
-  const unsigned int u = (unsigned int)ks;
-  unsigned int wa;
-  if (TL) {
-    const unsigned int kun = FMT == FMT_MXFP4 ? u >> 3 : FMT == FMT_F8 ? u >> 2 : u >> 1;
-    const unsigned int unit = FMT == FMT_MXFP4 ? (u & 7u) : FMT == FMT_F8 ? (((u & 3u) << 1) | tsel) : (((u & 1u) << 2) | tsel);
-    wa = wb + rt * 16384 + kun * 2048 + ((unit ^ pr) << 4);
-  } else {
-    wa = wb + (rt * 16) * PITCH + ks * SB;
-  }
-  const unsigned int r8 = TL ? 1024u : 8u * PITCH;  // row + 8
-  if (FMT == FMT_MXFP4) {
-    r.w.x = lds32(wa);
-    r.v.x = lds32(wa + r8);
-    if (SRING) {
-      const unsigned int sr = TL ? sb + rt * 1024 + ((((u >> 4) ^ ((pr >> 1) & 3u)) << 4) | (u & 15u))
-                                 : sb + (rt * 16) * RING_SSTR + ks;
-      r.s = lds8(sr);
-      r.t = lds8(sr + (TL ? 512u : 8u * RING_SSTR));
-    } else {
-      r.s = __ldg(spr[rt][0] + (k0 + kk) / 32);
-      r.t = __ldg(spr[rt][1] + (k0 + kk) / 32);
-    }
-  } else if (FMT == FMT_F8) {
-    const uint2 a = lds64(wa), b = lds64(wa + r8);
-    r.w.x = a.x;
-    r.w.y = a.y;
-    r.v.x = b.x;
-    r.v.y = b.y;
-    if (F8S) {
-      r.s = __float_as_uint(__ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128));
-      r.t = __float_as_uint(__ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128));
-    }
-  } else {
-    r.w = lds128(wa);
-    r.v = lds128(wa + r8);
-  }
-}
-template <int FMT, bool F8S>
-__device__ __forceinline__ void step_decode(const StepRaw& r, unsigned int (&pa)[4], unsigned int (&pb)[4], float& sa,
-                                            float& sbv) {
-  if (FMT == FMT_MXFP4) {
-    fp4_pairs(r.w.x, pa);
-    fp4_pairs(r.v.x, pb);
-    sa = fp4_scale(r.s);
-    sbv = fp4_scale(r.t);
-  } else if (FMT == FMT_F8) {
-    fp8_pairs(make_uint2(r.w.x, r.w.y), pa);
-    fp8_pairs(make_uint2(r.v.x, r.v.y), pb);
-    if (F8S) {
-      sa = __uint_as_float(r.s);
-      sbv = __uint_as_float(r.t);
-    }
-  } else {
-    bf16_pairs(r.w, pa);
-    bf16_pairs(r.v, pb);
-    sa = 1.f;
-    sbv = 1.f;
-  }
-}
 // One lane's share of K step ks of a chunk for both row tiles: the weights of rows gq and gq + 8 decoded to f16
-// pairs (pa: row gq, pb: row gq + 8) and their scales (sa, sb; FP8 under MK_F8PF: the caller's).
+// pairs (pa: row gq, pb: row gq + 8) and their scales (sa, sb).
 // TL: the slot was filled by tensor copies: [half][kunit of 128 B][16 rows][128 B], the 16-byte units of each
 // 128-byte line XOR-swizzled by the row's low 3 bits (TMA 128B swizzle), MXFP4 scales [half][16 rows][64 B]
 // (64B swizzle); wb / sb already hold the lane's row (pr, see ring_consume) and in-unit offset, pr and tsel the
@@ -1282,11 +1196,45 @@ __device__ __forceinline__ void step_weights(unsigned int wb, unsigned int sb, u
                                              const uint8_t* const (&spr)[2][2], int k0, int kk, int ks,
                                              unsigned int (&pa)[2][4], unsigned int (&pb)[2][4], float (&sa)[2],
                                              float (&sbv)[2]) {
+  constexpr int SB = RingFmt<FMT>::SB;
+  constexpr int PITCH = RingFmt<FMT>::PITCH;
+  const unsigned int u = (unsigned int)ks;
 #pragma unroll
   for (int rt = 0; rt < 2; rt++) {
-    StepRaw r;
-    step_load<FMT, SRING, TL, !MK_F8PF>(wb, sb, pr, tsel, spr, k0, kk, ks, rt, r);
-    step_decode<FMT, !MK_F8PF>(r, pa[rt], pb[rt], sa[rt], sbv[rt]);
+    unsigned int wa;
+    if (TL) {
+      const unsigned int kun = FMT == FMT_MXFP4 ? u >> 3 : FMT == FMT_F8 ? u >> 2 : u >> 1;
+      const unsigned int unit = FMT == FMT_MXFP4 ? (u & 7u) : FMT == FMT_F8 ? (((u & 3u) << 1) | tsel) : (((u & 1u) << 2) | tsel);
+      wa = wb + rt * 16384 + kun * 2048 + ((unit ^ pr) << 4);
+    } else {
+      wa = wb + (rt * 16) * PITCH + ks * SB;
+    }
+    const unsigned int r8 = TL ? 1024u : 8u * PITCH;  // row + 8
+    if (FMT == FMT_MXFP4) {
+      fp4_pairs(lds32(wa), pa[rt]);
+      fp4_pairs(lds32(wa + r8), pb[rt]);
+      if (SRING) {
+        const unsigned int sr = TL ? sb + rt * 1024 + ((((u >> 4) ^ ((pr >> 1) & 3u)) << 4) | (u & 15u))
+                                   : sb + (rt * 16) * RING_SSTR + ks;
+        sa[rt] = fp4_scale(lds8(sr));
+        sbv[rt] = fp4_scale(lds8(sr + (TL ? 512u : 8u * RING_SSTR)));
+      } else {
+        sa[rt] = fp4_scale(__ldg(spr[rt][0] + (k0 + kk) / 32));
+        sbv[rt] = fp4_scale(__ldg(spr[rt][1] + (k0 + kk) / 32));
+      }
+    } else if (FMT == FMT_F8) {
+      fp8_pairs(lds64(wa), pa[rt]);
+      fp8_pairs(lds64(wa + r8), pb[rt]);
+      if (!MK_F8PF) {  // else the caller loaded them a step ahead (f8_scales)
+        sa[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][0]) + (k0 + kk) / 128);
+        sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + (k0 + kk) / 128);
+      }
+    } else {
+      bf16_pairs(lds128(wa), pa[rt]);
+      bf16_pairs(lds128(wa + r8), pb[rt]);
+      sa[rt] = 1.f;
+      sbv[rt] = 1.f;
+    }
   }
 }
 
@@ -1317,67 +1265,6 @@ __device__ __forceinline__ void f8_scales(const uint8_t* const (&spr)[2][2], int
     sbv[rt] = __ldg(reinterpret_cast<const float*>(spr[rt][1]) + k / 128);
   }
 }
-// MK_PIPE's step loop over ks0, ks0 + MK_CW, ... < nks with two register sets x and y used in turn, so that nothing
-// is copied from one iteration to the next: load(set, ks) issues a step's shared-memory loads into a set, step(set,
-// other) decodes and multiplies it (the next step's loads already issued into the other set, whose products from
-// the step before are still there for MK_PIPE >= 2; y starts zeroed), flush(set) adds the last step's deferred
-// products.
-template <class S, class L, class F, class E>
-__device__ __forceinline__ void pipe_loop(int ks0, int nks, S& x, S& y, const L& load, const F& step, const E& flush) {
-  if (ks0 >= nks) return;
-  load(x, ks0);
-#pragma unroll 1
-  for (int ks = ks0;;) {
-    ks += MK_CW;
-    if (MK_PIPEC) load(y, ks < nks ? ks : ks - MK_CW);
-    else if (ks < nks) load(y, ks);
-    step(x, y);
-    if (ks >= nks) {
-      flush(x);
-      return;
-    }
-    ks += MK_CW;
-    if (MK_PIPEC) load(x, ks < nks ? ks : ks - MK_CW);
-    else if (ks < nks) load(x, ks);
-    step(y, x);
-    if (ks >= nks) {
-      flush(y);
-      return;
-    }
-  }
-}
-// A step's scaled MMA products into a tile's accumulators (rows gq: sa, gq + 8: sb).
-__device__ __forceinline__ void acc_step(float (&acc)[4], const float (&t)[4], float sa, float sb) {
-  acc[0] += t[0] * sa;
-  acc[1] += t[1] * sa;
-  acc[2] += t[2] * sb;
-  acc[3] += t[3] * sb;
-}
-// A step's activation fragments for NT column tiles (hi halves 0..3, lo halves 4..7; zeros past a tile's tokens).
-template <int NT, bool SAME>
-__device__ __forceinline__ void step_acts(const unsigned int (&xa)[2][NT], int kk, unsigned int (&b)[2][NT][8]) {
-#pragma unroll
-  for (int rt = 0; rt < (SAME ? 1 : 2); rt++)
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      const bool on = xa[rt][nt] != ~0u;
-      const uint4 h = on ? lds128(xa[rt][nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-      const uint4 l = on && MK_HILO ? lds128((xa[rt][nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
-      b[rt][nt][0] = h.x; b[rt][nt][1] = h.y; b[rt][nt][2] = h.z; b[rt][nt][3] = h.w;
-      b[rt][nt][4] = l.x; b[rt][nt][5] = l.y; b[rt][nt][6] = l.z; b[rt][nt][7] = l.w;
-    }
-}
-// A row tile's step products for one column tile: the hi and lo activation halves' MMAs, summed (t = hi + lo).
-__device__ __forceinline__ void step_mma(const unsigned int (&pa)[4], const unsigned int (&pb)[4],
-                                         const unsigned int (&bb)[8], float (&t)[4]) {
-  float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_f16(th, pa[0], pb[0], pa[1], pb[1], bb[0], bb[1]);
-  if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], bb[4], bb[5]);
-  mma_f16(th, pa[2], pb[2], pa[3], pb[3], bb[2], bb[3]);
-  if (MK_HILO) mma_f16(tl, pa[2], pb[2], pa[3], pb[3], bb[6], bb[7]);
-#pragma unroll
-  for (int e = 0; e < 4; e++) t[e] = th[e] + tl[e];
-}
 // This warp's K steps ks0, ks0 + MK_CW, ... < nks of a chunk, both row tiles. Branch-free per step (tokens past a
 // tile's count read zeros), so loads of both tiles are in flight together, and four independent MMA chains (hi /
 // lo activation halves x two tiles) per column tile. SAME: both tiles use the same activation rows.
@@ -1386,41 +1273,6 @@ __device__ __forceinline__ void mma_steps(unsigned int wb, unsigned int sb, unsi
                                           const unsigned int (&xa)[2][NT],
                                           const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0, int nks,
                                           float (&acc)[2][NT][4]) {
-#if MK_PIPE
-  struct Set {
-    StepRaw r[2];
-    unsigned int b[2][NT][8];
-    float p[2][NT][4], s[2][2];  // the step's MMA products (hi + lo) and scales
-  } sx, sy{};
-  const auto load = [&](Set& x, int ks) {
-    const int kk = kseg + ks * 32;
-    step_acts<NT, SAME>(xa, kk, x.b);
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++) step_load<FMT, SRING, TL, true>(wb, sb, pr, tsel, spr, k0, kk, ks, rt, x.r[rt]);
-  };
-  const auto step = [&](Set& x, const Set& prev) {
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++) {
-      unsigned int pa[4], pb[4];
-      step_decode<FMT, true>(x.r[rt], pa, pb, x.s[rt][0], x.s[rt][1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        step_mma(pa, pb, x.b[SAME ? 0 : rt][nt], x.p[rt][nt]);
-        if (MK_PIPE >= 2) acc_step(acc[rt][nt], prev.p[rt][nt], prev.s[rt][0], prev.s[rt][1]);
-        else acc_step(acc[rt][nt], x.p[rt][nt], x.s[rt][0], x.s[rt][1]);
-      }
-    }
-  };
-  const auto flush = [&](const Set& x) {
-    if (MK_PIPE >= 2) {
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) acc_step(acc[rt][nt], x.p[rt][nt], x.s[rt][0], x.s[rt][1]);
-    }
-  };
-  pipe_loop(ks0, nks, sx, sy, load, step, flush);
-#else
   constexpr bool PF = FMT == FMT_F8 && MK_F8PF;
   float fa[2] = {0.f, 0.f}, fb[2] = {0.f, 0.f};  // PF: this step's scales
   if (PF && ks0 < nks) f8_scales(spr, k0 + kseg + ks0 * 32, fa, fb);
@@ -1428,7 +1280,16 @@ MK_PRAGMA_UNROLL(MK_UNROLL)
   for (int ks = ks0; ks < nks; ks += MK_CW) {
     const int kk = kseg + ks * 32;  // element offset of the step inside [k0, k0 + kc)
     unsigned int b[2][NT][8];
-    step_acts<NT, SAME>(xa, kk, b);
+#pragma unroll
+    for (int rt = 0; rt < (SAME ? 1 : 2); rt++)
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const bool on = xa[rt][nt] != ~0u;
+        const uint4 h = on ? lds128(xa[rt][nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 l = on && MK_HILO ? lds128((xa[rt][nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
+        b[rt][nt][0] = h.x; b[rt][nt][1] = h.y; b[rt][nt][2] = h.z; b[rt][nt][3] = h.w;
+        b[rt][nt][4] = l.x; b[rt][nt][5] = l.y; b[rt][nt][6] = l.z; b[rt][nt][7] = l.w;
+      }
     unsigned int pa[2][4], pb[2][4];
     float sa[2], sbv[2];
     step_weights<FMT, SRING, TL>(wb, sb, pr, tsel, spr, k0, kk, ks, pa, pb, sa, sbv);
@@ -1453,7 +1314,6 @@ MK_PRAGMA_UNROLL(MK_UNROLL)
         acc[rt][nt][3] += (th[3] + tl[3]) * sbv[rt];
       }
   }
-#endif
 }
 
 #ifndef MK_PACK
@@ -1468,42 +1328,6 @@ __device__ __forceinline__ void mma_steps_packed(unsigned int wb, unsigned int s
                                                  const unsigned int (&xa)[2][1],
                                                  const uint8_t* const (&spr)[2][2], int k0, int kseg, int ks0,
                                                  int nks, float (&acc)[2][1][4]) {
-#if MK_PIPE
-  struct Set {
-    StepRaw r[2];
-    uint4 b[2];
-    float p[2][4], s[2][2];  // the step's MMA products and scales, accumulated one step late under MK_PIPE >= 2
-  } sx, sy{};
-  const auto load = [&](Set& x, int ks) {
-    const int kk = kseg + ks * 32;
-#pragma unroll
-    for (int rt = 0; rt < (SAME ? 1 : 2); rt++)
-      x.b[rt] = xa[rt][0] != ~0u ? lds128(xa[rt][0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++) step_load<FMT, SRING, TL, true>(wb, sb, pr, tsel, spr, k0, kk, ks, rt, x.r[rt]);
-  };
-  const auto step = [&](Set& x, const Set& prev) {
-#pragma unroll
-    for (int rt = 0; rt < 2; rt++) {
-      unsigned int pa[4], pb[4];
-      step_decode<FMT, true>(x.r[rt], pa, pb, x.s[rt][0], x.s[rt][1]);
-      const uint4 bb = x.b[SAME ? 0 : rt];
-#pragma unroll
-      for (int e = 0; e < 4; e++) x.p[rt][e] = 0.f;
-      mma_f16(x.p[rt], pa[0], pb[0], pa[1], pb[1], bb.x, bb.y);
-      mma_f16(x.p[rt], pa[2], pb[2], pa[3], pb[3], bb.z, bb.w);
-      if (MK_PIPE >= 2) acc_step(acc[rt][0], prev.p[rt], prev.s[rt][0], prev.s[rt][1]);
-      else acc_step(acc[rt][0], x.p[rt], x.s[rt][0], x.s[rt][1]);
-    }
-  };
-  const auto flush = [&](const Set& x) {
-    if (MK_PIPE >= 2) {
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++) acc_step(acc[rt][0], x.p[rt], x.s[rt][0], x.s[rt][1]);
-    }
-  };
-  pipe_loop(ks0, nks, sx, sy, load, step, flush);
-#else
   constexpr bool PF = FMT == FMT_F8 && MK_F8PF;
   float fa[2] = {0.f, 0.f}, fb[2] = {0.f, 0.f};  // PF: this step's scales
   if (PF && ks0 < nks) f8_scales(spr, k0 + kseg + ks0 * 32, fa, fb);
@@ -1534,7 +1358,6 @@ MK_PRAGMA_UNROLL(MK_UNROLL)
       acc[rt][0][3] += th[3] * sbv[rt];
     }
   }
-#endif
 }
 
 // The specializations of a chunk's steps: activation rows shared by both tiles or not; MXFP4 scales in the ring or
