@@ -588,26 +588,6 @@ __device__ __forceinline__ void tma3d(void* dst, const uint8_t* map, int x0, int
 #define MK_CBAR 1
 #endif
 __shared__ __align__(8) unsigned long long mk_cbar;
-// MK_LAST (experiment knob): an NT = 1 ring call's per-row-group cross-warp sum without the consumer barrier.
-// Each consumer writes its partials into half G & 1 of the double buffer (G: the block's running group count),
-// arrives on mk_gpart[half] and goes on to the next group; only the group's summing warps (the first
-// ceil(16 (tn0 + tn1) / MK_LASTE) from warp G mod MK_CW, one at T <= 2) wait for the partials, and everyone
-// arrives on mk_gdone[half] after that (summers once their sums are in the stage), which the writers of the half's
-// next group wait for. 0: every consumer waits for all partials at each group (consumers_sync), as in v22.
-#ifndef MK_LAST
-#define MK_LAST 0
-#endif
-#ifndef MK_LASTE
-#define MK_LASTE 64
-#endif
-#if MK_LAST
-__shared__ __align__(8) unsigned long long mk_gpart[2], mk_gdone[2];
-#define MK_GB_PARAM , unsigned int gb
-#define MK_GB_ARG , s.grp
-#else
-#define MK_GB_PARAM
-#define MK_GB_ARG
-#endif
 __device__ __forceinline__ void consumers_sync() {
   if (MK_SYNCWARP) __syncwarp();
 #if MK_CBAR
@@ -887,9 +867,6 @@ __device__ __noinline__ void xs_frag(float* xs, int nrows, int xstride, int widt
 
 struct Smem {
   unsigned int ring_it;  // chunks this block has streamed through the weight ring so far (same on every thread)
-#if MK_LAST
-  unsigned int grp;  // NT = 1 ring row groups this block has summed so far (MK_LAST's partial-buffer phases)
-#endif
   // Producer warp only: chunks of the block's next ring call already issued ahead of it (see prefetch_matmul),
   // and that call's identity (checked when it comes).
   int pre, pre_c0, pre_rows, pre_kc, pre_k0;
@@ -1455,7 +1432,7 @@ __device__ __forceinline__ void group_xa(const TileRows& d, const int (&tn)[2], 
 // so no second barrier is needed. NT = 2 sums one 16-row tile at a time (two barriers each).
 template <int FMT, int NT>
 __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, const float* xs, int nrows, float* stage,
-                                          unsigned int it, bool sring MK_GB_PARAM) {
+                                          unsigned int it, bool sring) {
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
@@ -1641,48 +1618,6 @@ __device__ __noinline__ void ring_consume(const uint8_t* W, int k0, int kc, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[rt][0][e] += __shfl_xor_sync(0xffffffffu, acc[rt][0][e], 2);
     }
-#if MK_LAST
-    if (NT == 1 && MK_SUM1) {
-      // MK_LAST: the same double-buffered partials, no consumer barrier (see MK_LAST). G: the block's group count.
-      const unsigned int G = gb + (unsigned int)gcur, h = G & 1u, u = G >> 1;
-      if (u > 0) mbar_wait(mk_gdone + h, (u - 1u) & 1u);  // this half's previous group is summed
-      float* red = SM_MMR + h * (MK_CW * 32 * 8);
-#pragma unroll
-      for (int rt = 0; rt < 2; rt++) {
-        float* r = red + (warp * 32 + rt * 16 + (tl ? (int)pr : gq)) * 8 + 2 * tq;
-        r[0] = acc[rt][0][0];
-        r[1] = acc[rt][0][1];
-        r[64] = acc[rt][0][2];
-        r[65] = acc[rt][0][3];
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[rt][0][e] = 0.f;
-      }
-      if (MK_SYNCWARP) __syncwarp();
-      mbar_arrive(mk_gpart + h);
-      const int n0 = tn[0], tot = 16 * (tn[0] + tn[1]);
-      const int nsw = min(MK_CW, (tot + MK_LASTE - 1) / MK_LASTE);  // summing warps, the first nsw from G's
-      const int si = (int)(((unsigned int)warp + MK_CW - G % MK_CW) % MK_CW);
-      if (si < nsw) {
-        mbar_wait(mk_gpart + h, u & 1u);
-        for (int e = si * 32 + lane; e < tot; e += nsw * 32) {
-          const int rt = e >= 16 * n0 ? 1 : 0;
-          const int nn = tn[rt], e2 = e - rt * 16 * n0;
-          const int row = div_small(e2, nn), j = e2 - row * nn;
-          int col, n, xl, uu;
-          if (row_out(d, gcur * RING_ROWS + rt * 16 + row, nrows, col, n, xl, uu) && j < n) {
-            float sum = 0.f;
-#pragma unroll
-            for (int w = 0; w < MK_CW; w++) sum += red[(w * 32 + rt * 16 + row) * 8 + j];
-            const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
-            stage[orow * d.sstride + col] += sum;
-          }
-        }
-        if (MK_SYNCWARP) __syncwarp();
-      }
-      mbar_arrive(mk_gdone + h);
-      continue;
-    }
-#endif
     if (NT == 1 && MK_SUM1) {
       // Double-buffered partials [2][MK_CW][32 rows][8 tokens]; one barrier per group.
       float* red = SM_MMR + (gcur & 1) * (MK_CW * 32 * 8);
@@ -1790,12 +1725,9 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
   } else
 #endif
   if (T <= 8) {
-    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc) MK_GB_ARG);
-#if MK_LAST
-    s.grp += (unsigned int)((nrows + RING_ROWS - 1) / RING_ROWS);
-#endif
+    ring_consume<FMT, 1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
   } else {
-    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc) MK_GB_ARG);
+    ring_consume<FMT, 2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
   }
   s.ring_it += ring_chunks<FMT>(kc, nrows);
 }
@@ -3798,9 +3730,6 @@ extern "C" __global__ void mimo_tmap_marker() {}
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARAMS p) {
   Smem s;
   s.ring_it = 0;
-#if MK_LAST
-  s.grp = 0;
-#endif
   s.pre = 0; s.pre_c0 = 0; s.pre_rows = 0; s.pre_kc = 0; s.pre_k0 = 0; s.pre_w = 0;
 #if MK_DEC
   s.ncall = 0; s.npub = 0;
@@ -3811,12 +3740,6 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS, 1) mimo_forward(MK_PARA
       mbar_init(mk_bars + RING_NS + i, MK_CW * (MK_ARRIVE_ALL ? 32 : 1));
     }
     mbar_init(&mk_cbar, MK_CW * 32);
-#if MK_LAST
-    for (int i = 0; i < 2; i++) {
-      mbar_init(mk_gpart + i, MK_CW * 32);
-      mbar_init(mk_gdone + i, MK_CW * 32);
-    }
-#endif
 #if MK_DEC
     mbar_init(&mk_ivready, 1);
     mbar_init(&mk_ivfree, 32);
