@@ -6,7 +6,7 @@
 #   cargo build --profile device -p mimo-compiler -p mimo-runtime --bins
 #   device run: carry target/device/mimoc, target/device/mimort; command: bash bench/gpu.sh [stages]
 # Stages (default all but ncu / variants / racerepro / icache): env verify sanitize racerepro hf bench bigverify ncu peer
-# variants icache
+# variants icache wgmma
 # sanitize: MIMO_SANITIZE_TOOLS, MIMO_SANITIZE_TIMEOUT; MIMO_RACECHECK_ALL=1 adds every racecheck hazard, grouped.
 # variants: every bench/variants/NAME.cubin (an experimental build of the same kernel source revision's encoding,
 # carried, git-ignored) replaces the bench plan's cubin in turn: checked against the CPU on the tiny MoE plan and
@@ -183,6 +183,14 @@ if has ncu; then
   done
   [ -n "$nv" ] && cp "$W/ncu_base.cubin" "$W/bench/megakernel.cubin"
   ls -la "$OUT" | tee -a "$OUT/summary.txt"
+fi
+
+if has wgmma; then
+  # The warpgroup-MMA streaming probe (tools/wgmma_probe.cu): FP8 / MXFP4 weights through a bulk-copy ring into
+  # wgmma consumers, as a fraction of the device-to-device copy rate, checked against a host reference.
+  log "wgmma probe"
+  nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -o "$W/wgmma_probe" tools/wgmma_probe.cu 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  timeout 300 "$W/wgmma_probe" "$OUT/wgmma_probe.json" 2>&1 | tee -a "$OUT/summary.txt"
 fi
 
 if has peer; then

@@ -1,0 +1,531 @@
+// Warpgroup-MMA weight-streaming probe: can a ring of bulk copies feeding wgmma consumers run a T = 1 matrix-vector
+// product at the HBM rate, where the megakernel's mma.sync consumers (ring_consume) manage ~55-70 %?
+//
+// One persistent block per SM streams its share of a weight matrix through a shared-memory ring (one producer warp,
+// one 32 KB bulk copy per chunk, mbarriers), and NWG consumer warpgroups multiply each chunk with the activation
+// vector by `wgmma.mma_async` (FP8 E4M3 on both sides, f32 accumulation):
+//   f8  FP8 weights with f32 block scales per 128 columns (the plan's FP8 layout): A straight from the slot by a
+//       matrix descriptor (128-byte swizzle, the runtime would pre-tile the weights so), no decoding at all;
+//   fp4 MXFP4 weights with E8M0 scales per 32 columns: each thread loads its 16 codes a K step, turns them into
+//       E4M3 in registers (4 instructions per 8 codes, see fp4_e4m3) and issues the register-A form.
+// The activation vector rides the MMA's N dimension as 6 E4M3 terms (x ~ sum_j a_j / s_j, each term the rounding
+// of what the ones before left, its own power-of-two scale s_j), so the f32 activations keep ~24 bits while the
+// tensor cores see 8-bit inputs; columns 6 and 7 are zero.
+// Every result is checked against a double-precision host reference, and the rate is given as a fraction of the
+// device-to-device copy bandwidth measured in the same run. Modes: full (copies + MMAs), nocopy (the consumers
+// alone: slots are completed without copying), nocompute (the ring alone).
+//   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -o wgmma_probe tools/wgmma_probe.cu && ./wgmma_probe probe.json
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));       \
+      exit(1);                                                                                 \
+    }                                                                                          \
+  } while (0)
+
+constexpr int K = 4096;         // columns (hidden size)
+constexpr int NS = 4;           // ring slots
+constexpr int WB = 32768;       // weight bytes per chunk
+constexpr int NTERM = 6;        // E4M3 terms of the activation vector (MMA columns 0..5)
+constexpr int BT_BYTES = K * 8;  // activation tile: [K / 128][8 columns][128 B], 128-byte swizzle
+
+enum Mode { FULL = 0, NOCOPY = 1, NOCOMPUTE = 2 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device helpers
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long* b, unsigned n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity) {
+  asm volatile(
+      "{\n .reg .pred P1;\n"
+      "W_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      " @!P1 bra W_%=;\n"
+      "}\n" ::"r"(smem_u32(b)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+// Matrix descriptor of a K-major operand with the 128-byte swizzle: 8-row atoms of 1 KB (stride 1024 bytes).
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// D (64 x 8 f32) (+)= A (64 x 32 E4M3, shared) * B (32 x 8 E4M3, shared).
+__device__ __forceinline__ void wgmma_ss(float (&d)[4], unsigned long long da, unsigned long long db, int acc) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %6, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, %4, %5, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(da), "l"(db), "r"(acc));
+}
+// The same with A from registers (this thread's fragment: rows g, g + 8 of its warp's 16, columns 4t..4t+3 and
+// 16+4t..16+4t+3).
+__device__ __forceinline__ void wgmma_rs(float (&d)[4], const unsigned (&a)[4], unsigned long long db) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+}
+// MXFP4 codes of one thread word (device layout, see fp4_layout on the host) -> two E4M3 x4 registers, each code
+// (s, e1, e0, m) placed at byte bits (7, 4, 3, 2): the E4M3 of its value times 2^-6 (subnormals included).
+#define FP4E_MASK 0x9C9C9C9Cu
+__device__ __forceinline__ void fp4_e4m3(unsigned w, unsigned& lo, unsigned& hi) {
+  lo = w & FP4E_MASK;
+  const unsigned long long t = (unsigned long long)(w & ~FP4E_MASK) * 0x08000002ull;  // << 1 and << 27 at once
+  hi = ((unsigned)t | (unsigned)(t >> 32)) & FP4E_MASK;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The kernel. FP4: chunk = [K step pair][RB rows][4 threads][2 words] (RB rows x 512 code bytes), then the chunk's
+// E8M0 scales [32 steps][RB rows]. F8: chunk = [128-column block][RB rows][128 B] (swizzled 8-row atoms).
+template <bool FP4, int NWG>
+struct Geo {
+  static constexpr int RB = 64 * NWG;                        // rows per chunk
+  static constexpr int KCB = WB / RB;                        // weight bytes of a row per chunk
+  static constexpr int KCE = FP4 ? 2 * KCB : KCB;            // elements of a row per chunk
+  static constexpr int KS = K / KCE;                         // chunks per row block
+  static constexpr int SCB = FP4 ? RB * (KCE / 32) : 0;      // scale bytes per chunk (FP4)
+  static constexpr int CB = WB + SCB;                        // bytes per chunk
+  static constexpr int SLOT = (CB + 1023) / 1024 * 1024;
+  static constexpr int SMEM = NS * SLOT + BT_BYTES + 1024;   // + alignment slack
+};
+
+template <bool FP4, int NWG>
+__global__ void __launch_bounds__(NWG * 128 + 32, 1)
+    probe(const uint8_t* __restrict__ w, const float* __restrict__ f8s, const uint8_t* __restrict__ bt,
+          const float* __restrict__ inv_s, int nrb, float* __restrict__ y, int mode) {
+  using G = Geo<FP4, NWG>;
+  extern __shared__ uint8_t dsm[];
+  __shared__ __align__(8) unsigned long long full[NS], empty[NS];
+  uint8_t* base = (uint8_t*)(((uintptr_t)dsm + 1023) & ~(uintptr_t)1023);
+  uint8_t* ring = base;
+  uint8_t* btile = base + NS * G::SLOT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nthreads = NWG * 128;
+  if (tid == 0) {
+    for (int i = 0; i < NS; i++) {
+      mbar_init(full + i, 1);
+      mbar_init(empty + i, nthreads);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // The activation tile (already in swizzled order) into shared memory, then visible to the async proxy.
+  for (int i = tid; i < BT_BYTES / 16; i += blockDim.x)
+    reinterpret_cast<uint4*>(btile)[i] = reinterpret_cast<const uint4*>(bt)[i];
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  // This block's row blocks: b, b + G, ...
+  const int nmine = nrb > (int)blockIdx.x ? (nrb - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+  const int nchunks = nmine * G::KS;
+  if (warp == NWG * 4) {  // producer
+    if (lane == 0) {
+      for (int n = 0; n < nchunks; n++) {
+        const int slot = n % NS;
+        if (n >= NS) mbar_wait(empty + slot, ((n / NS) - 1) & 1);
+        const int rb = (int)blockIdx.x + (n / G::KS) * (int)gridDim.x, s = n % G::KS;
+        if (mode == NOCOPY) {
+          mbar_arrive(full + slot);
+        } else {
+          mbar_expect(full + slot, G::CB);
+          const uint8_t* src = w + ((long long)rb * G::KS + s) * G::CB;
+          bulk_g2s(ring + slot * G::SLOT, src, G::CB, full + slot);
+        }
+      }
+    }
+    return;
+  }
+  const int wg = warp >> 2, wi = warp & 3, gq = lane >> 2, tq = lane & 3;
+  const unsigned bbase = smem_u32(btile);
+  float acc[4];
+  int n = 0;
+  for (int j = 0; j < nmine; j++) {
+    const int rb = (int)blockIdx.x + j * (int)gridDim.x;
+    const int r0 = wg * 64 + wi * 16 + gq;  // this thread's rows in the chunk: r0, r0 + 8
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    for (int s = 0; s < G::KS; s++, n++) {
+      const int slot = n % NS;
+      mbar_wait(full + slot, (n / NS) & 1);
+      uint8_t* sp = ring + slot * G::SLOT;
+      if (mode != NOCOMPUTE) {
+        if constexpr (!FP4) {
+          // 128-column blocks q: four k32 MMAs into t[q & 1], then the previous block's t scaled into acc.
+          // Descriptors advance by adding the byte offset / 16 to the address field (no carry below 256 KB).
+          const unsigned long long da0 = sw128_desc(smem_u32(sp) + wg * 64 * 128), db0 = sw128_desc(bbase);
+          const long long srow0 = ((long long)rb * G::RB + r0) * (K / 128), srow1 = srow0 + 8 * (K / 128);
+          float t[2][4];
+          float sc[2][2];
+#pragma unroll
+          for (int q = 0; q < G::KCB / 128; q++) {
+            const int kb = s * (G::KCB / 128) + q;  // global 128-column block
+            sc[q & 1][0] = __ldg(f8s + srow0 + kb);
+            sc[q & 1][1] = __ldg(f8s + srow1 + kb);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+              wgmma_ss(t[q & 1], da0 + ((q * G::RB * 128 + kk * 32) >> 4), db0 + ((kb * 1024 + kk * 32) >> 4), kk);
+            wg_commit();
+            if (q > 0) {
+              wg_wait<1>();
+              const int p = (q - 1) & 1;
+              acc[0] += t[p][0] * sc[p][0];
+              acc[1] += t[p][1] * sc[p][0];
+              acc[2] += t[p][2] * sc[p][1];
+              acc[3] += t[p][3] * sc[p][1];
+            }
+          }
+          wg_wait<0>();
+          constexpr int p = (G::KCB / 128 - 1) & 1;
+          acc[0] += t[p][0] * sc[p][0];
+          acc[1] += t[p][1] * sc[p][0];
+          acc[2] += t[p][2] * sc[p][1];
+          acc[3] += t[p][3] * sc[p][1];
+        } else {
+          // K steps in pairs: this thread's two rows' code words for both steps in one 8-byte load each.
+          const unsigned wbase = smem_u32(sp) + r0 * 32 + tq * 8;
+          const unsigned sbase = smem_u32(sp) + WB + r0;
+          const unsigned long long db0 = sw128_desc(bbase);
+          float t[2][4];
+          unsigned a[2][4];
+          float sc[2][2];
+          constexpr int NST = G::KCE / 32;
+#pragma unroll 1
+          for (int st = 0; st < NST; st += 2) {
+            uint2 w0, w1;
+            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w0.x), "=r"(w0.y) : "r"(wbase + (st >> 1) * G::RB * 32));
+            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];"
+                         : "=r"(w1.x), "=r"(w1.y)
+                         : "r"(wbase + (st >> 1) * G::RB * 32 + 8 * 32));
+            unsigned e[4];
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+              for (int rr = 0; rr < 2; rr++) {
+                unsigned short v;
+                asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(sbase + (st + h) * G::RB + rr * 8));
+                e[h * 2 + rr] = v;
+              }
+            const int kg = s * G::KCE + st * 32;  // global column of step st
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+              // The 2^6 of the E4M3 placement folds into the E8M0 scale: 2^(e - 121).
+              sc[h][0] = __uint_as_float((e[h * 2] + 6u) << 23);
+              sc[h][1] = __uint_as_float((e[h * 2 + 1] + 6u) << 23);
+              fp4_e4m3(h ? w0.y : w0.x, a[h][0], a[h][2]);
+              fp4_e4m3(h ? w1.y : w1.x, a[h][1], a[h][3]);
+              const int k = kg + h * 32;
+              wg_fence();
+              t[h][0] = t[h][1] = t[h][2] = t[h][3] = 0.f;
+              wgmma_rs(t[h], a[h], db0 + ((unsigned)((k >> 7) * 1024 + (k & 127)) >> 4));
+              wg_commit();
+              if (h == 1) {
+                wg_wait<1>();  // step st done
+                acc[0] += t[0][0] * sc[0][0];
+                acc[1] += t[0][1] * sc[0][0];
+                acc[2] += t[0][2] * sc[0][1];
+                acc[3] += t[0][3] * sc[0][1];
+              }
+            }
+            wg_wait<0>();  // step st + 1 done (its registers are reused next pair)
+            acc[0] += t[1][0] * sc[1][0];
+            acc[1] += t[1][1] * sc[1][0];
+            acc[2] += t[1][2] * sc[1][1];
+            acc[3] += t[1][3] * sc[1][1];
+          }
+        }
+      }
+      mbar_arrive(empty + slot);
+    }
+    // Columns -> the terms' sum: lane t holds columns 2t, 2t + 1 of rows r0 and r0 + 8.
+    float v0 = acc[0] * inv_s[2 * tq] + acc[1] * inv_s[2 * tq + 1];
+    float v1 = acc[2] * inv_s[2 * tq] + acc[3] * inv_s[2 * tq + 1];
+    v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+    v0 += __shfl_xor_sync(0xffffffffu, v0, 2);
+    v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+    v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
+    if (tq == 0 && mode == FULL) {
+      y[(long long)rb * G::RB + r0] = v0;
+      y[(long long)rb * G::RB + r0 + 8] = v1;
+    }
+  }
+}
+
+// Device-to-device copy kernel bandwidth is measured with cudaMemcpy (read + write bytes / time).
+static double copy_bw(size_t bytes) {
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; i++) CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+  std::vector<float> ts;
+  for (int i = 0; i < 10; i++) {
+    CK(cudaEventRecord(e0));
+    CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    ts.push_back(ms);
+  }
+  std::sort(ts.begin(), ts.end());
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * bytes / (ts[ts.size() / 2] * 1e-3) / 1e9;
+}
+
+static float e4m3_val(uint8_t b) {
+  __nv_fp8_e4m3 v;
+  v.__x = b;
+  return (float)v;
+}
+static uint8_t e4m3_of(float f) { return (uint8_t)__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3); }
+static const float FP4V[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+
+// Where fp4_e4m3 takes each output bit from: src[p] = the word bit that lands at output bit p (p < 32: lo,
+// p >= 32: hi), found by running the decode on single bits.
+static void fp4_layout(int (&src)[64]) {
+  for (int p = 0; p < 64; p++) src[p] = -1;
+  for (int x = 0; x < 32; x++) {
+    const unsigned w = 1u << x;
+    const unsigned lo = w & 0x9C9C9C9Cu;
+    const unsigned long long t = (unsigned long long)(w & ~0x9C9C9C9Cu) * 0x08000002ull;
+    const unsigned hi = ((unsigned)t | (unsigned)(t >> 32)) & 0x9C9C9C9Cu;
+    for (int p = 0; p < 32; p++) {
+      if (lo >> p & 1) src[p] = x;
+      if (hi >> p & 1) src[32 + p] = x;
+    }
+  }
+}
+
+struct Result {
+  const char* name;
+  double ms[3], gbs[3], frac[3], max_rel, rms_rel;
+};
+
+template <bool FP4, int NWG>
+static Result run(const char* name, double cbw, int nsm, FILE* log) {
+  using G = Geo<FP4, NWG>;
+  const int nrb = nsm * (FP4 ? 16 : 8) / NWG;  // row blocks: every SM the same count
+  const long long R = (long long)nrb * G::RB;
+  std::mt19937_64 rng(12345 + (FP4 ? 1 : 0) + NWG);
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  // Activations and their E4M3 terms.
+  std::vector<float> x(K);
+  for (auto& v : x) v = U(rng) * std::exp2(U(rng) * 3.f);
+  std::vector<double> res(x.begin(), x.end());
+  std::vector<uint8_t> term(NTERM * K);
+  float inv_s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int j = 0; j < NTERM; j++) {
+    double m = 0;
+    for (int k = 0; k < K; k++) m = std::max(m, std::fabs(res[k]));
+    const double s = m > 0 ? std::exp2(std::floor(std::log2(448.0 / m))) : 1.0;
+    inv_s[j] = (float)(1.0 / s);
+    for (int k = 0; k < K; k++) {
+      const uint8_t b = e4m3_of((float)(res[k] * s));
+      term[j * K + k] = b;
+      res[k] -= (double)e4m3_val(b) / s;
+    }
+  }
+  double xmax = 0, rmax = 0;
+  for (int k = 0; k < K; k++) {
+    xmax = std::max(xmax, (double)std::fabs(x[k]));
+    rmax = std::max(rmax, std::fabs(res[k]));
+  }
+  // Activation tile [K / 128][8][128 B] with the 128-byte swizzle (16-byte unit u of row n at u ^ n).
+  std::vector<uint8_t> bt(BT_BYTES, 0);
+  for (int k = 0; k < K; k++)
+    for (int j = 0; j < NTERM; j++) {
+      const int blk = k / 128, c = k % 128;
+      bt[blk * 1024 + j * 128 + (((c >> 4) ^ j) << 4) + (c & 15)] = term[j * K + k];
+    }
+  // Weights and the reference.
+  std::vector<uint8_t> wt((size_t)nrb * G::KS * G::CB, 0);
+  std::vector<float> f8s(FP4 ? 1 : (size_t)R * (K / 128));
+  std::vector<double> ref(R);
+  int src[64];
+  fp4_layout(src);
+  std::vector<float> wrow(K);
+  for (long long r = 0; r < R; r++) {
+    const int rb = (int)(r / G::RB), rr = (int)(r % G::RB);
+    if (!FP4) {
+      for (int kb = 0; kb < K / 128; kb++) f8s[r * (K / 128) + kb] = std::exp2((float)(int)(rng() % 9) - 4.f) * (0.5f + 0.5f * (U(rng) + 1.f) / 2.f);
+      for (int k = 0; k < K; k++) {
+        uint8_t b;
+        do b = (uint8_t)rng(); while ((b & 0x7F) == 0x7F);
+        wrow[k] = e4m3_val(b) * f8s[r * (K / 128) + k / 128];
+        const int s = k / G::KCE, c = k % G::KCE, q = c / 128, cc = c % 128;
+        const size_t off = ((size_t)rb * G::KS + s) * G::CB + (size_t)(q * G::RB + rr) * 128 +
+                           ((((cc >> 4) ^ (rr & 7)) << 4) | (cc & 15));
+        wt[off] = b;
+      }
+    } else {
+      for (int s = 0; s < G::KS; s++) {
+        uint8_t* ch = wt.data() + ((size_t)rb * G::KS + s) * G::CB;
+        for (int st = 0; st < G::KCE / 32; st++) {
+          const int e8 = 119 + (int)(rng() % 12);  // block scale 2^(e8 - 127)
+          ch[WB + st * G::RB + rr] = (uint8_t)e8;
+          const double sc = std::exp2(e8 - 127);
+          uint8_t code[32];
+          for (int i = 0; i < 32; i++) {
+            code[i] = (uint8_t)(rng() & 15);
+            if (code[i] == 8) code[i] = 0;  // -0 -> +0 (same value)
+            const int k = s * G::KCE + st * 32 + i;
+            wrow[k] = (float)((code[i] & 8 ? -1.0 : 1.0) * FP4V[code[i] & 7] * sc);
+          }
+          // Thread t's word: lo bytes = columns 4t..4t+3, hi bytes = 16+4t..16+4t+3; byte bits (2,3,4,7) = (m,e0,e1,s).
+          for (int t = 0; t < 4; t++) {
+            unsigned wv = 0;
+            for (int half = 0; half < 2; half++)
+              for (int i = 0; i < 4; i++) {
+                const uint8_t c = code[half * 16 + 4 * t + i];
+                const int bits[4] = {8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 7};
+                const int cb[4] = {c & 1, (c >> 1) & 1, (c >> 2) & 1, (c >> 3) & 1};
+                for (int q = 0; q < 4; q++)
+                  if (cb[q]) wv |= 1u << src[half * 32 + bits[q]];
+              }
+            memcpy(ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, &wv, 4);
+          }
+        }
+      }
+    }
+    double a = 0;
+    for (int k = 0; k < K; k++) a += (double)wrow[k] * x[k];
+    ref[r] = a;
+  }
+  uint8_t *dw, *dbt;
+  float *df8, *dinv, *dy;
+  CK(cudaMalloc(&dw, wt.size()));
+  CK(cudaMalloc(&dbt, bt.size()));
+  CK(cudaMalloc(&df8, f8s.size() * 4));
+  CK(cudaMalloc(&dinv, 32));
+  CK(cudaMalloc(&dy, R * 4));
+  CK(cudaMemcpy(dw, wt.data(), wt.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dbt, bt.data(), bt.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(df8, f8s.data(), f8s.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dinv, inv_s, 32, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dy, 0, R * 4));
+  auto kern = probe<FP4, NWG>;
+  CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM));
+  const double bytes = (double)wt.size() + (FP4 ? 0.0 : (double)f8s.size() * 4);
+  Result out{};
+  out.name = name;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int mode = 0; mode < 3; mode++) {
+    for (int i = 0; i < 3; i++) kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    std::vector<float> ts;
+    for (int i = 0; i < 20; i++) {
+      CK(cudaEventRecord(e0));
+      kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      ts.push_back(ms);
+    }
+    std::sort(ts.begin(), ts.end());
+    out.ms[mode] = ts[ts.size() / 2];
+    out.gbs[mode] = bytes / (out.ms[mode] * 1e-3) / 1e9;
+    out.frac[mode] = out.gbs[mode] / cbw;
+  }
+  // Check the full mode's result (the last full-mode launch wrote y).
+  CK(cudaMemset(dy, 0, R * 4));
+  kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL);
+  CK(cudaDeviceSynchronize());
+  std::vector<float> yv(R);
+  CK(cudaMemcpy(yv.data(), dy, R * 4, cudaMemcpyDeviceToHost));
+  double rm = 0, num = 0, den = 0, worst = 0;
+  for (long long r = 0; r < R; r++) rm = std::max(rm, std::fabs(ref[r]));
+  for (long long r = 0; r < R; r++) {
+    const double e = std::fabs(yv[r] - ref[r]);
+    worst = std::max(worst, e / rm);
+    num += e * e;
+    den += ref[r] * ref[r];
+  }
+  out.max_rel = worst;
+  out.rms_rel = std::sqrt(num / den);
+  fprintf(log,
+          "%-8s rows %lld x %d, %.1f MB: full %.3f ms %.0f GB/s (%.1f %% of copy) | consumers alone %.3f ms (%.1f %%) | "
+          "ring alone %.3f ms (%.1f %%) | error vs f64: max %.2e of max|y|, rms %.2e (activation terms' residual "
+          "%.1e of max|x|)\n",
+          name, R, K, bytes / 1e6, out.ms[0], out.gbs[0], 100 * out.frac[0], out.ms[1], 100 * out.frac[1], out.ms[2],
+          100 * out.frac[2], out.max_rel, out.rms_rel, rmax / xmax);
+  fflush(log);
+  CK(cudaFree(dw));
+  CK(cudaFree(dbt));
+  CK(cudaFree(df8));
+  CK(cudaFree(dinv));
+  CK(cudaFree(dy));
+  return out;
+}
+
+int main(int argc, char** argv) {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const double cbw = copy_bw(1ull << 30);
+  printf("device %s (%d SMs), device-to-device copy %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount,
+         cbw);
+  std::vector<Result> rs;
+  rs.push_back(run<false, 1>("f8_wg1", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<false, 2>("f8_wg2", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<true, 1>("fp4_wg1", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<true, 2>("fp4_wg2", cbw, prop.multiProcessorCount, stdout));
+  if (argc > 1) {
+    FILE* f = fopen(argv[1], "w");
+    if (!f) {
+      perror(argv[1]);
+      return 1;
+    }
+    fprintf(f, "{\"device\": \"%s\", \"sms\": %d, \"copy_gbs\": %.1f, \"k\": %d, \"runs\": [", prop.name,
+            prop.multiProcessorCount, cbw, K);
+    for (size_t i = 0; i < rs.size(); i++) {
+      const Result& r = rs[i];
+      fprintf(f,
+              "%s{\"name\": \"%s\", \"full_ms\": %.4f, \"full_frac\": %.4f, \"nocopy_ms\": %.4f, \"nocopy_frac\": %.4f, "
+              "\"nocompute_ms\": %.4f, \"nocompute_frac\": %.4f, \"max_rel\": %.3e, \"rms_rel\": %.3e}",
+              i ? ", " : "", r.name, r.ms[0], r.frac[0], r.ms[1], r.frac[1], r.ms[2], r.frac[2], r.max_rel, r.rms_rel);
+    }
+    fprintf(f, "]}\n");
+    fclose(f);
+  }
+  return 0;
+}
