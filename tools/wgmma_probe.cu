@@ -15,6 +15,7 @@
 // device-to-device copy bandwidth measured in the same run. Modes: full (copies + MMAs), nocopy (the consumers
 // alone: slots are completed without copying), nocompute (the ring alone).
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -o wgmma_probe tools/wgmma_probe.cu && ./wgmma_probe probe.json
+#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -43,6 +44,10 @@ constexpr int NTERM = 6;        // E4M3 terms of the activation vector (MMA colu
 constexpr int BT_BYTES = K * 8;  // activation tile: [K / 128][8 columns][128 B], 128-byte swizzle
 
 enum Mode { FULL = 0, NOCOPY = 1, NOCOMPUTE = 2 };
+// Consumer kinds: FP8 by wgmma (A from shared memory), MXFP4 by wgmma (A from registers), and the baseline: MXFP4
+// by mma.sync m16n8k16 on f16 (the megakernel's method: codes placed as f16 bits, activations as f16 hi + lo in
+// columns 0 and 1), each warp owning 16 rows of the chunk as in the wgmma kinds.
+enum Kind { KF8 = 0, KFP4 = 1, KFP4MS = 2 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -109,11 +114,30 @@ __device__ __forceinline__ void fp4_e4m3(unsigned w, unsigned& lo, unsigned& hi)
   hi = ((unsigned)t | (unsigned)(t >> 32)) & FP4E_MASK;
 }
 
+// The baseline's decode (the megakernel's MK_FP4R form): a word's 8 codes as four f16x2 pairs, each code placed at
+// f16 bits (9, 10, 11, 15) of its half (the f16 of its value times 2^-14) by a mask, a shift, one multiply and the two
+// halves of one 64-bit multiply.
+#define FP4H_MASK 0x8E008E00u
+__host__ __device__ __forceinline__ void fp4_f16(unsigned w, unsigned (&p)[4]) {
+  p[0] = w & FP4H_MASK;
+  p[1] = (w << 8) & FP4H_MASK;
+  p[2] = ((w & 0x00710071u) * 0x240u) & FP4H_MASK;
+  const unsigned long long t = (unsigned long long)(w & 0x71007100u) * 0x24000u;
+  p[3] = ((unsigned)t | (unsigned)(t >> 32)) & FP4H_MASK;
+}
+__device__ __forceinline__ void mma_f16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                        unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The kernel. FP4: chunk = [K step pair][RB rows][4 threads][2 words] (RB rows x 512 code bytes), then the chunk's
 // E8M0 scales [32 steps][RB rows]. F8: chunk = [128-column block][RB rows][128 B] (swizzled 8-row atoms).
-template <bool FP4, int NWG>
+template <int KIND, int NWG>
 struct Geo {
+  static constexpr bool FP4 = KIND != KF8;
   static constexpr int RB = 64 * NWG;                        // rows per chunk
   static constexpr int KCB = WB / RB;                        // weight bytes of a row per chunk
   static constexpr int KCE = FP4 ? 2 * KCB : KCB;            // elements of a row per chunk
@@ -121,14 +145,16 @@ struct Geo {
   static constexpr int SCB = FP4 ? RB * (KCE / 32) : 0;      // scale bytes per chunk (FP4)
   static constexpr int CB = WB + SCB;                        // bytes per chunk
   static constexpr int SLOT = (CB + 1023) / 1024 * 1024;
-  static constexpr int SMEM = NS * SLOT + BT_BYTES + 1024;   // + alignment slack
+  static constexpr int BT = KIND == KFP4MS ? K / 32 * 512 : BT_BYTES;  // activation tile bytes
+  static constexpr int SMEM = NS * SLOT + BT + 1024;   // + alignment slack
 };
 
-template <bool FP4, int NWG>
+template <int KIND, int NWG>
 __global__ void __launch_bounds__(NWG * 128 + 32, 1)
     probe(const uint8_t* __restrict__ w, const float* __restrict__ f8s, const uint8_t* __restrict__ bt,
           const float* __restrict__ inv_s, int nrb, float* __restrict__ y, int mode) {
-  using G = Geo<FP4, NWG>;
+  using G = Geo<KIND, NWG>;
+  constexpr bool FP4 = G::FP4;
   extern __shared__ uint8_t dsm[];
   __shared__ __align__(8) unsigned long long full[NS], empty[NS];
   uint8_t* base = (uint8_t*)(((uintptr_t)dsm + 1023) & ~(uintptr_t)1023);
@@ -144,7 +170,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   // The activation tile (already in swizzled order) into shared memory, then visible to the async proxy.
-  for (int i = tid; i < BT_BYTES / 16; i += blockDim.x)
+  for (int i = tid; i < G::BT / 16; i += blockDim.x)
     reinterpret_cast<uint4*>(btile)[i] = reinterpret_cast<const uint4*>(bt)[i];
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncthreads();
@@ -213,6 +239,41 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
           acc[1] += t[p][1] * sc[p][0];
           acc[2] += t[p][2] * sc[p][1];
           acc[3] += t[p][3] * sc[p][1];
+        } else if constexpr (KIND == KFP4MS) {
+          // Baseline: per K step two mma.sync (k 0-15, 16-31), f16 weights decoded from the thread's two words.
+          const unsigned wbase = smem_u32(sp) + r0 * 32 + tq * 8;
+          const unsigned sbase = smem_u32(sp) + WB + r0;
+          constexpr int NST = G::KCE / 32;
+#pragma unroll 1
+          for (int st = 0; st < NST; st += 2) {
+            uint2 w0, w1;
+            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w0.x), "=r"(w0.y) : "r"(wbase + (st >> 1) * G::RB * 32));
+            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];"
+                         : "=r"(w1.x), "=r"(w1.y)
+                         : "r"(wbase + (st >> 1) * G::RB * 32 + 8 * 32));
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+              const int ks = s * (G::KCE / 32) + st + h;  // global K step
+              uint4 b;
+              asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                           : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+                           : "r"(bbase + ((ks * 8 + gq) * 4 + tq) * 16));
+              unsigned short e0, e1;
+              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e0) : "r"(sbase + (st + h) * G::RB));
+              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e1) : "r"(sbase + (st + h) * G::RB + 8));
+              unsigned pa[4], pb[4];
+              fp4_f16(h ? w0.y : w0.x, pa);
+              fp4_f16(h ? w1.y : w1.x, pb);
+              float th[4] = {0.f, 0.f, 0.f, 0.f};
+              mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
+              mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
+              const float sa = __uint_as_float(((unsigned)e0 + 14u) << 23), sb = __uint_as_float(((unsigned)e1 + 14u) << 23);
+              acc[0] += th[0] * sa;
+              acc[1] += th[1] * sa;
+              acc[2] += th[2] * sb;
+              acc[3] += th[3] * sb;
+            }
+          }
         } else {
           // K steps in pairs: this thread's two rows' code words for both steps in one 8-byte load each.
           const unsigned wbase = smem_u32(sp) + r0 * 32 + tq * 8;
@@ -338,12 +399,13 @@ struct Result {
   double ms[3], gbs[3], frac[3], max_rel, rms_rel;
 };
 
-template <bool FP4, int NWG>
+template <int KIND, int NWG>
 static Result run(const char* name, double cbw, int nsm, FILE* log) {
-  using G = Geo<FP4, NWG>;
+  using G = Geo<KIND, NWG>;
+  constexpr bool FP4 = G::FP4;
   const int nrb = nsm * (FP4 ? 16 : 8) / NWG;  // row blocks: every SM the same count
   const long long R = (long long)nrb * G::RB;
-  std::mt19937_64 rng(12345 + (FP4 ? 1 : 0) + NWG);
+  std::mt19937_64 rng(12345 + (FP4 ? 1 : 0) + NWG);  // the baseline draws the same weights as the MXFP4 wgmma kind
   std::uniform_real_distribution<float> U(-1.f, 1.f);
   // Activations and their E4M3 terms.
   std::vector<float> x(K);
@@ -368,18 +430,47 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
     rmax = std::max(rmax, std::fabs(res[k]));
   }
   // Activation tile [K / 128][8][128 B] with the 128-byte swizzle (16-byte unit u of row n at u ^ n).
-  std::vector<uint8_t> bt(BT_BYTES, 0);
-  for (int k = 0; k < K; k++)
-    for (int j = 0; j < NTERM; j++) {
-      const int blk = k / 128, c = k % 128;
-      bt[blk * 1024 + j * 128 + (((c >> 4) ^ j) << 4) + (c & 15)] = term[j * K + k];
-    }
+  std::vector<uint8_t> bt(G::BT, 0);
+  if (KIND != KFP4MS) {
+    for (int k = 0; k < K; k++)
+      for (int j = 0; j < NTERM; j++) {
+        const int blk = k / 128, c = k % 128;
+        bt[blk * 1024 + j * 128 + (((c >> 4) ^ j) << 4) + (c & 15)] = term[j * K + k];
+      }
+  } else {
+    // Baseline: [K step][column][thread t][4 f16x2]: x at 4t, 4t+1 | 4t+2, 4t+3 | 16+4t, +1 | +2, +3 of the step;
+    // column 0 the f16 of x, column 1 the f16 of what it leaves.
+    for (int j = 0; j < 8; j++) inv_s[j] = j < 2 ? 1.f : 0.f;
+    for (int ks = 0; ks < K / 32; ks++)
+      for (int t = 0; t < 4; t++) {
+        const int ks4[8] = {4 * t, 4 * t + 1, 4 * t + 2, 4 * t + 3, 16 + 4 * t, 17 + 4 * t, 18 + 4 * t, 19 + 4 * t};
+        for (int col = 0; col < 2; col++)
+          for (int e = 0; e < 8; e++) {
+            const float v = x[ks * 32 + ks4[e]];
+            const __half hi = __float2half_rn(v);
+            const __half h = col == 0 ? hi : __float2half_rn(v - __half2float(hi));
+            memcpy(&bt[((ks * 8 + col) * 4 + t) * 16 + e * 2], &h, 2);
+          }
+      }
+  }
   // Weights and the reference.
   std::vector<uint8_t> wt((size_t)nrb * G::KS * G::CB, 0);
   std::vector<float> f8s(FP4 ? 1 : (size_t)R * (K / 128));
   std::vector<double> ref(R);
   int src[64];
   fp4_layout(src);
+  // The baseline's word: element e of fp4_f16's pair e % 4, half e / 4, takes the code of column ordf[e] of the
+  // thread's 8 (4t..4t+3, 16+4t..16+4t+3); srch[p] = the word bit fp4_f16 puts at pair bit p (pair p / 32).
+  const int ordf[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  int srch[128];
+  for (int p = 0; p < 128; p++) srch[p] = -1;
+  for (int xb = 0; xb < 32; xb++) {
+    unsigned pp[4];
+    fp4_f16(1u << xb, pp);
+    for (int q = 0; q < 4; q++)
+      for (int b = 0; b < 32; b++)
+        if (pp[q] >> b & 1) srch[q * 32 + b] = xb;
+  }
   std::vector<float> wrow(K);
   for (long long r = 0; r < R; r++) {
     const int rb = (int)(r / G::RB), rr = (int)(r % G::RB);
@@ -411,6 +502,18 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
           // Thread t's word: lo bytes = columns 4t..4t+3, hi bytes = 16+4t..16+4t+3; byte bits (2,3,4,7) = (m,e0,e1,s).
           for (int t = 0; t < 4; t++) {
             unsigned wv = 0;
+            if (KIND == KFP4MS) {
+              for (int e = 0; e < 8; e++) {
+                const int o = ordf[e];
+                const uint8_t c = code[(o < 4 ? 4 * t + o : 16 + 4 * t + o - 4)];
+                const int q = e % 4, hf = e / 4;
+                const int bits[4] = {9, 10, 11, 15};
+                for (int b = 0; b < 4; b++)
+                  if (c >> b & 1) wv |= 1u << srch[q * 32 + 16 * hf + bits[b]];
+              }
+              memcpy(ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, &wv, 4);
+              continue;
+            }
             for (int half = 0; half < 2; half++)
               for (int i = 0; i < 4; i++) {
                 const uint8_t c = code[half * 16 + 4 * t + i];
@@ -440,7 +543,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   CK(cudaMemcpy(df8, f8s.data(), f8s.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dinv, inv_s, 32, cudaMemcpyHostToDevice));
   CK(cudaMemset(dy, 0, R * 4));
-  auto kern = probe<FP4, NWG>;
+  auto kern = probe<KIND, NWG>;
   CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM));
   const double bytes = (double)wt.size() + (FP4 ? 0.0 : (double)f8s.size() * 4);
   Result out{};
@@ -505,10 +608,12 @@ int main(int argc, char** argv) {
   printf("device %s (%d SMs), device-to-device copy %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount,
          cbw);
   std::vector<Result> rs;
-  rs.push_back(run<false, 1>("f8_wg1", cbw, prop.multiProcessorCount, stdout));
-  rs.push_back(run<false, 2>("f8_wg2", cbw, prop.multiProcessorCount, stdout));
-  rs.push_back(run<true, 1>("fp4_wg1", cbw, prop.multiProcessorCount, stdout));
-  rs.push_back(run<true, 2>("fp4_wg2", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KFP4MS, 1>("fp4_mma_sync_w4", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KFP4MS, 2>("fp4_mma_sync_w8", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KFP4, 1>("fp4_wg1", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KFP4, 2>("fp4_wg2", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KF8, 1>("f8_wg1", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KF8, 2>("f8_wg2", cbw, prop.multiProcessorCount, stdout));
   if (argc > 1) {
     FILE* f = fopen(argv[1], "w");
     if (!f) {
