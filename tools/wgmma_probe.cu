@@ -88,6 +88,11 @@ template <int N>
 __device__ __forceinline__ void wg_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Pins an accumulator's registers at this point of the program (nothing that reads or writes them moves across:
+// the asynchronous MMAs write them between issue and wait).
+__device__ __forceinline__ void fence4(float (&r)[4]) {
+  asm volatile("" : "+f"(r[0]), "+f"(r[1]), "+f"(r[2]), "+f"(r[3])::"memory");
+}
 // D (64 x 8 f32) (+)= A (64 x 32 E4M3, shared) * B (32 x 8 E4M3, shared).
 __device__ __forceinline__ void wgmma_ss(float (&d)[4], unsigned long long da, unsigned long long db, int acc) {
   asm volatile(
@@ -219,6 +224,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
             const int kb = s * (G::KCB / 128) + q;  // global 128-column block
             sc[q & 1][0] = __ldg(f8s + srow0 + kb);
             sc[q & 1][1] = __ldg(f8s + srow1 + kb);
+            fence4(t[q & 1]);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
@@ -227,6 +233,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
             if (q > 0) {
               wg_wait<1>();
               const int p = (q - 1) & 1;
+              fence4(t[p]);
               acc[0] += t[p][0] * sc[p][0];
               acc[1] += t[p][1] * sc[p][0];
               acc[2] += t[p][2] * sc[p][1];
@@ -235,6 +242,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
           }
           wg_wait<0>();
           constexpr int p = (G::KCB / 128 - 1) & 1;
+          fence4(t[p]);
           acc[0] += t[p][0] * sc[p][0];
           acc[1] += t[p][1] * sc[p][0];
           acc[2] += t[p][2] * sc[p][1];
@@ -308,12 +316,14 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
               fp4_e4m3(h ? w0.y : w0.x, a[h][0], a[h][2]);
               fp4_e4m3(h ? w1.y : w1.x, a[h][1], a[h][3]);
               const int k = kg + h * 32;
-              wg_fence();
               t[h][0] = t[h][1] = t[h][2] = t[h][3] = 0.f;
+              fence4(t[h]);
+              wg_fence();
               wgmma_rs(t[h], a[h], db0 + ((unsigned)((k >> 7) * 1024 + (k & 127)) >> 4));
               wg_commit();
               if (h == 1) {
                 wg_wait<1>();  // step st done
+                fence4(t[0]);
                 acc[0] += t[0][0] * sc[0][0];
                 acc[1] += t[0][1] * sc[0][0];
                 acc[2] += t[0][2] * sc[0][1];
@@ -321,6 +331,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
               }
             }
             wg_wait<0>();  // step st + 1 done (its registers are reused next pair)
+            fence4(t[1]);
             acc[0] += t[1][0] * sc[1][0];
             acc[1] += t[1][1] * sc[1][0];
             acc[2] += t[1][2] * sc[1][1];
@@ -511,17 +522,15 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
                 for (int b = 0; b < 4; b++)
                   if (c >> b & 1) wv |= 1u << srch[q * 32 + 16 * hf + bits[b]];
               }
-              memcpy(ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, &wv, 4);
-              continue;
+            } else {
+              for (int half = 0; half < 2; half++)
+                for (int i = 0; i < 4; i++) {
+                  const uint8_t c = code[half * 16 + 4 * t + i];
+                  const int bits[4] = {8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 7};
+                  for (int q = 0; q < 4; q++)
+                    if (c >> q & 1) wv |= 1u << src[half * 32 + bits[q]];
+                }
             }
-            for (int half = 0; half < 2; half++)
-              for (int i = 0; i < 4; i++) {
-                const uint8_t c = code[half * 16 + 4 * t + i];
-                const int bits[4] = {8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 7};
-                const int cb[4] = {c & 1, (c >> 1) & 1, (c >> 2) & 1, (c >> 3) & 1};
-                for (int q = 0; q < 4; q++)
-                  if (cb[q]) wv |= 1u << src[half * 32 + bits[q]];
-              }
             memcpy(ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, &wv, 4);
           }
         }
