@@ -3,11 +3,11 @@
 //
 // One persistent block per SM streams its share of a weight matrix through a shared-memory ring (one producer warp,
 // one 32 KB bulk copy per chunk, mbarriers), and NWG consumer warpgroups multiply each chunk with the activation
-// vector by `wgmma.mma_async` (FP8 E4M3 on both sides, f32 accumulation):
+// vector by `wgmma.mma_async` (8-bit float inputs, f32 accumulation; activations E4M3):
 //   f8  FP8 weights with f32 block scales per 128 columns (the plan's FP8 layout): A straight from the slot by a
 //       matrix descriptor (128-byte swizzle, the runtime would pre-tile the weights so), no decoding at all;
 //   fp4 MXFP4 weights with E8M0 scales per 32 columns: each thread loads its 16 codes a K step, turns them into
-//       E4M3 in registers (4 instructions per 8 codes, see fp4_e4m3) and issues the register-A form.
+//       E5M2 in registers (4 instructions per 8 codes, see fp4_fp8) and issues the register-A form.
 // The activation vector rides the MMA's N dimension as 6 E4M3 terms (x ~ sum_j a_j / s_j, each term the rounding
 // of what the ones before left, its own power-of-two scale s_j), so the f32 activations keep ~24 bits while the
 // tensor cores see 8-bit inputs; columns 6 and 7 are zero.
@@ -101,21 +101,24 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[4], unsigned long long da, u
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "l"(da), "l"(db), "r"(acc));
 }
-// The same with A from registers (this thread's fragment: rows g, g + 8 of its warp's 16, columns 4t..4t+3 and
+// A (E5M2) from registers (this thread's fragment: rows g, g + 8 of its warp's 16, columns 4t..4t+3 and
 // 16+4t..16+4t+3).
 __device__ __forceinline__ void wgmma_rs(float (&d)[4], const unsigned (&a)[4], unsigned long long db) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e5m2.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
 }
-// MXFP4 codes of one thread word (device layout, see fp4_layout on the host) -> two E4M3 x4 registers, each code
-// (s, e1, e0, m) placed at byte bits (7, 4, 3, 2): the E4M3 of its value times 2^-6 (subnormals included).
-#define FP4E_MASK 0x9C9C9C9Cu
-__device__ __forceinline__ void fp4_e4m3(unsigned w, unsigned& lo, unsigned& hi) {
+// MXFP4 codes of one thread word (device layout, see fp4_layout on the host) -> two E5M2 x4 registers, each code
+// (s, e1, e0, m) placed at byte bits (7, 3, 2, 1): the E5M2 of its value times 2^-14 (subnormals included). The
+// four codes of lo are one mask away; hi's sit where one 32 x 32 -> 64-bit multiply by 2^4 + 2^31 puts each bit
+// once into the mask (low word: << 4 and << 31, high word: >> 28 and >> 1; no two copies overlap, so no carries).
+// (E4M3, bits (7, 4, 3, 2), has no such two-shift placement: a searched-for fact, see bench/NOTES.md.)
+#define FP4E_MASK 0x8E8E8E8Eu
+__host__ __device__ __forceinline__ void fp4_fp8(unsigned w, unsigned& lo, unsigned& hi) {
   lo = w & FP4E_MASK;
-  const unsigned long long t = (unsigned long long)(w & ~FP4E_MASK) * 0x08000002ull;  // << 1 and << 27 at once
+  const unsigned long long t = (unsigned long long)(w & ~FP4E_MASK) * 0x80000010ull;
   hi = ((unsigned)t | (unsigned)(t >> 32)) & FP4E_MASK;
 }
 
@@ -310,11 +313,11 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
             const int kg = s * G::KCE + st * 32;  // global column of step st
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-              // The 2^6 of the E4M3 placement folds into the E8M0 scale: 2^(e - 121).
-              sc[h][0] = __uint_as_float((e[h * 2] + 6u) << 23);
-              sc[h][1] = __uint_as_float((e[h * 2 + 1] + 6u) << 23);
-              fp4_e4m3(h ? w0.y : w0.x, a[h][0], a[h][2]);
-              fp4_e4m3(h ? w1.y : w1.x, a[h][1], a[h][3]);
+              // The 2^14 of the E5M2 placement folds into the E8M0 scale: 2^(e - 113).
+              sc[h][0] = __uint_as_float((e[h * 2] + 14u) << 23);
+              sc[h][1] = __uint_as_float((e[h * 2 + 1] + 14u) << 23);
+              fp4_fp8(h ? w0.y : w0.x, a[h][0], a[h][2]);
+              fp4_fp8(h ? w1.y : w1.x, a[h][1], a[h][3]);
               const int k = kg + h * 32;
               t[h][0] = t[h][1] = t[h][2] = t[h][3] = 0.f;
               fence4(t[h]);
@@ -389,21 +392,26 @@ static float e4m3_val(uint8_t b) {
 static uint8_t e4m3_of(float f) { return (uint8_t)__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3); }
 static const float FP4V[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
 
-// Where fp4_e4m3 takes each output bit from: src[p] = the word bit that lands at output bit p (p < 32: lo,
+// Where fp4_fp8 takes each output bit from: src[p] = the word bit that lands at output bit p (p < 32: lo,
 // p >= 32: hi), found by running the decode on single bits.
 static void fp4_layout(int (&src)[64]) {
   for (int p = 0; p < 64; p++) src[p] = -1;
   for (int x = 0; x < 32; x++) {
-    const unsigned w = 1u << x;
-    const unsigned lo = w & 0x9C9C9C9Cu;
-    const unsigned long long t = (unsigned long long)(w & ~0x9C9C9C9Cu) * 0x08000002ull;
-    const unsigned hi = ((unsigned)t | (unsigned)(t >> 32)) & 0x9C9C9C9Cu;
+    unsigned lo, hi;
+    fp4_fp8(1u << x, lo, hi);
     for (int p = 0; p < 32; p++) {
       if (lo >> p & 1) src[p] = x;
       if (hi >> p & 1) src[32 + p] = x;
     }
   }
 }
+static float e5m2_val(uint8_t b) {
+  __nv_fp8_e5m2 v;
+  v.__x = b;
+  return (float)v;
+}
+
+static bool g_cpu = false;  // --cpu: emulate on the host only
 
 struct Result {
   const char* name;
@@ -510,7 +518,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
             const int k = s * G::KCE + st * 32 + i;
             wrow[k] = (float)((code[i] & 8 ? -1.0 : 1.0) * FP4V[code[i] & 7] * sc);
           }
-          // Thread t's word: lo bytes = columns 4t..4t+3, hi bytes = 16+4t..16+4t+3; byte bits (2,3,4,7) = (m,e0,e1,s).
+          // Thread t's word: lo bytes = columns 4t..4t+3, hi bytes = 16+4t..16+4t+3; byte bits (1,2,3,7) = (m,e0,e1,s).
           for (int t = 0; t < 4; t++) {
             unsigned wv = 0;
             if (KIND == KFP4MS) {
@@ -526,7 +534,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
               for (int half = 0; half < 2; half++)
                 for (int i = 0; i < 4; i++) {
                   const uint8_t c = code[half * 16 + 4 * t + i];
-                  const int bits[4] = {8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 7};
+                  const int bits[4] = {8 * i + 1, 8 * i + 2, 8 * i + 3, 8 * i + 7};
                   for (int q = 0; q < 4; q++)
                     if (c >> q & 1) wv |= 1u << src[half * 32 + bits[q]];
                 }
@@ -539,6 +547,69 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
     double a = 0;
     for (int k = 0; k < K; k++) a += (double)wrow[k] * x[k];
     ref[r] = a;
+  }
+  if (g_cpu) {
+    // --cpu: the consumers' arithmetic emulated on the host from the same buffers, for the first two row blocks
+    // (checks the host layouts and decodes without a GPU; the fragment layouts are the kernel's assumptions).
+    double rm = 0, worst = 0;
+    for (long long r = 0; r < R; r++) rm = std::max(rm, std::fabs(ref[r]));
+    for (long long r = 0; r < 2 * G::RB; r++) {
+      const int rb = (int)(r / G::RB), rr = (int)(r % G::RB);
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      auto bterm = [&](int j, int k) {  // E4M3 term j of column k in the swizzled tile
+        const int blk = k / 128, c = k % 128;
+        return (double)e4m3_val(bt[blk * 1024 + j * 128 + (((c >> 4) ^ j) << 4) + (c & 15)]);
+      };
+      for (int s = 0; s < G::KS; s++) {
+        const uint8_t* ch = wt.data() + ((size_t)rb * G::KS + s) * G::CB;
+        if (KIND == KF8) {
+          for (int c = 0; c < G::KCE; c++) {
+            const int k = s * G::KCE + c, q = c / 128, cc = c % 128;
+            const double wv = e4m3_val(ch[(q * G::RB + rr) * 128 + ((((cc >> 4) ^ (rr & 7)) << 4) | (cc & 15))]) *
+                              f8s[r * (K / 128) + k / 128];
+            for (int j = 0; j < NTERM; j++) acc[j] += wv * bterm(j, k);
+          }
+          continue;
+        }
+        for (int st = 0; st < G::KCE / 32; st++) {
+          const int k0 = s * G::KCE + st * 32;
+          const double sc = std::exp2((int)ch[WB + st * G::RB + rr] - 127);
+          for (int t = 0; t < 4; t++) {
+            unsigned wv;
+            memcpy(&wv, ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, 4);
+            const int ks4[8] = {4 * t, 4 * t + 1, 4 * t + 2, 4 * t + 3, 16 + 4 * t, 17 + 4 * t, 18 + 4 * t, 19 + 4 * t};
+            if (KIND == KFP4) {
+              unsigned lo, hi;
+              fp4_fp8(wv, lo, hi);
+              for (int i = 0; i < 8; i++) {
+                const double v = e5m2_val((uint8_t)((i < 4 ? lo : hi) >> (8 * (i % 4)))) * 16384.0 * sc;
+                for (int j = 0; j < NTERM; j++) acc[j] += v * bterm(j, k0 + ks4[i]);
+              }
+            } else {
+              unsigned pp[4];
+              fp4_f16(wv, pp);
+              for (int q = 0; q < 4; q++)
+                for (int hf = 0; hf < 2; hf++) {
+                  __half_raw hr;
+                  hr.x = (unsigned short)(pp[q] >> (16 * hf));
+                  const double v = (double)__half2float(__half(hr)) * 16384.0 * sc;
+                  const int e = 2 * q + hf;  // pair q holds (ks4[2q], ks4[2q + 1])
+                  for (int col = 0; col < 2; col++) {
+                    __half h;
+                    memcpy(&h, &bt[((k0 / 32 * 8 + col) * 4 + t) * 16 + e * 2], 2);
+                    acc[col] += v * (double)__half2float(h);
+                  }
+                }
+            }
+          }
+        }
+      }
+      double yv = 0;
+      for (int j = 0; j < 8; j++) yv += acc[j] * inv_s[j];
+      worst = std::max(worst, std::fabs(yv - ref[r]) / rm);
+    }
+    fprintf(log, "%-16s cpu emulation of the first %d rows: max error %.2e of max|y|\n", name, 2 * G::RB, worst);
+    return Result{name, {0, 0, 0}, {0, 0, 0}, {0, 0, 0}, worst, 0};
   }
   uint8_t *dw, *dbt;
   float *df8, *dinv, *dy;
@@ -611,6 +682,14 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
 }
 
 int main(int argc, char** argv) {
+  if (argc > 1 && strcmp(argv[1], "--cpu") == 0) {
+    g_cpu = true;
+    run<KFP4MS, 1>("fp4_mma_sync_w4", 1, 2, stdout);
+    run<KFP4, 1>("fp4_wg1", 1, 2, stdout);
+    run<KFP4, 2>("fp4_wg2", 1, 2, stdout);
+    run<KF8, 1>("f8_wg1", 1, 2, stdout);
+    return 0;
+  }
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const double cbw = copy_bw(1ull << 30);
