@@ -47,7 +47,7 @@ enum Mode { FULL = 0, NOCOPY = 1, NOCOMPUTE = 2 };
 // Consumer kinds: FP8 by wgmma (A from shared memory), MXFP4 by wgmma (A from registers), and the baseline: MXFP4
 // by mma.sync m16n8k16 on f16 (the megakernel's method: codes placed as f16 bits, activations as f16 hi + lo in
 // columns 0 and 1), each warp owning 16 rows of the chunk as in the wgmma kinds.
-enum Kind { KF8 = 0, KFP4 = 1, KFP4MS = 2 };
+enum Kind { KF8 = 0, KFP4 = 1, KFP4MS = 2, KF8P = 3 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -81,6 +81,11 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned by
 __device__ __forceinline__ unsigned long long sw128_desc(unsigned saddr) {
   return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
          (1ull << 62);
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -145,7 +150,7 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], unsigned a0, unsigned a1,
 // E8M0 scales [32 steps][RB rows]. F8: chunk = [128-column block][RB rows][128 B] (swizzled 8-row atoms).
 template <int KIND, int NWG>
 struct Geo {
-  static constexpr bool FP4 = KIND != KF8;
+  static constexpr bool FP4 = KIND == KFP4 || KIND == KFP4MS;
   static constexpr int RB = 64 * NWG;                        // rows per chunk
   static constexpr int KCB = WB / RB;                        // weight bytes of a row per chunk
   static constexpr int KCE = FP4 ? 2 * KCB : KCB;            // elements of a row per chunk
@@ -160,7 +165,8 @@ struct Geo {
 template <int KIND, int NWG>
 __global__ void __launch_bounds__(NWG * 128 + 32, 1)
     probe(const uint8_t* __restrict__ w, const float* __restrict__ f8s, const uint8_t* __restrict__ bt,
-          const float* __restrict__ inv_s, int nrb, float* __restrict__ y, int mode) {
+          const float* __restrict__ inv_s, int nrb, float* __restrict__ y, int mode, int sync,
+          unsigned* __restrict__ cnt) {
   using G = Geo<KIND, NWG>;
   constexpr bool FP4 = G::FP4;
   extern __shared__ uint8_t dsm[];
@@ -191,6 +197,12 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
         const int slot = n % NS;
         if (n >= NS) mbar_wait(empty + slot, ((n / NS) - 1) & 1);
         const int rb = (int)blockIdx.x + (n / G::KS) * (int)gridDim.x, s = n % G::KS;
+        // sync 1: the producer also waits at each row-block boundary for every block's previous row block (a
+        // megakernel instruction boundary where the ring does not run ahead); sync 2: it runs ahead.
+        if (sync == 1 && s == 0 && n > 0) {
+          while (ld_acquire(cnt + n / G::KS - 1) < gridDim.x) {
+          }
+        }
         if (mode == NOCOPY) {
           mbar_arrive(full + slot);
         } else {
@@ -216,26 +228,30 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
       uint8_t* sp = ring + slot * G::SLOT;
       if (mode != NOCOMPUTE) {
         if constexpr (!FP4) {
-          // 128-column blocks q: four k32 MMAs into t[q & 1], then the previous block's t scaled into acc.
-          // Descriptors advance by adding the byte offset / 16 to the address field (no carry below 256 KB).
+          // Groups of PER k32 MMAs (PER = 4: a 128-column scale block; 1 with KF8P) into t[g & 1], then the previous
+          // group's t scaled into acc: the tensor cores' FP8 sums keep fewer bits than f32, so shorter groups are
+          // more exact. Descriptors advance by adding the byte offset / 16 to the address field (no carry below 256 KB).
+          constexpr int PER = KIND == KF8P ? 1 : 4, NG = G::KCB / 32 / PER;
           const unsigned long long da0 = sw128_desc(smem_u32(sp) + wg * 64 * 128), db0 = sw128_desc(bbase);
           const long long srow0 = ((long long)rb * G::RB + r0) * (K / 128), srow1 = srow0 + 8 * (K / 128);
           float t[2][4];
           float sc[2][2];
 #pragma unroll
-          for (int q = 0; q < G::KCB / 128; q++) {
-            const int kb = s * (G::KCB / 128) + q;  // global 128-column block
-            sc[q & 1][0] = __ldg(f8s + srow0 + kb);
-            sc[q & 1][1] = __ldg(f8s + srow1 + kb);
-            fence4(t[q & 1]);
+          for (int g = 0; g < NG; g++) {
+            const int q = g * PER / 4, kb = s * (G::KCB / 128) + q;  // the group's 128-column block
+            sc[g & 1][0] = __ldg(f8s + srow0 + kb);
+            sc[g & 1][1] = __ldg(f8s + srow1 + kb);
+            fence4(t[g & 1]);
             wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-              wgmma_ss(t[q & 1], da0 + ((q * G::RB * 128 + kk * 32) >> 4), db0 + ((kb * 1024 + kk * 32) >> 4), kk);
+            for (int i = 0; i < PER; i++) {
+              const int kk = (g * PER + i) % 4;
+              wgmma_ss(t[g & 1], da0 + ((q * G::RB * 128 + kk * 32) >> 4), db0 + ((kb * 1024 + kk * 32) >> 4), i);
+            }
             wg_commit();
-            if (q > 0) {
+            if (g > 0) {
               wg_wait<1>();
-              const int p = (q - 1) & 1;
+              const int p = (g - 1) & 1;
               fence4(t[p]);
               acc[0] += t[p][0] * sc[p][0];
               acc[1] += t[p][1] * sc[p][0];
@@ -244,7 +260,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
             }
           }
           wg_wait<0>();
-          constexpr int p = (G::KCB / 128 - 1) & 1;
+          constexpr int p = (NG - 1) & 1;
           fence4(t[p]);
           acc[0] += t[p][0] * sc[p][0];
           acc[1] += t[p][1] * sc[p][0];
@@ -355,6 +371,16 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
       y[(long long)rb * G::RB + r0] = v0;
       y[(long long)rb * G::RB + r0 + 8] = v1;
     }
+    if (sync) {  // every block's row block j done before any block's consumers go on (a dependency between steps)
+      asm volatile("bar.sync 1, %0;" ::"n"(NWG * 128) : "memory");
+      if (tid == 0) {
+        __threadfence();
+        atomicAdd(cnt + j, 1u);
+        while (ld_acquire(cnt + j) < gridDim.x) {
+        }
+      }
+      asm volatile("bar.sync 1, %0;" ::"n"(NWG * 128) : "memory");
+    }
   }
 }
 
@@ -416,6 +442,7 @@ static bool g_cpu = false;  // --cpu: emulate on the host only
 struct Result {
   const char* name;
   double ms[3], gbs[3], frac[3], max_rel, rms_rel;
+  double sync_frac[2];  // full mode with a grid barrier per row block: producer waits too / runs ahead
 };
 
 template <int KIND, int NWG>
@@ -562,16 +589,15 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
       };
       for (int s = 0; s < G::KS; s++) {
         const uint8_t* ch = wt.data() + ((size_t)rb * G::KS + s) * G::CB;
-        if (KIND == KF8) {
+        if (!FP4) {
           for (int c = 0; c < G::KCE; c++) {
             const int k = s * G::KCE + c, q = c / 128, cc = c % 128;
             const double wv = e4m3_val(ch[(q * G::RB + rr) * 128 + ((((cc >> 4) ^ (rr & 7)) << 4) | (cc & 15))]) *
                               f8s[r * (K / 128) + k / 128];
             for (int j = 0; j < NTERM; j++) acc[j] += wv * bterm(j, k);
           }
-          continue;
         }
-        for (int st = 0; st < G::KCE / 32; st++) {
+        for (int st = 0; FP4 && st < G::KCE / 32; st++) {
           const int k0 = s * G::KCE + st * 32;
           const double sc = std::exp2((int)ch[WB + st * G::RB + rr] - 127);
           for (int t = 0; t < 4; t++) {
@@ -609,7 +635,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
       worst = std::max(worst, std::fabs(yv - ref[r]) / rm);
     }
     fprintf(log, "%-16s cpu emulation of the first %d rows: max error %.2e of max|y|\n", name, 2 * G::RB, worst);
-    return Result{name, {0, 0, 0}, {0, 0, 0}, {0, 0, 0}, worst, 0};
+    return Result{name, {0, 0, 0}, {0, 0, 0}, {0, 0, 0}, worst, 0, {0, 0}};
   }
   uint8_t *dw, *dbt;
   float *df8, *dinv, *dy;
@@ -618,6 +644,9 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   CK(cudaMalloc(&df8, f8s.size() * 4));
   CK(cudaMalloc(&dinv, 32));
   CK(cudaMalloc(&dy, R * 4));
+  unsigned* dcnt;
+  CK(cudaMalloc(&dcnt, 4096));
+  CK(cudaMemset(dcnt, 0, 4096));
   CK(cudaMemcpy(dw, wt.data(), wt.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dbt, bt.data(), bt.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(df8, f8s.data(), f8s.size() * 4, cudaMemcpyHostToDevice));
@@ -632,13 +661,13 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   for (int mode = 0; mode < 3; mode++) {
-    for (int i = 0; i < 3; i++) kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode);
+    for (int i = 0; i < 3; i++) kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     std::vector<float> ts;
     for (int i = 0; i < 20; i++) {
       CK(cudaEventRecord(e0));
-      kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode);
+      kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms;
@@ -650,9 +679,24 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
     out.gbs[mode] = bytes / (out.ms[mode] * 1e-3) / 1e9;
     out.frac[mode] = out.gbs[mode] / cbw;
   }
+  for (int sync = 1; sync <= 2; sync++) {
+    std::vector<float> ts;
+    for (int i = 0; i < 23; i++) {
+      CK(cudaMemset(dcnt, 0, 4096));
+      CK(cudaEventRecord(e0));
+      kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, sync, dcnt);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 3) ts.push_back(ms);
+    }
+    std::sort(ts.begin(), ts.end());
+    out.sync_frac[sync - 1] = bytes / (ts[ts.size() / 2] * 1e-3) / 1e9 / cbw;
+  }
   // Check the full mode's result (the last full-mode launch wrote y).
   CK(cudaMemset(dy, 0, R * 4));
-  kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL);
+  kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, 0, dcnt);
   CK(cudaDeviceSynchronize());
   std::vector<float> yv(R);
   CK(cudaMemcpy(yv.data(), dy, R * 4, cudaMemcpyDeviceToHost));
@@ -669,15 +713,19 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   fprintf(log,
           "%-8s rows %lld x %d, %.1f MB: full %.3f ms %.0f GB/s (%.1f %% of copy) | consumers alone %.3f ms (%.1f %%) | "
           "ring alone %.3f ms (%.1f %%) | error vs f64: max %.2e of max|y|, rms %.2e (activation terms' residual "
-          "%.1e of max|x|)\n",
+          "%.1e of max|x|)\n"
+          "%-16s with a grid barrier after each of the %d row blocks a block streams (%.0f KB each): %.1f %% of copy "
+          "when the producer waits at it too, %.1f %% when it runs ahead\n",
           name, R, K, bytes / 1e6, out.ms[0], out.gbs[0], 100 * out.frac[0], out.ms[1], 100 * out.frac[1], out.ms[2],
-          100 * out.frac[2], out.max_rel, out.rms_rel, rmax / xmax);
+          100 * out.frac[2], out.max_rel, out.rms_rel, rmax / xmax, "", nrb / nsm, bytes / nrb / 1e3,
+          100 * out.sync_frac[0], 100 * out.sync_frac[1]);
   fflush(log);
   CK(cudaFree(dw));
   CK(cudaFree(dbt));
   CK(cudaFree(df8));
   CK(cudaFree(dinv));
   CK(cudaFree(dy));
+  CK(cudaFree(dcnt));
   return out;
 }
 
@@ -688,6 +736,7 @@ int main(int argc, char** argv) {
     run<KFP4, 1>("fp4_wg1", 1, 2, stdout);
     run<KFP4, 2>("fp4_wg2", 1, 2, stdout);
     run<KF8, 1>("f8_wg1", 1, 2, stdout);
+    run<KF8P, 2>("f8_wg2_k32", 1, 2, stdout);
     return 0;
   }
   cudaDeviceProp prop;
@@ -702,6 +751,7 @@ int main(int argc, char** argv) {
   rs.push_back(run<KFP4, 2>("fp4_wg2", cbw, prop.multiProcessorCount, stdout));
   rs.push_back(run<KF8, 1>("f8_wg1", cbw, prop.multiProcessorCount, stdout));
   rs.push_back(run<KF8, 2>("f8_wg2", cbw, prop.multiProcessorCount, stdout));
+  rs.push_back(run<KF8P, 2>("f8_wg2_k32", cbw, prop.multiProcessorCount, stdout));
   if (argc > 1) {
     FILE* f = fopen(argv[1], "w");
     if (!f) {
@@ -714,8 +764,10 @@ int main(int argc, char** argv) {
       const Result& r = rs[i];
       fprintf(f,
               "%s{\"name\": \"%s\", \"full_ms\": %.4f, \"full_frac\": %.4f, \"nocopy_ms\": %.4f, \"nocopy_frac\": %.4f, "
-              "\"nocompute_ms\": %.4f, \"nocompute_frac\": %.4f, \"max_rel\": %.3e, \"rms_rel\": %.3e}",
-              i ? ", " : "", r.name, r.ms[0], r.frac[0], r.ms[1], r.frac[1], r.ms[2], r.frac[2], r.max_rel, r.rms_rel);
+              "\"nocompute_ms\": %.4f, \"nocompute_frac\": %.4f, \"max_rel\": %.3e, \"rms_rel\": %.3e, "
+              "\"barrier_producer_waits_frac\": %.4f, \"barrier_producer_ahead_frac\": %.4f}",
+              i ? ", " : "", r.name, r.ms[0], r.frac[0], r.ms[1], r.frac[1], r.ms[2], r.frac[2], r.max_rel, r.rms_rel,
+              r.sync_frac[0], r.sync_frac[1]);
     }
     fprintf(f, "]}\n");
     fclose(f);
