@@ -47,7 +47,10 @@ enum Mode { FULL = 0, NOCOPY = 1, NOCOMPUTE = 2 };
 // Consumer kinds: FP8 by wgmma (A from shared memory), MXFP4 by wgmma (A from registers), and the baseline: MXFP4
 // by mma.sync m16n8k16 on f16 (the megakernel's method: codes placed as f16 bits, activations as f16 hi + lo in
 // columns 0 and 1), each warp owning 16 rows of the chunk as in the wgmma kinds.
-enum Kind { KF8 = 0, KFP4 = 1, KFP4MS = 2, KF8P = 3 };
+enum Kind { KF8 = 0, KFP4 = 1, KFP4MS = 2, KF8P = 3, KFP4KS = 4 };
+// KFP4KS: the baseline's arithmetic in v22's ring geometry: 32-row x 1 KB chunks, 7 consumer warps splitting each
+// chunk's 64 K steps between them (round robin, rotating by chunk) for both 16-row tiles, and per 32-row group a
+// cross-warp sum (partials into a double buffer, one consumer barrier, one warp adds them up).
 
 // ---------------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -150,20 +153,28 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], unsigned a0, unsigned a1,
 // E8M0 scales [32 steps][RB rows]. F8: chunk = [128-column block][RB rows][128 B] (swizzled 8-row atoms).
 template <int KIND, int NWG>
 struct Geo {
-  static constexpr bool FP4 = KIND == KFP4 || KIND == KFP4MS;
-  static constexpr int RB = 64 * NWG;                        // rows per chunk
+  static constexpr bool KSPLIT = KIND == KFP4KS;
+  static constexpr bool FP4 = KIND == KFP4 || KIND == KFP4MS || KSPLIT;
+  static constexpr bool F16B = KIND == KFP4MS || KSPLIT;     // f16 hi / lo activations (mma.sync)
+  static constexpr int CW = KSPLIT ? 7 : NWG * 4;            // consumer warps
+  static constexpr int RB = KSPLIT ? 32 : 64 * NWG;          // rows per chunk
   static constexpr int KCB = WB / RB;                        // weight bytes of a row per chunk
   static constexpr int KCE = FP4 ? 2 * KCB : KCB;            // elements of a row per chunk
   static constexpr int KS = K / KCE;                         // chunks per row block
   static constexpr int SCB = FP4 ? RB * (KCE / 32) : 0;      // scale bytes per chunk (FP4)
   static constexpr int CB = WB + SCB;                        // bytes per chunk
   static constexpr int SLOT = (CB + 1023) / 1024 * 1024;
-  static constexpr int BT = KIND == KFP4MS ? K / 32 * 512 : BT_BYTES;  // activation tile bytes
-  static constexpr int SMEM = NS * SLOT + BT + 1024;   // + alignment slack
+  static constexpr int BT = F16B ? K / 32 * 512 : BT_BYTES;  // activation tile bytes
+  static constexpr int RED = KSPLIT ? 2 * 7 * 32 * 8 * 4 : 0;  // KSPLIT's partial sums
+  static constexpr int SMEM = NS * SLOT + BT + RED + 1024;   // + alignment slack
+  // Byte of MXFP4 K step st's word of thread t for chunk row rr (KSPLIT: [step][row][t]; else [step pair][row][t][2]).
+  __host__ __device__ static constexpr int word_off(int st, int rr, int t) {
+    return KSPLIT ? (st * RB + rr) * 16 + t * 4 : (st >> 1) * RB * 32 + rr * 32 + t * 8 + (st & 1) * 4;
+  }
 };
 
 template <int KIND, int NWG>
-__global__ void __launch_bounds__(NWG * 128 + 32, 1)
+__global__ void __launch_bounds__(Geo<KIND, NWG>::CW * 32 + 32, 1)
     probe(const uint8_t* __restrict__ w, const float* __restrict__ f8s, const uint8_t* __restrict__ bt,
           const float* __restrict__ inv_s, int nrb, float* __restrict__ y, int mode, int sync,
           unsigned* __restrict__ cnt) {
@@ -175,7 +186,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
   uint8_t* ring = base;
   uint8_t* btile = base + NS * G::SLOT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int nthreads = NWG * 128;
+  const int nthreads = G::CW * 32;
   if (tid == 0) {
     for (int i = 0; i < NS; i++) {
       mbar_init(full + i, 1);
@@ -191,7 +202,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
   // This block's row blocks: b, b + G, ...
   const int nmine = nrb > (int)blockIdx.x ? (nrb - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
   const int nchunks = nmine * G::KS;
-  if (warp == NWG * 4) {  // producer
+  if (warp == G::CW) {  // producer
     if (lane == 0) {
       for (int n = 0; n < nchunks; n++) {
         const int slot = n % NS;
@@ -217,6 +228,7 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
   const int wg = warp >> 2, wi = warp & 3, gq = lane >> 2, tq = lane & 3;
   const unsigned bbase = smem_u32(btile);
   float acc[4];
+  float acc2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // KSPLIT: both row tiles' partials
   int n = 0;
   for (int j = 0; j < nmine; j++) {
     const int rb = (int)blockIdx.x + j * (int)gridDim.x;
@@ -266,6 +278,35 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
           acc[1] += t[p][1] * sc[p][0];
           acc[2] += t[p][2] * sc[p][1];
           acc[3] += t[p][3] * sc[p][1];
+        } else if constexpr (G::KSPLIT) {
+          const unsigned cb = smem_u32(sp);
+          for (int st = (warp + 7 - n % 7) % 7; st < 64; st += 7) {
+            const int ks = s * 64 + st;
+            uint4 b;
+            asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+                         : "r"(bbase + ((ks * 8 + gq) * 4 + tq) * 16));
+#pragma unroll
+            for (int rt = 0; rt < 2; rt++) {
+              unsigned w0, w1;
+              unsigned short e0, e1;
+              asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w0) : "r"(cb + G::word_off(st, rt * 16 + gq, tq)));
+              asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w1) : "r"(cb + G::word_off(st, rt * 16 + gq + 8, tq)));
+              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e0) : "r"(cb + WB + st * 32 + rt * 16 + gq));
+              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e1) : "r"(cb + WB + st * 32 + rt * 16 + gq + 8));
+              unsigned pa[4], pb[4];
+              fp4_f16(w0, pa);
+              fp4_f16(w1, pb);
+              float th[4] = {0.f, 0.f, 0.f, 0.f};
+              mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
+              mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
+              const float sa = __uint_as_float(((unsigned)e0 + 14u) << 23), sb = __uint_as_float(((unsigned)e1 + 14u) << 23);
+              acc2[rt][0] += th[0] * sa;
+              acc2[rt][1] += th[1] * sa;
+              acc2[rt][2] += th[2] * sb;
+              acc2[rt][3] += th[3] * sb;
+            }
+          }
         } else if constexpr (KIND == KFP4MS) {
           // Baseline: per K step two mma.sync (k 0-15, 16-31), f16 weights decoded from the thread's two words.
           const unsigned wbase = smem_u32(sp) + r0 * 32 + tq * 8;
@@ -360,6 +401,28 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
       }
       mbar_arrive(empty + slot);
     }
+    if constexpr (G::KSPLIT) {
+      // The group's cross-warp sum: partials into half j & 1, one consumer barrier, warp j % 7 adds them up (the
+      // next group writes the other half; the one after passes the next barrier first).
+      float* red = reinterpret_cast<float*>(btile + G::BT) + (j & 1) * (7 * 32 * 8);
+#pragma unroll
+      for (int rt = 0; rt < 2; rt++) {
+        float* r = red + (warp * 32 + rt * 16 + gq) * 8 + 2 * tq;
+        r[0] = acc2[rt][0];
+        r[1] = acc2[rt][1];
+        r[64] = acc2[rt][2];
+        r[65] = acc2[rt][3];
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc2[rt][e] = 0.f;
+      }
+      asm volatile("bar.sync 1, %0;" ::"n"(G::CW * 32) : "memory");
+      if (warp == j % 7) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < 7; w++) v += red[(w * 32 + lane) * 8] * inv_s[0] + red[(w * 32 + lane) * 8 + 1] * inv_s[1];
+        if (mode == FULL) y[(long long)rb * G::RB + lane] = v;
+      }
+    } else {
     // Columns -> the terms' sum: lane t holds columns 2t, 2t + 1 of rows r0 and r0 + 8.
     float v0 = acc[0] * inv_s[2 * tq] + acc[1] * inv_s[2 * tq + 1];
     float v1 = acc[2] * inv_s[2 * tq] + acc[3] * inv_s[2 * tq + 1];
@@ -371,15 +434,16 @@ __global__ void __launch_bounds__(NWG * 128 + 32, 1)
       y[(long long)rb * G::RB + r0] = v0;
       y[(long long)rb * G::RB + r0 + 8] = v1;
     }
+    }
     if (sync) {  // every block's row block j done before any block's consumers go on (a dependency between steps)
-      asm volatile("bar.sync 1, %0;" ::"n"(NWG * 128) : "memory");
+      asm volatile("bar.sync 1, %0;" ::"n"(G::CW * 32) : "memory");
       if (tid == 0) {
         __threadfence();
         atomicAdd(cnt + j, 1u);
         while (ld_acquire(cnt + j) < gridDim.x) {
         }
       }
-      asm volatile("bar.sync 1, %0;" ::"n"(NWG * 128) : "memory");
+      asm volatile("bar.sync 1, %0;" ::"n"(G::CW * 32) : "memory");
     }
   }
 }
@@ -449,7 +513,7 @@ template <int KIND, int NWG>
 static Result run(const char* name, double cbw, int nsm, FILE* log) {
   using G = Geo<KIND, NWG>;
   constexpr bool FP4 = G::FP4;
-  const int nrb = nsm * (FP4 ? 16 : 8) / NWG;  // row blocks: every SM the same count
+  const int nrb = nsm * (FP4 ? 16 : 8) * 64 / G::RB;  // row blocks: every SM the same count, the same bytes
   const long long R = (long long)nrb * G::RB;
   std::mt19937_64 rng(12345 + (FP4 ? 1 : 0) + NWG);  // the baseline draws the same weights as the MXFP4 wgmma kind
   std::uniform_real_distribution<float> U(-1.f, 1.f);
@@ -477,7 +541,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   }
   // Activation tile [K / 128][8][128 B] with the 128-byte swizzle (16-byte unit u of row n at u ^ n).
   std::vector<uint8_t> bt(G::BT, 0);
-  if (KIND != KFP4MS) {
+  if (!G::F16B) {
     for (int k = 0; k < K; k++)
       for (int j = 0; j < NTERM; j++) {
         const int blk = k / 128, c = k % 128;
@@ -548,7 +612,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
           // Thread t's word: lo bytes = columns 4t..4t+3, hi bytes = 16+4t..16+4t+3; byte bits (1,2,3,7) = (m,e0,e1,s).
           for (int t = 0; t < 4; t++) {
             unsigned wv = 0;
-            if (KIND == KFP4MS) {
+            if (G::F16B) {
               for (int e = 0; e < 8; e++) {
                 const int o = ordf[e];
                 const uint8_t c = code[(o < 4 ? 4 * t + o : 16 + 4 * t + o - 4)];
@@ -566,7 +630,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
                     if (c >> q & 1) wv |= 1u << src[half * 32 + bits[q]];
                 }
             }
-            memcpy(ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, &wv, 4);
+            memcpy(ch + G::word_off(st, rr, t), &wv, 4);
           }
         }
       }
@@ -602,7 +666,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
           const double sc = std::exp2((int)ch[WB + st * G::RB + rr] - 127);
           for (int t = 0; t < 4; t++) {
             unsigned wv;
-            memcpy(&wv, ch + (st >> 1) * G::RB * 32 + rr * 32 + t * 8 + (st & 1) * 4, 4);
+            memcpy(&wv, ch + G::word_off(st, rr, t), 4);
             const int ks4[8] = {4 * t, 4 * t + 1, 4 * t + 2, 4 * t + 3, 16 + 4 * t, 17 + 4 * t, 18 + 4 * t, 19 + 4 * t};
             if (KIND == KFP4) {
               unsigned lo, hi;
@@ -661,13 +725,13 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   for (int mode = 0; mode < 3; mode++) {
-    for (int i = 0; i < 3; i++) kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
+    for (int i = 0; i < 3; i++) kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     std::vector<float> ts;
     for (int i = 0; i < 20; i++) {
       CK(cudaEventRecord(e0));
-      kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
+      kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms;
@@ -684,7 +748,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
     for (int i = 0; i < 23; i++) {
       CK(cudaMemset(dcnt, 0, 4096));
       CK(cudaEventRecord(e0));
-      kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, sync, dcnt);
+      kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, sync, dcnt);
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms;
@@ -696,7 +760,7 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   }
   // Check the full mode's result (the last full-mode launch wrote y).
   CK(cudaMemset(dy, 0, R * 4));
-  kern<<<nsm, NWG * 128 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, 0, dcnt);
+  kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, 0, dcnt);
   CK(cudaDeviceSynchronize());
   std::vector<float> yv(R);
   CK(cudaMemcpy(yv.data(), dy, R * 4, cudaMemcpyDeviceToHost));
@@ -733,6 +797,7 @@ int main(int argc, char** argv) {
   if (argc > 1 && strcmp(argv[1], "--cpu") == 0) {
     g_cpu = true;
     run<KFP4MS, 1>("fp4_mma_sync_w4", 1, 2, stdout);
+    run<KFP4KS, 1>("fp4_ksplit_v22", 1, 2, stdout);
     run<KFP4, 1>("fp4_wg1", 1, 2, stdout);
     run<KFP4, 2>("fp4_wg2", 1, 2, stdout);
     run<KF8, 1>("f8_wg1", 1, 2, stdout);
@@ -745,6 +810,7 @@ int main(int argc, char** argv) {
   printf("device %s (%d SMs), device-to-device copy %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount,
          cbw);
   std::vector<Result> rs;
+  rs.push_back(run<KFP4KS, 1>("fp4_ksplit_v22", cbw, prop.multiProcessorCount, stdout));
   rs.push_back(run<KFP4MS, 1>("fp4_mma_sync_w4", cbw, prop.multiProcessorCount, stdout));
   rs.push_back(run<KFP4MS, 2>("fp4_mma_sync_w8", cbw, prop.multiProcessorCount, stdout));
   rs.push_back(run<KFP4, 1>("fp4_wg1", cbw, prop.multiProcessorCount, stdout));
