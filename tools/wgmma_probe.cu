@@ -501,16 +501,27 @@ static float e5m2_val(uint8_t b) {
   return (float)v;
 }
 
-static bool g_cpu = false;  // --cpu: emulate on the host only
-
 struct Result {
   const char* name;
   double ms[3], gbs[3], frac[3], max_rel, rms_rel;
   double sync_frac[2];  // full mode with a grid barrier per row block: producer waits too / runs ahead
 };
 
+static bool g_cpu = false;  // --cpu: emulate on the host only
+
+// MIMO_PROBE_ONLY=name,name: run only those kinds (the rest report nothing).
+static bool wanted(const char* name) {
+  const char* only = getenv("MIMO_PROBE_ONLY");
+  if (!only || !*only) return true;
+  const size_t n = strlen(name);
+  for (const char* p = only; (p = strstr(p, name)) != nullptr; p += n)
+    if ((p == only || p[-1] == ',') && (p[n] == 0 || p[n] == ',')) return true;
+  return false;
+}
+
 template <int KIND, int NWG>
 static Result run(const char* name, double cbw, int nsm, FILE* log) {
+  if (!wanted(name)) return Result{name, {0, 0, 0}, {0, 0, 0}, {0, 0, 0}, -1, -1, {0, 0}};
   using G = Geo<KIND, NWG>;
   constexpr bool FP4 = G::FP4;
   const int nrb = nsm * (FP4 ? 16 : 8) * 64 / G::RB;  // row blocks: every SM the same count, the same bytes
@@ -826,14 +837,17 @@ int main(int argc, char** argv) {
     }
     fprintf(f, "{\"device\": \"%s\", \"sms\": %d, \"copy_gbs\": %.1f, \"k\": %d, \"runs\": [", prop.name,
             prop.multiProcessorCount, cbw, K);
+    bool first = true;
     for (size_t i = 0; i < rs.size(); i++) {
       const Result& r = rs[i];
+      if (r.max_rel < 0) continue;
       fprintf(f,
               "%s{\"name\": \"%s\", \"full_ms\": %.4f, \"full_frac\": %.4f, \"nocopy_ms\": %.4f, \"nocopy_frac\": %.4f, "
               "\"nocompute_ms\": %.4f, \"nocompute_frac\": %.4f, \"max_rel\": %.3e, \"rms_rel\": %.3e, "
               "\"barrier_producer_waits_frac\": %.4f, \"barrier_producer_ahead_frac\": %.4f}",
-              i ? ", " : "", r.name, r.ms[0], r.frac[0], r.ms[1], r.frac[1], r.ms[2], r.frac[2], r.max_rel, r.rms_rel,
+              first ? "" : ", ", r.name, r.ms[0], r.frac[0], r.ms[1], r.frac[1], r.ms[2], r.frac[2], r.max_rel, r.rms_rel,
               r.sync_frac[0], r.sync_frac[1]);
+      first = false;
     }
     fprintf(f, "]}\n");
     fclose(f);
