@@ -101,6 +101,34 @@ __device__ __forceinline__ void wg_wait() {
 __device__ __forceinline__ void fence4(float (&r)[4]) {
   asm volatile("" : "+f"(r[0]), "+f"(r[1]), "+f"(r[2]), "+f"(r[3])::"memory");
 }
+// Shared-memory loads by 32-bit address.
+__device__ __forceinline__ unsigned lds8(unsigned a) {
+  unsigned short v;
+  asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ unsigned lds32(unsigned a) {
+  unsigned v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(unsigned a) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint4 lds128(unsigned a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  return v;
+}
+// acc += t scaled per row: columns of row r0 (t[0], t[1]) by sa, of row r0 + 8 (t[2], t[3]) by sb.
+__device__ __forceinline__ void scale_add(float (&acc)[4], const float (&t)[4], float sa, float sb) {
+  acc[0] += t[0] * sa;
+  acc[1] += t[1] * sa;
+  acc[2] += t[2] * sb;
+  acc[3] += t[3] * sb;
+}
 // D (64 x 8 f32) (+)= A (64 x 32 E4M3, shared) * B (32 x 8 E4M3, shared).
 __device__ __forceinline__ void wgmma_ss(float (&d)[4], unsigned long long da, unsigned long long db, int acc) {
   asm volatile(
@@ -146,6 +174,17 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], unsigned a0, unsigned a1,
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// One K step of the mma.sync kinds: the thread's words of rows r0 (w0) and r0 + 8 (w1) decoded to f16, two MMAs
+// against the step's activation fragment b, scaled by the rows' E8M0 bytes (times 2^14 for the f16 placement).
+__device__ __forceinline__ void f16_step(float (&acc)[4], unsigned w0, unsigned w1, uint4 b, unsigned e0, unsigned e1) {
+  unsigned pa[4], pb[4];
+  fp4_f16(w0, pa);
+  fp4_f16(w1, pb);
+  float th[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
+  mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
+  scale_add(acc, th, __uint_as_float((e0 + 14u) << 23), __uint_as_float((e1 + 14u) << 23));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -265,47 +304,23 @@ __global__ void __launch_bounds__(Geo<KIND, NWG>::CW * 32 + 32, 1)
               wg_wait<1>();
               const int p = (g - 1) & 1;
               fence4(t[p]);
-              acc[0] += t[p][0] * sc[p][0];
-              acc[1] += t[p][1] * sc[p][0];
-              acc[2] += t[p][2] * sc[p][1];
-              acc[3] += t[p][3] * sc[p][1];
+              scale_add(acc, t[p], sc[p][0], sc[p][1]);
             }
           }
           wg_wait<0>();
           constexpr int p = (NG - 1) & 1;
           fence4(t[p]);
-          acc[0] += t[p][0] * sc[p][0];
-          acc[1] += t[p][1] * sc[p][0];
-          acc[2] += t[p][2] * sc[p][1];
-          acc[3] += t[p][3] * sc[p][1];
+          scale_add(acc, t[p], sc[p][0], sc[p][1]);
         } else if constexpr (G::KSPLIT) {
           const unsigned cb = smem_u32(sp);
           for (int st = (warp + 7 - n % 7) % 7; st < 64; st += 7) {
             const int ks = s * 64 + st;
-            uint4 b;
-            asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
-                         : "r"(bbase + ((ks * 8 + gq) * 4 + tq) * 16));
+            const uint4 b = lds128(bbase + ((ks * 8 + gq) * 4 + tq) * 16);
 #pragma unroll
-            for (int rt = 0; rt < 2; rt++) {
-              unsigned w0, w1;
-              unsigned short e0, e1;
-              asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w0) : "r"(cb + G::word_off(st, rt * 16 + gq, tq)));
-              asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w1) : "r"(cb + G::word_off(st, rt * 16 + gq + 8, tq)));
-              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e0) : "r"(cb + WB + st * 32 + rt * 16 + gq));
-              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e1) : "r"(cb + WB + st * 32 + rt * 16 + gq + 8));
-              unsigned pa[4], pb[4];
-              fp4_f16(w0, pa);
-              fp4_f16(w1, pb);
-              float th[4] = {0.f, 0.f, 0.f, 0.f};
-              mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
-              mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
-              const float sa = __uint_as_float(((unsigned)e0 + 14u) << 23), sb = __uint_as_float(((unsigned)e1 + 14u) << 23);
-              acc2[rt][0] += th[0] * sa;
-              acc2[rt][1] += th[1] * sa;
-              acc2[rt][2] += th[2] * sb;
-              acc2[rt][3] += th[3] * sb;
-            }
+            for (int rt = 0; rt < 2; rt++)
+              f16_step(acc2[rt], lds32(cb + G::word_off(st, rt * 16 + gq, tq)),
+                       lds32(cb + G::word_off(st, rt * 16 + gq + 8, tq)), b, lds8(cb + WB + st * 32 + rt * 16 + gq),
+                       lds8(cb + WB + st * 32 + rt * 16 + gq + 8));
           }
         } else if constexpr (KIND == KFP4MS) {
           // Baseline: per K step two mma.sync (k 0-15, 16-31), f16 weights decoded from the thread's two words.
@@ -314,32 +329,12 @@ __global__ void __launch_bounds__(Geo<KIND, NWG>::CW * 32 + 32, 1)
           constexpr int NST = G::KCE / 32;
 #pragma unroll 1
           for (int st = 0; st < NST; st += 2) {
-            uint2 w0, w1;
-            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w0.x), "=r"(w0.y) : "r"(wbase + (st >> 1) * G::RB * 32));
-            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];"
-                         : "=r"(w1.x), "=r"(w1.y)
-                         : "r"(wbase + (st >> 1) * G::RB * 32 + 8 * 32));
+            const uint2 w0 = lds64(wbase + (st >> 1) * G::RB * 32), w1 = lds64(wbase + (st >> 1) * G::RB * 32 + 8 * 32);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
               const int ks = s * (G::KCE / 32) + st + h;  // global K step
-              uint4 b;
-              asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-                           : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
-                           : "r"(bbase + ((ks * 8 + gq) * 4 + tq) * 16));
-              unsigned short e0, e1;
-              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e0) : "r"(sbase + (st + h) * G::RB));
-              asm volatile("ld.shared.u8 %0, [%1];" : "=h"(e1) : "r"(sbase + (st + h) * G::RB + 8));
-              unsigned pa[4], pb[4];
-              fp4_f16(h ? w0.y : w0.x, pa);
-              fp4_f16(h ? w1.y : w1.x, pb);
-              float th[4] = {0.f, 0.f, 0.f, 0.f};
-              mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
-              mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
-              const float sa = __uint_as_float(((unsigned)e0 + 14u) << 23), sb = __uint_as_float(((unsigned)e1 + 14u) << 23);
-              acc[0] += th[0] * sa;
-              acc[1] += th[1] * sa;
-              acc[2] += th[2] * sb;
-              acc[3] += th[3] * sb;
+              f16_step(acc, h ? w0.y : w0.x, h ? w1.y : w1.x, lds128(bbase + ((ks * 8 + gq) * 4 + tq) * 16),
+                       lds8(sbase + (st + h) * G::RB), lds8(sbase + (st + h) * G::RB + 8));
             }
           }
         } else {
@@ -353,20 +348,12 @@ __global__ void __launch_bounds__(Geo<KIND, NWG>::CW * 32 + 32, 1)
           constexpr int NST = G::KCE / 32;
 #pragma unroll 1
           for (int st = 0; st < NST; st += 2) {
-            uint2 w0, w1;
-            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(w0.x), "=r"(w0.y) : "r"(wbase + (st >> 1) * G::RB * 32));
-            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];"
-                         : "=r"(w1.x), "=r"(w1.y)
-                         : "r"(wbase + (st >> 1) * G::RB * 32 + 8 * 32));
+            const uint2 w0 = lds64(wbase + (st >> 1) * G::RB * 32), w1 = lds64(wbase + (st >> 1) * G::RB * 32 + 8 * 32);
             unsigned e[4];
 #pragma unroll
             for (int h = 0; h < 2; h++)
 #pragma unroll
-              for (int rr = 0; rr < 2; rr++) {
-                unsigned short v;
-                asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(sbase + (st + h) * G::RB + rr * 8));
-                e[h * 2 + rr] = v;
-              }
+              for (int rr = 0; rr < 2; rr++) e[h * 2 + rr] = lds8(sbase + (st + h) * G::RB + rr * 8);
             const int kg = s * G::KCE + st * 32;  // global column of step st
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -384,18 +371,12 @@ __global__ void __launch_bounds__(Geo<KIND, NWG>::CW * 32 + 32, 1)
               if (h == 1) {
                 wg_wait<1>();  // step st done
                 fence4(t[0]);
-                acc[0] += t[0][0] * sc[0][0];
-                acc[1] += t[0][1] * sc[0][0];
-                acc[2] += t[0][2] * sc[0][1];
-                acc[3] += t[0][3] * sc[0][1];
+                scale_add(acc, t[0], sc[0][0], sc[0][1]);
               }
             }
             wg_wait<0>();  // step st + 1 done (its registers are reused next pair)
             fence4(t[1]);
-            acc[0] += t[1][0] * sc[1][0];
-            acc[1] += t[1][1] * sc[1][0];
-            acc[2] += t[1][2] * sc[1][1];
-            acc[3] += t[1][3] * sc[1][1];
+            scale_add(acc, t[1], sc[1][0], sc[1][1]);
           }
         }
       }
