@@ -437,6 +437,12 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_TILED
 #define MK_TILED 1
 #endif
+// MK_V23=1 (v23, session 23): MXFP4 ring calls stream 64-row x 512-byte chunks that consumer warps 0-3 take one
+// 16-row tile each over the call's whole K (row ownership: no K split, no cross-warp sums, no group barrier);
+// see "v23 row-owning MXFP4 ring" below. FP8 / bf16 calls keep v22's ring (same slots, same chunk counter).
+#ifndef MK_V23
+#define MK_V23 0
+#endif
 // Consumers release a ring slot with one arrival per thread (MK_ARRIVE_ALL=1, the default) or per warp (lane 0,
 // after __syncwarp orders the lanes' reads): the same ordering, but compute-sanitizer's racecheck follows only the
 // per-thread form (it reports the per-warp one as WAR hazards, also on a minimal correct ring:
@@ -762,9 +768,37 @@ __device__ __forceinline__ void fp4_pairs(unsigned int w, unsigned int (&p)[4]) 
 // slot's padding) and rows past `rows` zero: a 32-row chunk is one contiguous pair, a row group's K one run. The runtime tiles
 // each FP8 / MXFP4 matrix's weights (seg = min(RING_SEG, rb), pitch = RingFmt PITCH) and MXFP4 scales (seg / 16
 // scale bytes a segment, pitch RING_SSTR) once at load, after mimo_fp4_repack.
+//
+// pitch = -U (v23, MXFP4 under MK_V23): the step-major copy instead, [16-row block quad q < ceil(nb / 4)][segment
+// sg < nsg][block b & 3][step st < seg / U][row r < 16][U bytes] (U = 16: the weights' 32-element steps; U = 1:
+// their scale bytes), steps past the row and rows past `rows` zero: a 64-row v23 chunk of consecutive aligned
+// blocks is one contiguous run (see ring_produce23).
 extern "C" __global__ void mimo_tile(const uint8_t* src, uint8_t* dst, long long rows, int rb, int seg, int pitch,
                                      int nsg, long long nb) {
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  if (pitch < 0) {
+    const int U = -pitch;
+    const bool vec = U == 16 && ((rb | seg) & 15) == 0 && (((unsigned long long)src | (unsigned long long)dst) & 15) == 0;
+    const int w = vec ? 16 : 1;
+    const unsigned long long blk = 16ull * (unsigned long long)seg / w;  // units of a block
+    const unsigned long long total = (unsigned long long)((nb + 3) / 4) * 4ull * (unsigned long long)nsg * blk;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+      const unsigned long long o = (i % blk) * w, bi = i / blk;  // byte o of block bi = ((q nsg) + sg) 4 + (b & 3)
+      const long long b = (long long)((bi / (4ull * nsg)) * 4ull + (bi & 3ull));
+      const long long sg = (long long)((bi >> 2) % (unsigned long long)nsg);
+      const long long st = (long long)(o / (16ull * U)), rem = (long long)(o % (16ull * U));
+      const long long row = b * 16 + rem / U, col = st * U + rem % U, off = sg * seg + col;
+      const bool in = row < rows && col < seg && off < rb;
+      if (vec) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (in) v = *reinterpret_cast<const uint4*>(src + row * rb + off);
+        reinterpret_cast<uint4*>(dst)[i] = v;
+      } else {
+        dst[i] = in ? src[row * rb + off] : (uint8_t)0;
+      }
+    }
+    return;
+  }
   const bool vec = ((rb | seg | pitch) & 15) == 0 && (((unsigned long long)src | (unsigned long long)dst) & 15) == 0;
   const int w = vec ? 16 : 1, upr = pitch / w;
   const unsigned long long npair = (unsigned long long)(nb + 1) / 2;
@@ -1699,6 +1733,352 @@ __device__ __forceinline__ unsigned int ring_chunks(int kc, int nrows) {
   return (unsigned int)(((nrows + RING_ROWS - 1) / RING_ROWS) * ((kbytes + seg - 1) / seg));
 }
 
+#if MK_V23
+// ---------------------------------------------------------------------------------------------------------------
+// v23 row-owning MXFP4 ring (s22r3's probe: 84-89 % of the copy rate for this structure, against v22's derived
+// 44-61 % for the MoE rings). A chunk is 64 rows (four 16-row MMA tiles) x one 512-byte K segment (1024
+// elements) in a v22 ring slot; consumer warp t < 4 owns tile t of every row group for the call's whole K range,
+// accumulating in registers across the group's segments, and writes its rows' outputs to the stage itself when the
+// group ends. Warps 4 .. MK_CW - 1 skip the call; warp 0's thread 0 arrives on each slot's empty barrier for them
+// (the barrier counts MK_CW * 32 arrivals), so every reading thread still arrives for itself (racecheck).
+// Slot layouts (mk_slay23, written by the producer before the slot's full barrier):
+//   tiled (1): tile t at t * 16 seg, [step s < seg / 16][row r < 16][16 bytes] (a lane reads 4 bytes of rows gq and
+//     gq + 8: 8 rows x 16 bytes, one wavefront); scales at V23_TSCALE_OFF + t seg, [step s][row r] bytes. Filled
+//     by one bulk copy per run of consecutive tiled blocks (see mimo_tile's step-major layout), two per run with
+//     the scales.
+//   rows (0): row r at r V23_PITCH (rows 16 bytes apart in the banks), scales at V23_SCALE_OFF + r V23_SSTR;
+//     one bulk copy per row (and its scales): chunks whose tiles are not all whole tiled blocks.
+#define V23_ROWS 64
+#define V23_SEG 512
+#define V23_PITCH (V23_SEG + 16)
+#define V23_SSTR 48
+#define V23_SCALE_OFF (V23_ROWS * V23_PITCH)
+#define V23_TSCALE_OFF (4 * 16 * V23_SEG)
+static_assert(V23_SCALE_OFF + V23_ROWS * V23_SSTR <= RING_SLOT, "a row-copied v23 chunk fits a ring slot");
+static_assert(V23_TSCALE_OFF + 4 * V23_SEG <= RING_SLOT, "a tiled v23 chunk fits a ring slot");
+static_assert(MK_CW >= 4, "v23 needs four consumer warps");
+#if MK_DEC || MK_TMAP || MK_LDGSTS || MK_ONECOPY || MK_NOCOPY
+#error "MK_V23 streams MXFP4 through its own producer: MK_DEC / MK_TMAP / MK_LDGSTS / MK_ONECOPY / MK_NOCOPY are v22 knobs"
+#endif
+__shared__ unsigned char mk_slay23[RING_NS];
+
+__device__ __forceinline__ void mbar_arrive_n(unsigned long long* bar, unsigned int n) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(n) : "memory");
+}
+// Chunks a v23 call streams.
+__device__ __forceinline__ unsigned int v23_chunks(int kc, int nrows) {
+  const int kbytes = kc / 2, seg = min(V23_SEG, kbytes);
+  return (unsigned int)(((nrows + V23_ROWS - 1) / V23_ROWS) * ((kbytes + seg - 1) / seg));
+}
+// Tiled block b (16 rows) of K segment sgg in the step-major copy of a matrix with nsg segments a row.
+__device__ __forceinline__ long long v23_block(long long b, long long sgg, long long nsg) {
+  return ((b >> 2) * nsg + sgg) * 4 + (b & 3);
+}
+
+// Issues chunks [cb, ce) of the call (clamped to its chunk count) and returns how many it issued.
+__device__ __noinline__ int ring_produce23(const uint8_t* W, const TileRows& d, int k0, int kc, int nrows,
+                                           unsigned int it, int cb, int ce) {
+  const bool sring = ring_sring<FMT_MXFP4>(d, k0, kc);
+  unsigned long long* const full = mk_bars;
+  unsigned long long* const empty = mk_bars + RING_NS;
+  uint8_t* const rbuf = reinterpret_cast<uint8_t*>(mk_smem);
+  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
+  const int lane = threadIdx.x & 31;
+  const int kbytes = kc / 2, seg = min(V23_SEG, kbytes), nseg = (kbytes + seg - 1) / seg, segel = 2 * seg;
+  const int nchunks = ((nrows + V23_ROWS - 1) / V23_ROWS) * nseg;
+  const int kb0 = k0 / 2, rowbytes = d.K / 2;
+  const int tseg = min(V23_SEG, rowbytes), nsgt = (rowbytes + tseg - 1) / tseg;
+  const long long tstart = clock64();
+  long long twait = 0;
+  const uint8_t* const tw = mk_tw;
+  const uint8_t* const tsc = mk_tsc;
+  const bool tcall = MK_TILED && tw != nullptr && sring && tsc != nullptr && kb0 % tseg == 0 && seg == tseg;
+  const uint8_t* rp[2] = {W, W};
+  const uint8_t* sp[2] = {W, W};
+  bool ok[2] = {false, false};
+  long long tb[4] = {-1, -1, -1, -1};
+  bool tiled = false;
+  ce = min(ce, nchunks);
+  for (int c = cb; c < ce; c++) {
+    const int g = (int)((unsigned)c / (unsigned)nseg), sg = c - g * nseg;
+    const unsigned int u = it + c;
+    const int slot = u % RING_NS;
+    if (sg == 0 || c == cb) {
+      tiled = tcall;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const RowInfo ri = ring_row<FMT_MXFP4>(W, d, g * V23_ROWS + 32 * h + lane, nrows);
+        rp[h] = ri.rp; sp[h] = ri.sp; ok[h] = ri.ok;
+        if (tcall) {
+          long long hb[2];
+          half_blocks(W, rp[h], ok[h], lane, rowbytes, hb);
+          const unsigned int okm = __ballot_sync(0xffffffffu, ok[h]);
+#pragma unroll
+          for (int q = 0; q < 2; q++) {
+            tb[2 * h + q] = hb[q];
+            if (hb[q] < 0 && ((okm >> (16 * q)) & 0xffffu) != 0) tiled = false;  // a tile with rows, not tiled
+          }
+        }
+      }
+    }
+    if (u >= RING_NS) {
+      const long long t0 = clock64();
+      mbar_wait(empty + slot, ((u / RING_NS) - 1) & 1);
+      twait += clock64() - t0;
+    }
+    const int bytes = min(seg, kbytes - sg * seg);
+    const int sbytes = sring ? bytes / 16 : 0;
+    uint8_t* const dst = rbuf + slot * RING_SLOT;
+    if (tiled && bytes == min(tseg, rowbytes - (kb0 + sg * seg))) {
+      if (lane == 0) {
+        mk_slay23[slot] = 1;
+        const long long sgg = (kb0 + sg * seg) / tseg;
+        // Runs of tiles t0 .. t1 - 1 whose blocks are consecutive inside one 4-block quad (contiguous in the copy).
+        unsigned int tx = 0;
+        for (int pass = 0; pass < 2; pass++) {
+          int t0 = 0;
+          while (t0 < 4) {
+            if (tb[t0] < 0) { t0++; continue; }
+            int t1 = t0 + 1;
+            while (t1 < 4 && tb[t1] == tb[t1 - 1] + 1 && (tb[t1] & 3) != 0) t1++;
+            const unsigned int n = (unsigned int)(t1 - t0);
+            const unsigned int wbytes = (n - 1) * 16u * tseg + 16u * bytes, sb = (n - 1) * tseg + bytes;
+            if (pass == 0) {
+              tx += wbytes + sb;
+            } else {
+              const long long blk = v23_block(tb[t0], sgg, nsgt);
+              bulk_g2s(dst + t0 * 16 * tseg, tw + blk * 16 * tseg, wbytes, full + slot);
+              bulk_g2s(dst + V23_TSCALE_OFF + t0 * tseg, tsc + blk * tseg, sb, full + slot);
+            }
+            t0 = t1;
+          }
+          if (pass == 0) mbar_arrive_expect(full + slot, tx);
+        }
+      }
+      __syncwarp();
+      continue;
+    }
+    const unsigned int cnt = __popc(__ballot_sync(0xffffffffu, ok[0])) + __popc(__ballot_sync(0xffffffffu, ok[1]));
+    if (lane == 0) {
+      mk_slay23[slot] = 0;
+      mbar_arrive_expect(full + slot, cnt * (bytes + sbytes));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      if (!ok[h]) continue;
+      const int r = 32 * h + lane;
+      bulk_g2s(dst + r * V23_PITCH, rp[h] + kb0 + sg * seg, bytes, full + slot);
+      if (sring) bulk_g2s(dst + V23_SCALE_OFF + r * V23_SSTR, sp[h] + (k0 + sg * segel) / 32, sbytes, full + slot);
+    }
+  }
+  if (stat && lane == 0) {
+    stat[2] += twait;
+    stat[3] += clock64() - tstart;
+  }
+  return max(0, ce - cb);
+}
+
+// MK_V23U (experiment knob): unroll factor of the v23 step loop.
+#ifndef MK_V23U
+#define MK_V23U 1
+#endif
+// One tile's K steps s < nks of a chunk: weights at wa (row gq; row gq + 8 at wa + wr8), wst bytes a step; ring
+// scales at sa (sr8, sst likewise) or (SRING false) global scale rows sp0 / sp1. PACKED: hi / lo activation halves in
+// the MMA's N columns (up to 4 tokens, see mma_steps_packed), else NT 8-token column tiles with hi and lo MMAs.
+template <int NT, bool PACKED, bool SRING>
+__device__ __forceinline__ void steps23(unsigned int wa, unsigned int wr8, unsigned int wst, unsigned int sa,
+                                        unsigned int sr8, unsigned int sst, const uint8_t* sp0, const uint8_t* sp1,
+                                        int k0, int kseg, int nks, const unsigned int (&xa)[NT],
+                                        float (&acc)[NT][4]) {
+MK_PRAGMA_UNROLL(MK_V23U)
+  for (int s = 0; s < nks; s++) {
+    const int kk = kseg + s * 32;
+    unsigned int pa[4], pb[4];
+    fp4_pairs(lds32(wa), pa);
+    fp4_pairs(lds32(wa + wr8), pb);
+    wa += wst;
+    float fa, fb;
+    if (SRING) {
+      fa = fp4_scale(lds8(sa));
+      fb = fp4_scale(lds8(sa + sr8));
+      sa += sst;
+    } else {
+      fa = fp4_scale(__ldg(sp0 + (k0 + kk) / 32));
+      fb = fp4_scale(__ldg(sp1 + (k0 + kk) / 32));
+    }
+    if (PACKED) {
+      const uint4 b = xa[0] != ~0u ? lds128(xa[0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+      float th[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
+      mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
+      acc[0][0] += th[0] * fa;
+      acc[0][1] += th[1] * fa;
+      acc[0][2] += th[2] * fb;
+      acc[0][3] += th[3] * fb;
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const bool on = xa[nt] != ~0u;
+        const uint4 h = on ? lds128(xa[nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 l = on && MK_HILO ? lds128((xa[nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
+        float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
+        if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
+        mma_f16(th, pa[2], pb[2], pa[3], pb[3], h.z, h.w);
+        if (MK_HILO) mma_f16(tl, pa[2], pb[2], pa[3], pb[3], l.z, l.w);
+        acc[nt][0] += (th[0] + tl[0]) * fa;
+        acc[nt][1] += (th[1] + tl[1]) * fa;
+        acc[nt][2] += (th[2] + tl[2]) * fb;
+        acc[nt][3] += (th[3] + tl[3]) * fb;
+      }
+    }
+  }
+}
+
+// Consumer warp t < 4 of a v23 call: tile t of every 64-row group, NT 8-token MMA column tiles (1: up to 8 tokens).
+template <int NT>
+__device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
+                                            float* stage, unsigned int it, bool sring) {
+  const TileRows& d = mk_tile;
+  unsigned long long* const full = mk_bars;
+  unsigned long long* const empty = mk_bars + RING_NS;
+  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int kbytes = kc / 2, seg = min(V23_SEG, kbytes), nseg = (kbytes + seg - 1) / seg, segel = 2 * seg;
+  const int nchunks = ((nrows + V23_ROWS - 1) / V23_ROWS) * nseg;
+  const unsigned int ringb = smem_u32(mk_smem), xsb = smem_u32(xs);
+  constexpr unsigned int EXTRA = MK_CW * 32 - 128;  // the skipping warps' arrivals (thread 0 adds them)
+  PH_END(2)
+  const long long tstart = clock64();
+  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
+  long long twait = 0;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+  int tn = 0, r0 = 0;
+  bool packed = false;
+  unsigned int xa[NT];
+  const uint8_t* sp0 = W;
+  const uint8_t* sp1 = W;
+  int g = 0, sg = 0, slot = (int)(it % RING_NS);
+  unsigned int parity = (it / RING_NS) & 1u;
+  for (int c = 0; c < nchunks; c++) {
+    if (sg == 0) {
+      // This warp's tile of group g: its rows' validity (and global scale rows), token count and activation rows.
+      r0 = g * V23_ROWS + warp * 16;
+      bool oka, okb;
+      if (!sring) {
+        const RowInfo ra = ring_row<FMT_MXFP4>(W, d, r0 + gq, nrows);
+        const RowInfo rb = ring_row<FMT_MXFP4>(W, d, r0 + gq + 8, nrows);
+        sp0 = ra.sp; sp1 = rb.sp; oka = ra.ok; okb = rb.ok;
+      } else {
+        oka = row_ok(d, r0 + gq, nrows);
+        okb = row_ok(d, r0 + gq + 8, nrows);
+      }
+      const bool tv = __any_sync(0xffffffffu, oka || okb);
+      int n = d.n, xl = -1;
+      if (d.mode == 2 && tv) {
+        const int uu = (int)d.rdiv.div((unsigned)r0);
+        n = sld(d.cnt + uu);
+        xl = sld(d.mst + uu);
+      }
+      tn = tv ? n : 0;
+      packed = MK_PACK && NT == 1 && tn <= 4;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const int j = packed ? (gq & 3) : nt * 8 + gq;
+        if (j < tn) {
+          const int xr = xl >= 0 ? d.xrow(xl, j) : j;
+          xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+        } else {
+          xa[nt] = ~0u;
+        }
+      }
+    }
+    const bool lastseg = sg == nseg - 1;
+    const int nks = min(seg, kbytes - sg * seg) / 16;
+    if (stat) {
+      const long long tw0 = clock64();
+      mbar_wait(full + slot, parity);
+      twait += clock64() - tw0;
+    } else {
+      mbar_wait(full + slot, parity);
+    }
+    if (tn > 0 && !MK_NOCOMPUTE) {
+      const bool tl = mk_slay23[slot] != 0;
+      const unsigned int base = ringb + slot * RING_SLOT;
+      const unsigned int wa = tl ? base + warp * 16 * seg + gq * 16 + tq * 4
+                                 : base + (warp * 16 + gq) * V23_PITCH + tq * 4;
+      const unsigned int sa = tl ? base + V23_TSCALE_OFF + warp * seg + gq
+                                 : base + V23_SCALE_OFF + (warp * 16 + gq) * V23_SSTR;
+      const unsigned int wr8 = tl ? 128u : 8u * V23_PITCH, wst = tl ? 256u : 16u;
+      const unsigned int sr8 = tl ? 8u : 8u * V23_SSTR, sst = tl ? 16u : 1u;
+      const int kseg = sg * segel;
+      if constexpr (NT == 1) {
+        if (packed) {
+          if (sring) steps23<1, true, true>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
+          else steps23<1, true, false>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
+        }
+      }
+      if (!packed) {
+        if (sring) steps23<NT, false, true>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
+        else steps23<NT, false, false>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
+      }
+    }
+    mbar_arrive(empty + slot);
+    if (EXTRA > 0 && threadIdx.x == 0) mbar_arrive_n(empty + slot, EXTRA);
+    if (++slot == RING_NS) {
+      slot = 0;
+      parity ^= 1u;
+    }
+    if (!lastseg) {
+      sg++;
+      continue;
+    }
+    sg = 0;
+    g++;
+    if (tn > 0) {
+      if (packed) {  // fold the lo columns into the hi ones (lane tq ^ 2 holds the same tokens' other half)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[0][e] += __shfl_xor_sync(0xffffffffu, acc[0][e], 2);
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; hr++) {
+        int col, n, xl, uu;
+        if (row_out(d, r0 + gq + 8 * hr, nrows, col, n, xl, uu) && (!packed || tq < 2)) {
+#pragma unroll
+          for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+              const int j = nt * 8 + 2 * tq + e;
+              if (j < n) {
+                const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
+                stage[orow * d.sstride + col] += acc[nt][2 * hr + e];
+              }
+            }
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+  }
+  if (stat && threadIdx.x == 0) {
+    stat[0] += twait;
+    stat[1] += clock64() - tstart;
+#if !MK_PHASE
+    stat[4] += gtimer() - gstart;
+#endif
+  }
+  PH_BEGIN(3)
+}
+#endif  // MK_V23
+
 template <int FMT>
 __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
                                                 float* stage, int T, Smem& s) {
@@ -1719,6 +2099,22 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
   if (warp == MK_CW) {
     if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
       __trap();
+  }
+#if MK_V23
+  if (FMT == FMT_MXFP4) {
+    if (warp == MK_CW) {
+      ring_produce23(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
+      __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
+      s.pre = 0;
+    } else if (warp < 4) {
+      if (T <= 8) ring_consume23<1>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
+      else ring_consume23<2>(W, k0, kc, xs, nrows, stage, s.ring_it, ring_sring<FMT>(d, k0, kc));
+    }
+    s.ring_it += v23_chunks(kc, nrows);
+    return;
+  }
+#endif
+  if (warp == MK_CW) {
     ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
     __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
     s.pre = 0;
@@ -1759,7 +2155,10 @@ __device__ void rows_dot(int fmt, const uint8_t* W, const TileRows& dl, int k0, 
 // (one MXFP4 piece; FP8 / bf16 pieces divide it) with rows x width <= MK_XS. rows <= 256 keeps it >= 32.
 __device__ __forceinline__ int chunk_width(int K, int rows) {
   if ((long long)rows * K <= MK_XS) return K;
-  return max(32, (MK_XS / max(rows, 1)) / 32 * 32);
+  const int w = MK_XS / max(rows, 1);
+  // v23: whole 1024-element multiples where they fit, so that MXFP4 chunks stay tiled 512-byte segments.
+  if (MK_V23 && w >= 1024) return w / 1024 * 1024;
+  return max(32, w / 32 * 32);
 }
 
 // Cost of one column tile of an expert with m member rows over K columns: its weight rows stream once per K pass
@@ -2143,7 +2542,11 @@ __device__ __forceinline__ void prefetch_call(const Params& p, Smem& s, int fmt,
   switch (fmt) {
     case FMT_BF16: n = ring_produce<FMT_BF16>(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
     case FMT_F8: n = ring_produce<FMT_F8>(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
+#if MK_V23
+    case FMT_MXFP4: n = ring_produce23(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
+#else
     case FMT_MXFP4: n = ring_produce<FMT_MXFP4>(p.weights, d, k0, kc, nrows, s.ring_it, 0, MK_PFN); break;
+#endif
     default: break;
   }
   __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
@@ -3708,6 +4111,12 @@ __device__ __noinline__ void producer_main(const Params& p) {
     __syncwarp();  // every lane is done with mk_pcur and the tiled pointers
   }
 }
+#endif
+
+#if MK_V23
+// Present only in builds that stream MXFP4 through the v23 ring: the runtime tiles MXFP4 weights step-major
+// (mimo_tile with a negative pitch) for those.
+extern "C" __global__ void mimo_v23_marker() {}
 #endif
 
 #if MK_TMAP

@@ -20,6 +20,12 @@ use mimo_ir::DType;
 
 /// Bytes of K a ring chunk covers per row (`RING_SEG` in the kernel).
 pub const RING_SEG: usize = 1024;
+/// v23 (kernels built with `MK_V23`, which carry the `mimo_v23_marker` entry): MXFP4 ring chunks are 64 rows x
+/// `V23_SEG` bytes of K, and the MXFP4 weights' tiled copy is step-major: `[16-row block quad q][segment s][block
+/// b & 3][32-element step st][row r < 16][16 bytes]`, scales `[q][s][b & 3][st][r]` (one byte each), so that a
+/// chunk of four consecutive aligned blocks is one contiguous run and the consumers' fragment loads of 8 rows are
+/// one 128-byte wavefront. FP8 keeps the v18 layout.
+pub const V23_SEG: usize = 512;
 /// Pitch of a row's MXFP4 scales in a ring slot (`RING_SSTR`).
 pub const RING_SSTR: usize = 80;
 
@@ -43,7 +49,8 @@ pub struct TileJob {
     pub rows: u64,
     pub rb: u32,
     pub seg: u32,
-    pub pitch: u32,
+    /// Row pitch of the v18 layout; `-U` for v23's step-major layout in `U`-byte units (see [`V23_SEG`]).
+    pub pitch: i32,
     pub nsg: u32,
     pub nb: u64,
 }
@@ -51,6 +58,9 @@ pub struct TileJob {
 impl TileJob {
     /// Bytes of the tiled copy (whole block pairs).
     pub fn bytes(&self) -> u64 {
+        if self.pitch < 0 {
+            return self.nsg as u64 * self.nb.div_ceil(4) * 4 * 16 * self.seg as u64;
+        }
         self.nsg as u64 * self.nb.div_ceil(2) * 2 * 16 * self.pitch as u64
     }
 }
@@ -70,9 +80,19 @@ pub fn block_offset(s: u64, nsg: u64, b: u64, pitch: usize) -> u64 {
     (((b >> 1) * nsg + s) * 2 + (b & 1)) * 16 * pitch as u64
 }
 
+/// Byte offset of v23 step-major block `b` of segment `s` (blocks of `16 seg` bytes, `seg` per segment).
+pub fn v23_block_offset(s: u64, nsg: u64, b: u64, seg: usize) -> u64 {
+    (((b >> 2) * nsg + s) * 4 + (b & 3)) * 16 * seg as u64
+}
+
 /// The tiling of `instrs` (encoded from a plan with `weights`): every ring-streamed FP8 / MXFP4 matrix of a matmul or MoE
 /// instruction, once per weight (instructions sharing a weight share its copy).
 pub fn tile_plan(weights: &[WeightDesc], instrs: &[DInstr]) -> TilePlan {
+    tile_plan_for(weights, instrs, false)
+}
+
+/// [`tile_plan`] for a kernel with (`v23`) or without the v23 MXFP4 ring.
+pub fn tile_plan_for(weights: &[WeightDesc], instrs: &[DInstr], v23: bool) -> TilePlan {
     let mut out = TilePlan {
         tinfo: [-1, -1, 0].repeat(instrs.len()),
         ..Default::default()
@@ -105,10 +125,11 @@ pub fn tile_plan(weights: &[WeightDesc], instrs: &[DInstr]) -> TilePlan {
         if rows == 0 || rb == 0 || rb % 16 != 0 || w.nbytes != (rows * rb) as u64 {
             continue;
         }
-        let seg = rb.min(RING_SEG);
+        let v23 = v23 && d.fmt == fmt::MXFP4;
+        let seg = rb.min(if v23 { V23_SEG } else { RING_SEG });
         let nsg = rb.div_ceil(seg);
         let nb = rows.div_ceil(16) as u64;
-        let mut job = |name: String, src: u64, rb: usize, seg: usize, pitch: usize| {
+        let mut job = |name: String, src: u64, rb: usize, seg: usize, pitch: i32| {
             let j = TileJob {
                 name,
                 src,
@@ -116,7 +137,7 @@ pub fn tile_plan(weights: &[WeightDesc], instrs: &[DInstr]) -> TilePlan {
                 rows: rows as u64,
                 rb: rb as u32,
                 seg: seg as u32,
-                pitch: pitch as u32,
+                pitch,
                 nsg: nsg as u32,
                 nb,
             };
@@ -125,14 +146,20 @@ pub fn tile_plan(weights: &[WeightDesc], instrs: &[DInstr]) -> TilePlan {
             out.jobs.push(j);
             at
         };
-        let wt = job(w.name.clone(), w.offset, rb, seg, ring_pitch(d.fmt));
+        let wt = job(
+            w.name.clone(),
+            w.offset,
+            rb,
+            seg,
+            if v23 { -16 } else { ring_pitch(d.fmt) as i32 },
+        );
         let st = if d.fmt == fmt::MXFP4 && w.scale_nbytes == (rows * (k / 32)) as u64 {
             job(
                 format!("{} scales", w.name),
                 w.scale_offset,
                 k / 32,
                 seg / 16,
-                RING_SSTR,
+                if v23 { -1 } else { RING_SSTR as i32 },
             )
         } else {
             -1
@@ -146,8 +173,28 @@ pub fn tile_plan(weights: &[WeightDesc], instrs: &[DInstr]) -> TilePlan {
 
 /// Host reference of `mimo_tile`: the tiled copy of `job`'s matrix, read from `src` (the job's source bytes).
 pub fn tile_host(src: &[u8], job: &TileJob) -> Vec<u8> {
-    let (rb, seg, pitch) = (job.rb as usize, job.seg as usize, job.pitch as usize);
+    let (rb, seg) = (job.rb as usize, job.seg as usize);
     let mut out = vec![0u8; job.bytes() as usize];
+    if job.pitch < 0 {
+        let u = job.pitch.unsigned_abs() as usize;
+        for s in 0..job.nsg as usize {
+            for b in 0..job.nb as usize {
+                let base = v23_block_offset(s as u64, job.nsg as u64, b as u64, seg) as usize;
+                for r in 0..16 {
+                    let row = b * 16 + r;
+                    if row as u64 >= job.rows {
+                        continue;
+                    }
+                    let (lo, hi) = (s * seg, ((s + 1) * seg).min(rb));
+                    for (i, x) in src[row * rb + lo..row * rb + hi].iter().enumerate() {
+                        out[base + (i / u) * 16 * u + r * u + i % u] = *x;
+                    }
+                }
+            }
+        }
+        return out;
+    }
+    let pitch = job.pitch as usize;
     for s in 0..job.nsg as usize {
         for b in 0..job.nb as usize {
             for r in 0..16 {
@@ -211,7 +258,7 @@ mod tests {
                 rows: rows as u64,
                 rb: rb as u32,
                 seg: seg as u32,
-                pitch: 1056,
+                pitch: 1056i32,
                 nsg: rb.div_ceil(seg) as u32,
                 nb: rows.div_ceil(16) as u64,
             };
@@ -237,6 +284,65 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// v23's step-major copy: byte i of row r's segment s, 16-byte step st = i / 16, sits at its block's
+    /// `st * 256 + (r % 16) * 16 + i % 16` (scales: `st * 16 + r % 16`), exactly where the kernel's consumers read
+    /// it; the rest of every block (steps past the row, rows past the end) is zero.
+    #[test]
+    fn v23_blocks_are_step_major() {
+        assert_eq!(cu_define("V23_SEG"), V23_SEG);
+        assert!(MEGAKERNEL_CU.contains("return ((b >> 2) * nsg + sgg) * 4 + (b & 3);"));
+        assert!(MEGAKERNEL_CU.contains("base + warp * 16 * seg + gq * 16 + tq * 4"));
+        assert!(MEGAKERNEL_CU.contains("base + V23_TSCALE_OFF + warp * seg + gq"));
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for &(rows, rb, unit) in &[
+            (72usize, 1536usize, 16usize),
+            (40, 256, 16),
+            (72, 96, 1),
+            (16, 32, 1),
+        ] {
+            let src: Vec<u8> = (0..rows * rb).map(|_| (rnd() % 251 + 1) as u8).collect();
+            let seg = rb.min(if unit == 16 { V23_SEG } else { V23_SEG / 16 });
+            let job = TileJob {
+                name: "w".into(),
+                src: 0,
+                dst: 0,
+                rows: rows as u64,
+                rb: rb as u32,
+                seg: seg as u32,
+                pitch: -(unit as i32),
+                nsg: rb.div_ceil(seg) as u32,
+                nb: rows.div_ceil(16) as u64,
+            };
+            let t = tile_host(&src, &job);
+            assert_eq!(t.len() as u64, job.bytes());
+            let mut seen = 0usize;
+            for row in 0..rows {
+                for k in 0..rb {
+                    let (s, i) = (k / seg, k % seg);
+                    let at = v23_block_offset(s as u64, job.nsg as u64, (row / 16) as u64, seg)
+                        as usize
+                        + (i / unit) * 16 * unit
+                        + (row % 16) * unit
+                        + i % unit;
+                    assert_eq!(
+                        t[at],
+                        src[row * rb + k],
+                        "rows {rows} rb {rb} row {row} k {k}"
+                    );
+                    seen += 1;
+                }
+            }
+            // Everything else is zero (the source bytes are all non-zero).
+            assert_eq!(t.iter().filter(|&&x| x != 0).count(), seen);
         }
     }
 
@@ -311,5 +417,17 @@ mod tests {
         for w in tp.jobs.windows(2) {
             assert!(w[0].dst + w[0].bytes() <= w[1].dst);
         }
+        // v23: MXFP4 step-major in 512-byte segments, FP8 unchanged.
+        let t23 = tile_plan_for(&weights, &instrs, true);
+        assert_eq!(t23.jobs[0], tp.jobs[0]);
+        let (up, sc) = (&t23.jobs[1], &t23.jobs[2]);
+        assert_eq!(
+            (up.rb, up.seg, up.nsg, up.nb, up.pitch),
+            (2048, 512, 4, 16, -16)
+        );
+        assert_eq!((sc.rb, sc.seg, sc.nsg, sc.pitch), (128, 32, 4, -1));
+        assert_eq!(up.bytes(), 256 * 2048);
+        assert_eq!(sc.bytes(), 256 * 128);
+        assert_eq!(t23.bytes, sc.dst + sc.bytes());
     }
 }

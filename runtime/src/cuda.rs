@@ -120,6 +120,8 @@ struct Entries {
     repack: Option<CudaFunction>,
     tile: Option<CudaFunction>,
     reads_tmaps: bool,
+    /// Streams MXFP4 through the v23 ring (`mimo_v23_marker`): its tiled copy is step-major.
+    v23: bool,
 }
 
 fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<Entries> {
@@ -159,6 +161,7 @@ fn load_function(ctx: &Arc<CudaContext>, plan_dir: &Path) -> Result<Entries> {
         repack: optional("mimo_fp4_repack"),
         tile: optional("mimo_tile"),
         reads_tmaps: optional("mimo_tmap_marker").is_some(),
+        v23: optional("mimo_v23_marker").is_some(),
     })
 }
 
@@ -173,8 +176,9 @@ fn tile_weights(
     plan: &mimo_ir::plan::Plan,
     instrs: &[DInstr],
     weights: &CudaSlice<u8>,
+    v23: bool,
 ) -> Result<Option<(CudaSlice<u8>, CudaSlice<i64>)>> {
-    let tp = mimo_kernels::tiled::tile_plan(&plan.weights, instrs);
+    let tp = mimo_kernels::tiled::tile_plan_for(&plan.weights, instrs, v23);
     if tp.jobs.is_empty() {
         return Ok(None);
     }
@@ -391,6 +395,7 @@ impl CudaSession {
             repack,
             tile,
             reads_tmaps,
+            v23,
         } = load_function(&ctx, plan_dir)?;
         // The kernel's block size (its __launch_bounds__) must be the one this process encodes for.
         let kthreads = func
@@ -455,7 +460,7 @@ impl CudaSession {
         // MIMO_TILED=0 (an A/B knob) keeps the row copies.
         let tiled = match &tile {
             Some(t) if std::env::var_os("MIMO_TILED").is_none_or(|v| v != "0") => {
-                tile_weights(&ctx, &stream, t, plan, &enc.instrs, &weights)?
+                tile_weights(&ctx, &stream, t, plan, &enc.instrs, &weights, v23)?
             }
             _ => None,
         };
