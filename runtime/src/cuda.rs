@@ -212,7 +212,7 @@ fn tile_weights(
         let (dst, _d) = buf.device_ptr_mut(stream);
         let (src, dst) = (src + j.src, dst + j.dst);
         let (rows, nb) = (j.rows as i64, j.nb as i64);
-        let (rb, seg, pitch, nsg) = (j.rb as i32, j.seg as i32, j.pitch as i32, j.nsg as i32);
+        let (rb, seg, pitch, nsg) = (j.rb as i32, j.seg as i32, j.pitch, j.nsg as i32);
         let cfg = grid_stride(units, 8192);
         let mut b = stream.launch_builder(tile);
         b.arg(&src)
