@@ -219,6 +219,8 @@ if has variants; then
     venv=""
     for ve in ${MIMO_VARIANT_ENV:-}; do [ "${ve%%:*}" = "$name" ] && venv=${ve#*:}; done
     venv=${venv//,/ }
+    # A variant named *_tN was built for N threads a block (tools/prepare_device.sh): the runtime encodes for it.
+    [[ $name =~ _t([0-9]+)$ ]] && venv="$venv MIMO_THREADS=${BASH_REMATCH[1]}"
     log "variant $name${venv:+ ($venv)}"
     # MIMO_VARIANT_NOVERIFY="NAME ...": variants not checked against the CPU (diagnostic builds whose results are
     # right by construction or wrong by design, timed only).

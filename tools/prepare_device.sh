@@ -26,6 +26,18 @@ rm -rf .mkcache
 MIMO_NVCC=$NV MIMO_CACHE=$PWD/.mkcache target/device/mimoc compile "$t/moe" -o "$t/p16" | tail -1
 MIMO_NVCC=$NV MIMO_CACHE=$PWD/.mkcache target/device/mimoc compile "$t/moe" -o "$t/p4" --max-tokens 4 | tail -1
 rm -rf bench/variants
-if [ $# -gt 0 ]; then MIMO_NVCC=$NV tools/build_variants.sh "$t/p16" "$@"; fi
+# A variant named *_tN is built under the header of a plan compiled for N threads a block (MIMO_THREADS=N; gpu.sh
+# runs it with that environment), e.g. v23s2_t288="-DMK_V23=1 -DMK_V23S=2".
+for a in "$@"; do
+  name=${a%%=*}
+  if [[ $name =~ _t([0-9]+)$ ]]; then
+    n=${BASH_REMATCH[1]}
+    [ -d "$t/p16_t$n" ] || MIMO_THREADS=$n MIMO_NVCC=$NV target/device/mimoc compile "$t/moe" -o "$t/p16_t$n" > /dev/null
+    [ -f "$t/p16_t$n/megakernel.cu" ] || { echo "no plan source for $n threads" >&2; exit 1; }
+    MIMO_NVCC=$NV tools/build_variants.sh "$t/p16_t$n" "$a"
+  else
+    MIMO_NVCC=$NV tools/build_variants.sh "$t/p16" "$a"
+  fi
+done
 ls .mkcache
 echo "carry: target/device/mimoc target/device/mimort .mkcache bench/variants"

@@ -443,6 +443,14 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #ifndef MK_V23
 #define MK_V23 0
 #endif
+// MK_V23F8=KP (experiment knob, session 23; 0: off): FP8 ring calls keep v22's chunks (32 rows x 1 KB, same
+// producer and slot layout) but 2 KP consumer warps take them: warp w owns 16-row tile w & 1 and the contiguous
+// part w >> 1 of KP of every chunk's K steps, accumulating in registers over the row group; at the group's end the
+// parts 1 .. KP - 1 leave their partials in a double buffer, one barrier of those warps, and part 0 adds them and
+// writes the stage (v22: 7 warps dealt steps round robin over both tiles, 7 partials per row).
+#ifndef MK_V23F8
+#define MK_V23F8 0
+#endif
 // Consumers release a ring slot with one arrival per thread (MK_ARRIVE_ALL=1, the default) or per warp (lane 0,
 // after __syncwarp orders the lanes' reads): the same ordering, but compute-sanitizer's racecheck follows only the
 // per-thread form (it reports the per-warp one as WAR hazards, also on a minimal correct ring:
@@ -541,6 +549,10 @@ __device__ __forceinline__ void mbar_arrive_expect(unsigned long long* bar, unsi
 }
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+// n arrivals at once (v23: one thread arriving for the warps that skip a ring call).
+__device__ __forceinline__ void mbar_arrive_n(unsigned long long* bar, unsigned int n) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(n) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned int parity) {
   asm volatile(
@@ -1767,9 +1779,6 @@ static_assert(MK_CW >= 4 * MK_V23S, "v23 needs four consumer warps a set");
 #endif
 __shared__ unsigned char mk_slay23[RING_NS];
 
-__device__ __forceinline__ void mbar_arrive_n(unsigned long long* bar, unsigned int n) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(n) : "memory");
-}
 // Chunks a v23 call streams.
 __device__ __forceinline__ unsigned int v23_chunks(int kc, int nrows) {
   const int kbytes = kc / 2, seg = min(V23_SEG, kbytes);
@@ -2095,6 +2104,219 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
 }
 #endif  // MK_V23
 
+#if MK_V23F8
+static_assert(2 * MK_V23F8 <= MK_CW, "MK_V23F8 = KP needs 2 KP consumer warps");
+static_assert(MK_V23F8 >= 1 && MK_V23F8 <= 4, "MK_V23F8: 1 to 4 K parts");
+#if MK_DEC || MK_TMAP || MK_LDGSTS || MK_ONECOPY || MK_NOCOPY
+#error "MK_V23F8 reads v22's row layout: MK_DEC / MK_TMAP / MK_LDGSTS / MK_ONECOPY / MK_NOCOPY are v22 knobs"
+#endif
+#define KP_RED (32 * 16)  // floats of one part's partials: 32 rows x 16 tokens
+// The K-part warps' barrier: mk_cbar (MK_CW * 32 arrivals a phase), thread 0 arriving for the warps that skip.
+__device__ __forceinline__ void kp_sync() {
+  constexpr unsigned int EXTRA = MK_CW * 32 - 64 * MK_V23F8;
+  __syncwarp();
+  unsigned long long st;
+  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];" : "=l"(st) : "r"(smem_u32(&mk_cbar)) : "memory");
+  if (EXTRA > 0 && threadIdx.x == 0)
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(&mk_cbar)), "r"(EXTRA) : "memory");
+  asm volatile(
+      "{\n .reg .pred P1;\n"
+      "KB_%=:\n"
+      " mbarrier.try_wait.shared::cta.b64 P1, [%0], %1;\n"
+      " @!P1 bra KB_%=;\n"
+      "}\n" ::"r"(smem_u32(&mk_cbar)),
+      "l"(st)
+      : "memory");
+}
+// One tile's FP8 K steps [kk0, kk0 + 32 ns) (elements inside the call's [k0, k0 + kc)): weights at wa (row gq;
+// gq + 8 at wa + wr8), 32 bytes a step; block scales from the rows' scale rows sp0 / sp1, each step's loaded one
+// step ahead.
+template <int NT, bool PACKED>
+__device__ __forceinline__ void steps_kp(unsigned int wa, unsigned int wr8, const uint8_t* sp0, const uint8_t* sp1,
+                                         int k0, int kk0, int ns, const unsigned int (&xa)[NT], float (&acc)[NT][4]) {
+  const float* s0 = reinterpret_cast<const float*>(sp0);
+  const float* s1 = reinterpret_cast<const float*>(sp1);
+  float na = __ldg(s0 + (k0 + kk0) / 128), nb = __ldg(s1 + (k0 + kk0) / 128);
+MK_PRAGMA_UNROLL(MK_V23U)
+  for (int s = 0; s < ns; s++) {
+    const int kk = kk0 + s * 32;
+    unsigned int pa[4], pb[4];
+    fp8_pairs(lds64(wa), pa);
+    fp8_pairs(lds64(wa + wr8), pb);
+    wa += 32u;
+    const float fa = na, fb = nb;
+    const int kn = s + 1 < ns ? kk + 32 : kk;
+    na = __ldg(s0 + (k0 + kn) / 128);
+    nb = __ldg(s1 + (k0 + kn) / 128);
+    if (PACKED) {
+      const uint4 b = xa[0] != ~0u ? lds128(xa[0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+      float th[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
+      mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
+      acc[0][0] += th[0] * fa;
+      acc[0][1] += th[1] * fa;
+      acc[0][2] += th[2] * fb;
+      acc[0][3] += th[3] * fb;
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const bool on = xa[nt] != ~0u;
+        const uint4 h = on ? lds128(xa[nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 l = on && MK_HILO ? lds128((xa[nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
+        float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
+        if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
+        mma_f16(th, pa[2], pb[2], pa[3], pb[3], h.z, h.w);
+        if (MK_HILO) mma_f16(tl, pa[2], pb[2], pa[3], pb[3], l.z, l.w);
+        acc[nt][0] += (th[0] + tl[0]) * fa;
+        acc[nt][1] += (th[1] + tl[1]) * fa;
+        acc[nt][2] += (th[2] + tl[2]) * fb;
+        acc[nt][3] += (th[3] + tl[3]) * fb;
+      }
+    }
+  }
+}
+
+// Consumer warp w < 2 MK_V23F8 of an FP8 call (see MK_V23F8): tile w & 1, K part w >> 1.
+template <int NT>
+__device__ __noinline__ void ring_consume_kp(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
+                                             float* stage, unsigned int it) {
+  constexpr int KP = MK_V23F8, PITCH = RingFmt<FMT_F8>::PITCH;
+  const TileRows& d = mk_tile;
+  unsigned long long* const full = mk_bars;
+  unsigned long long* const empty = mk_bars + RING_NS;
+  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
+  const int warp = threadIdx.x >> 5, rt = warp & 1, part = warp >> 1, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int kbytes = kc, seg = min(RING_SEG, kbytes), nseg = (kbytes + seg - 1) / seg;
+  const int nchunks = ((nrows + RING_ROWS - 1) / RING_ROWS) * nseg;
+  const unsigned int ringb = smem_u32(mk_smem), xsb = smem_u32(xs);
+  constexpr unsigned int EXTRA = MK_CW * 32 - 64 * KP;
+  PH_END(2)
+  const long long tstart = clock64();
+  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
+  long long twait = 0;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+  int tn = 0, r0 = 0;
+  bool packed = false;
+  unsigned int xa[NT];
+  const uint8_t* sp0 = W;
+  const uint8_t* sp1 = W;
+  int g = 0, sg = 0, slot = (int)(it % RING_NS);
+  unsigned int parity = (it / RING_NS) & 1u;
+  for (int c = 0; c < nchunks; c++) {
+    if (sg == 0) {
+      r0 = g * RING_ROWS + rt * 16;
+      // Invalid rows' scale rows are W (ring_row): readable, and their products are dropped.
+      const RowInfo ra = ring_row<FMT_F8>(W, d, r0 + gq, nrows);
+      const RowInfo rb = ring_row<FMT_F8>(W, d, r0 + gq + 8, nrows);
+      sp0 = ra.sp;
+      sp1 = rb.sp;
+      const bool tv = __any_sync(0xffffffffu, ra.ok || rb.ok);
+      int n = d.n, xl = -1;
+      if (d.mode == 2 && tv) {
+        const int uu = (int)d.rdiv.div((unsigned)r0);
+        n = sld(d.cnt + uu);
+        xl = sld(d.mst + uu);
+      }
+      tn = tv ? n : 0;
+      packed = MK_PACK && NT == 1 && tn <= 4;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const int j = packed ? (gq & 3) : nt * 8 + gq;
+        if (j < tn) {
+          const int xr = xl >= 0 ? d.xrow(xl, j) : j;
+          xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+        } else {
+          xa[nt] = ~0u;
+        }
+      }
+    }
+    const bool lastseg = sg == nseg - 1;
+    const int nks = min(seg, kbytes - sg * seg) / 32;
+    const int s0 = part * nks / KP, s1 = (part + 1) * nks / KP;
+    if (stat) {
+      const long long tw0 = clock64();
+      mbar_wait(full + slot, parity);
+      twait += clock64() - tw0;
+    } else {
+      mbar_wait(full + slot, parity);
+    }
+    if (tn > 0 && s1 > s0 && !MK_NOCOMPUTE) {
+      const unsigned int wa = ringb + slot * RING_SLOT + (rt * 16 + gq) * PITCH + tq * 8 + s0 * 32;
+      const int kk0 = sg * seg + s0 * 32;
+      if constexpr (NT == 1) {
+        if (packed) steps_kp<1, true>(wa, 8u * PITCH, sp0, sp1, k0, kk0, s1 - s0, xa, acc);
+      }
+      if (!packed) steps_kp<NT, false>(wa, 8u * PITCH, sp0, sp1, k0, kk0, s1 - s0, xa, acc);
+    }
+    mbar_arrive(empty + slot);
+    if (EXTRA > 0 && threadIdx.x == 0) mbar_arrive_n(empty + slot, EXTRA);
+    if (++slot == RING_NS) {
+      slot = 0;
+      parity ^= 1u;
+    }
+    if (!lastseg) {
+      sg++;
+      continue;
+    }
+    sg = 0;
+    float* const red = SM_MMR + (g & 1) * ((KP - 1) * KP_RED);
+    g++;
+    if (tn > 0 && packed) {  // fold the lo columns into the hi ones (lane tq ^ 2 holds the same tokens' other half)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[0][e] += __shfl_xor_sync(0xffffffffu, acc[0][e], 2);
+    }
+    if (KP > 1 && part > 0 && tn > 0 && (!packed || tq < 2)) {
+#pragma unroll
+      for (int hr = 0; hr < 2; hr++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            const int j = nt * 8 + 2 * tq + e;
+            red[(part - 1) * KP_RED + (rt * 16 + gq + 8 * hr) * 16 + j] = acc[nt][2 * hr + e];
+          }
+    }
+    if (KP > 1) kp_sync();
+    if (part == 0 && tn > 0 && (!packed || tq < 2)) {
+#pragma unroll
+      for (int hr = 0; hr < 2; hr++) {
+        int col, n, xl, uu;
+        if (!row_out(d, r0 + gq + 8 * hr, nrows, col, n, xl, uu)) continue;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            const int j = nt * 8 + 2 * tq + e;
+            if (j >= n) continue;
+            float sum = acc[nt][2 * hr + e];
+            for (int q = 1; q < KP; q++) sum += red[(q - 1) * KP_RED + (rt * 16 + gq + 8 * hr) * 16 + j];
+            const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
+            stage[orow * d.sstride + col] += sum;
+          }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+  }
+  if (stat && threadIdx.x == 0) {
+    stat[0] += twait;
+    stat[1] += clock64() - tstart;
+#if !MK_PHASE
+    stat[4] += gtimer() - gstart;
+#endif
+  }
+  PH_BEGIN(3)
+}
+#endif  // MK_V23F8
+
 template <int FMT>
 __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc, const float* xs, int nrows,
                                                 float* stage, int T, Smem& s) {
@@ -2116,6 +2338,20 @@ __device__ __forceinline__ void ring_dispatch_t(const uint8_t* W, int k0, int kc
     if (s.pre > 0 && (s.pre_c0 != d.c0 || s.pre_rows != nrows || s.pre_kc != kc || s.pre_k0 != k0 || s.pre_w != d.w))
       __trap();
   }
+#if MK_V23F8
+  if (FMT == FMT_F8) {
+    if (warp == MK_CW) {
+      ring_produce<FMT>(W, d, k0, kc, nrows, s.ring_it, s.pre, 1 << 30);
+      __syncwarp();  // the producer's lanes reconverge before the block's next (aligned) barrier
+      s.pre = 0;
+    } else if (warp < 2 * MK_V23F8) {
+      if (T <= 8) ring_consume_kp<1>(W, k0, kc, xs, nrows, stage, s.ring_it);
+      else ring_consume_kp<2>(W, k0, kc, xs, nrows, stage, s.ring_it);
+    }
+    s.ring_it += ring_chunks<FMT>(kc, nrows);
+    return;
+  }
+#endif
 #if MK_V23
   if (FMT == FMT_MXFP4) {
     if (warp == MK_CW) {
