@@ -293,6 +293,11 @@ mod tests {
     #[test]
     fn v23_blocks_are_step_major() {
         assert_eq!(cu_define("V23_SEG"), V23_SEG);
+        // The default build is v22 (v23 is a knob until it is timed); a v23 build says so by its marker entry,
+        // which is what makes the runtime tile MXFP4 step-major.
+        assert_eq!(cu_define("MK_V23"), 0);
+        assert_eq!(cu_define("MK_V23F8"), 0);
+        assert!(MEGAKERNEL_CU.contains("extern \"C\" __global__ void mimo_v23_marker() {}"));
         assert!(MEGAKERNEL_CU.contains("return ((b >> 2) * nsg + sgg) * 4 + (b & 3);"));
         assert!(MEGAKERNEL_CU.contains("base + warp * 16 * seg + gq * 16 + tq * 4"));
         assert!(MEGAKERNEL_CU.contains("base + V23_TSCALE_OFF + warp * seg + gq"));
