@@ -351,6 +351,117 @@ mod tests {
         }
     }
 
+    /// ring_produce23's tiled chunk, replayed on the host: tiles whose 16-row blocks are consecutive inside one
+    /// 4-block quad are copied as one run (`(n - 1) 16 tseg + 16 bytes` weight bytes from `v23_block`, scales
+    /// likewise) to the slot at `t0 16 tseg`; every consumer's reads (`tile t: t 16 seg + st 256 + r 16 + x`,
+    /// scales `V23_TSCALE_OFF + t seg + st 16 + r`) then see rows `16 b_t + r` of the matrix. Blocks from several
+    /// quads, gaps, full and partial last segments.
+    #[test]
+    fn v23_chunk_runs_land_where_consumers_read() {
+        assert!(MEGAKERNEL_CU
+            .contains("while (t1 < 4 && tb[t1] == tb[t1 - 1] + 1 && (tb[t1] & 3) != 0) t1++;"));
+        assert!(MEGAKERNEL_CU.contains(
+            "const unsigned int wbytes = (n - 1) * 16u * tseg + 16u * bytes, sb = (n - 1) * tseg + bytes;"
+        ));
+        assert!(MEGAKERNEL_CU.contains(
+            "bulk_g2s(dst + t0 * 16 * tseg, tw + blk * 16 * tseg, wbytes, full + slot);"
+        ));
+        assert!(MEGAKERNEL_CU.contains(
+            "bulk_g2s(dst + V23_TSCALE_OFF + t0 * tseg, tsc + blk * tseg, sb, full + slot);"
+        ));
+        let tscale_off = 4 * 16 * V23_SEG;
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // (rows, row bytes): 3 segments of 512; 2 full and a 256-byte last one.
+        for &(rows, rb) in &[(160usize, 1536usize), (160, 1280)] {
+            let k = rb * 2;
+            let w: Vec<u8> = (0..rows * rb).map(|_| (rnd() % 251 + 1) as u8).collect();
+            let sc: Vec<u8> = (0..rows * (k / 32))
+                .map(|_| (rnd() % 251 + 1) as u8)
+                .collect();
+            let tseg = rb.min(V23_SEG);
+            let nsg = rb.div_ceil(tseg);
+            let job = |rb: usize, seg: usize, unit: i32| TileJob {
+                name: "m".into(),
+                src: 0,
+                dst: 0,
+                rows: rows as u64,
+                rb: rb as u32,
+                seg: seg as u32,
+                pitch: -unit,
+                nsg: nsg as u32,
+                nb: rows.div_ceil(16) as u64,
+            };
+            let tw = tile_host(&w, &job(rb, tseg, 16));
+            let ts = tile_host(&sc, &job(k / 32, tseg / 16, 1));
+            // Tile -> block assignments of a chunk (-1: no rows).
+            let chunks: [[i64; 4]; 6] = [
+                [0, 1, 2, 3],
+                [4, 5, 6, 7],
+                [2, 3, 4, 5],
+                [8, 9, -1, -1],
+                [1, -1, 6, 7],
+                [9, 3, 2, 8],
+            ];
+            for tb in chunks {
+                for sg in 0..nsg {
+                    let bytes = tseg.min(rb - sg * tseg);
+                    let mut slot = vec![0u8; tscale_off + 4 * V23_SEG];
+                    let mut t0 = 0;
+                    while t0 < 4 {
+                        if tb[t0] < 0 {
+                            t0 += 1;
+                            continue;
+                        }
+                        let mut t1 = t0 + 1;
+                        while t1 < 4 && tb[t1] == tb[t1 - 1] + 1 && (tb[t1] & 3) != 0 {
+                            t1 += 1;
+                        }
+                        let n = t1 - t0;
+                        let (wbytes, sbytes) =
+                            ((n - 1) * 16 * tseg + 16 * bytes, (n - 1) * tseg + bytes);
+                        let blk = (v23_block_offset(sg as u64, nsg as u64, tb[t0] as u64, tseg)
+                            / (16 * tseg as u64)) as usize;
+                        slot[t0 * 16 * tseg..t0 * 16 * tseg + wbytes]
+                            .copy_from_slice(&tw[blk * 16 * tseg..blk * 16 * tseg + wbytes]);
+                        let so = tscale_off + t0 * tseg;
+                        slot[so..so + sbytes].copy_from_slice(&ts[blk * tseg..blk * tseg + sbytes]);
+                        t0 = t1;
+                    }
+                    for (t, &b) in tb.iter().enumerate() {
+                        if b < 0 {
+                            continue;
+                        }
+                        for r in 0..16 {
+                            let row = b as usize * 16 + r;
+                            for st in 0..bytes / 16 {
+                                for x in 0..16 {
+                                    let got = slot[t * 16 * tseg + st * 256 + r * 16 + x];
+                                    assert_eq!(
+                                        got,
+                                        w[row * rb + sg * tseg + st * 16 + x],
+                                        "rb {rb} tiles {tb:?} sg {sg} t {t} r {r} st {st}"
+                                    );
+                                }
+                                let got = slot[tscale_off + t * tseg + st * 16 + r];
+                                assert_eq!(
+                                    got,
+                                    sc[row * (k / 32) + sg * (tseg / 16) + st],
+                                    "scale rb {rb} tiles {tb:?} sg {sg} t {t} r {r} st {st}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn tile_plan_covers_ring_matrices_once() {
         use mimo_ir::graph::WeightClass;
