@@ -1897,32 +1897,37 @@ __device__ __noinline__ int ring_produce23(const uint8_t* W, const TileRows& d, 
 #ifndef MK_V23U
 #define MK_V23U 1
 #endif
-// One tile's K steps s < nks of a chunk: weights at wa (row gq; row gq + 8 at wa + wr8), wst bytes a step; ring
-// scales at sa (sr8, sst likewise) or (SRING false) global scale rows sp0 / sp1. PACKED: hi / lo activation halves in
-// the MMA's N columns (up to 4 tokens, see mma_steps_packed), else NT 8-token column tiles with hi and lo MMAs.
-template <int NT, bool PACKED, bool SRING>
-__device__ __forceinline__ void steps23(unsigned int wa, unsigned int wr8, unsigned int wst, unsigned int sa,
-                                        unsigned int sr8, unsigned int sst, const uint8_t* sp0, const uint8_t* sp1,
+// One tile's K steps s < nks of a chunk: weights at wa (row gq), scales at sa, in the slot's tiled layout (TL: rows
+// 16 bytes apart, steps 256; scales 1 byte apart, steps 16) or the row layout (rows V23_PITCH apart, steps 16;
+// scales V23_SSTR apart, steps 1); SRING false: scales from the global scale rows sp0 / sp1 instead. PACKED: hi / lo
+// activation halves in the MMA's N columns (up to 4 tokens, see mma_steps_packed), else NT 8-token column tiles with
+// hi and lo MMAs. Every lane's xa is a valid activation row (columns past the tile's tokens compute products that
+// are never written), so the loop has no predicated loads.
+template <int NT, bool PACKED, bool SRING, bool TL>
+__device__ __forceinline__ void steps23(unsigned int wa, unsigned int sa, const uint8_t* sp0, const uint8_t* sp1,
                                         int k0, int kseg, int nks, const unsigned int (&xa)[NT],
                                         float (&acc)[NT][4]) {
+  constexpr unsigned int WR8 = TL ? 128u : 8u * V23_PITCH, WST = TL ? 256u : 16u;
+  constexpr unsigned int SR8 = TL ? 8u : 8u * V23_SSTR, SST = TL ? 16u : 1u;
+  unsigned int xk = 4u * (unsigned int)kseg;  // byte offset of the step's activations in a row
 MK_PRAGMA_UNROLL(MK_V23U)
   for (int s = 0; s < nks; s++) {
-    const int kk = kseg + s * 32;
     unsigned int pa[4], pb[4];
     fp4_pairs(lds32(wa), pa);
-    fp4_pairs(lds32(wa + wr8), pb);
-    wa += wst;
+    fp4_pairs(lds32(wa + WR8), pb);
+    wa += WST;
     float fa, fb;
     if (SRING) {
       fa = fp4_scale(lds8(sa));
-      fb = fp4_scale(lds8(sa + sr8));
-      sa += sst;
+      fb = fp4_scale(lds8(sa + SR8));
+      sa += SST;
     } else {
+      const int kk = kseg + s * 32;
       fa = fp4_scale(__ldg(sp0 + (k0 + kk) / 32));
       fb = fp4_scale(__ldg(sp1 + (k0 + kk) / 32));
     }
     if (PACKED) {
-      const uint4 b = xa[0] != ~0u ? lds128(xa[0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 b = lds128(xa[0] + xk);
       float th[4] = {0.f, 0.f, 0.f, 0.f};
       mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
       mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
@@ -1933,9 +1938,8 @@ MK_PRAGMA_UNROLL(MK_V23U)
     } else {
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
-        const bool on = xa[nt] != ~0u;
-        const uint4 h = on ? lds128(xa[nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 l = on && MK_HILO ? lds128((xa[nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 h = lds128(xa[nt] + xk);
+        const uint4 l = MK_HILO ? lds128((xa[nt] + xk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
         float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
         mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
         if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
@@ -1947,6 +1951,23 @@ MK_PRAGMA_UNROLL(MK_V23U)
         acc[nt][3] += (th[3] + tl[3]) * fb;
       }
     }
+    xk += 128u;
+  }
+}
+// The specializations of a chunk's steps: tiled (scales in the ring) or row layout with ring or global scales.
+template <int NT, bool PACKED>
+__device__ __forceinline__ void steps23_chunk(bool tl, bool sring, unsigned int base, int tile, int seg,
+                                              const uint8_t* sp0, const uint8_t* sp1, int k0, int kseg, int nks,
+                                              const unsigned int (&xa)[NT], float (&acc)[NT][4]) {
+  const int gq = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
+  if (tl) {
+    steps23<NT, PACKED, true, true>(base + tile * 16 * seg + gq * 16 + tq * 4,
+                                    base + V23_TSCALE_OFF + tile * seg + gq, sp0, sp1, k0, kseg, nks, xa, acc);
+  } else {
+    const unsigned int wa = base + (tile * 16 + gq) * V23_PITCH + tq * 4;
+    const unsigned int sa = base + V23_SCALE_OFF + (tile * 16 + gq) * V23_SSTR;
+    if (sring) steps23<NT, PACKED, true, false>(wa, sa, sp0, sp1, k0, kseg, nks, xa, acc);
+    else steps23<NT, PACKED, false, false>(wa, sa, sp0, sp1, k0, kseg, nks, xa, acc);
   }
 }
 
@@ -2013,15 +2034,12 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
       }
       tn = tv ? n : 0;
       packed = MK_PACK && NT == 1 && tn <= 4;
+      // Lanes past the tile's tokens read token 0's row (their columns are never written).
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
         const int j = packed ? (gq & 3) : nt * 8 + gq;
-        if (j < tn) {
-          const int xr = xl >= 0 ? d.xrow(xl, j) : j;
-          xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
-        } else {
-          xa[nt] = ~0u;
-        }
+        const int xr = tn == 0 ? 0 : xl >= 0 ? d.xrow(xl, j < tn ? j : 0) : (j < tn ? j : 0);
+        xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
       }
     }
     const bool lastseg = sg == nseg - 1;
@@ -2036,23 +2054,11 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
     if (tn > 0 && !MK_NOCOMPUTE) {
       const bool tl = mk_slay23[slot] != 0;
       const unsigned int base = ringb + slot * RING_SLOT;
-      const unsigned int wa = tl ? base + warp * 16 * seg + gq * 16 + tq * 4
-                                 : base + (warp * 16 + gq) * V23_PITCH + tq * 4;
-      const unsigned int sa = tl ? base + V23_TSCALE_OFF + warp * seg + gq
-                                 : base + V23_SCALE_OFF + (warp * 16 + gq) * V23_SSTR;
-      const unsigned int wr8 = tl ? 128u : 8u * V23_PITCH, wst = tl ? 256u : 16u;
-      const unsigned int sr8 = tl ? 8u : 8u * V23_SSTR, sst = tl ? 16u : 1u;
       const int kseg = sg * segel;
       if constexpr (NT == 1) {
-        if (packed) {
-          if (sring) steps23<1, true, true>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
-          else steps23<1, true, false>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
-        }
+        if (packed) steps23_chunk<1, true>(tl, sring, base, warp, seg, sp0, sp1, k0, kseg, nks, xa, acc);
       }
-      if (!packed) {
-        if (sring) steps23<NT, false, true>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
-        else steps23<NT, false, false>(wa, wr8, wst, sa, sr8, sst, sp0, sp1, k0, kseg, nks, xa, acc);
-      }
+      if (!packed) steps23_chunk<NT, false>(tl, sring, base, warp, seg, sp0, sp1, k0, kseg, nks, xa, acc);
     }
     mbar_arrive(empty + slot);
     if (EXTRA > 0 && (threadIdx.x & 127) == 0) mbar_arrive_n(empty + slot, EXTRA);
@@ -2149,7 +2155,7 @@ MK_PRAGMA_UNROLL(MK_V23U)
     na = __ldg(s0 + (k0 + kn) / 128);
     nb = __ldg(s1 + (k0 + kn) / 128);
     if (PACKED) {
-      const uint4 b = xa[0] != ~0u ? lds128(xa[0] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 b = lds128(xa[0] + 4u * kk);
       float th[4] = {0.f, 0.f, 0.f, 0.f};
       mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
       mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
@@ -2160,9 +2166,8 @@ MK_PRAGMA_UNROLL(MK_V23U)
     } else {
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
-        const bool on = xa[nt] != ~0u;
-        const uint4 h = on ? lds128(xa[nt] + 4u * kk) : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 l = on && MK_HILO ? lds128((xa[nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 h = lds128(xa[nt] + 4u * kk);
+        const uint4 l = MK_HILO ? lds128((xa[nt] + 4u * kk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
         float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
         mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
         if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
@@ -2225,15 +2230,12 @@ __device__ __noinline__ void ring_consume_kp(const uint8_t* W, int k0, int kc, c
       }
       tn = tv ? n : 0;
       packed = MK_PACK && NT == 1 && tn <= 4;
+      // Lanes past the tile's tokens read token 0's row (their columns are never written).
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
         const int j = packed ? (gq & 3) : nt * 8 + gq;
-        if (j < tn) {
-          const int xr = xl >= 0 ? d.xrow(xl, j) : j;
-          xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
-        } else {
-          xa[nt] = ~0u;
-        }
+        const int xr = tn == 0 ? 0 : xl >= 0 ? d.xrow(xl, j < tn ? j : 0) : (j < tn ? j : 0);
+        xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
       }
     }
     const bool lastseg = sg == nseg - 1;

@@ -299,8 +299,15 @@ mod tests {
         assert_eq!(cu_define("MK_V23F8"), 0);
         assert!(MEGAKERNEL_CU.contains("extern \"C\" __global__ void mimo_v23_marker() {}"));
         assert!(MEGAKERNEL_CU.contains("return ((b >> 2) * nsg + sgg) * 4 + (b & 3);"));
-        assert!(MEGAKERNEL_CU.contains("base + warp * 16 * seg + gq * 16 + tq * 4"));
-        assert!(MEGAKERNEL_CU.contains("base + V23_TSCALE_OFF + warp * seg + gq"));
+        assert!(MEGAKERNEL_CU.contains("base + tile * 16 * seg + gq * 16 + tq * 4"));
+        assert!(MEGAKERNEL_CU.contains("base + V23_TSCALE_OFF + tile * seg + gq"));
+        // Tiled strides: a step 256 bytes (16 rows x 16), row + 8 at 128; scales a step 16, row + 8 at 8.
+        assert!(MEGAKERNEL_CU.contains(
+            "constexpr unsigned int WR8 = TL ? 128u : 8u * V23_PITCH, WST = TL ? 256u : 16u;"
+        ));
+        assert!(MEGAKERNEL_CU.contains(
+            "constexpr unsigned int SR8 = TL ? 8u : 8u * V23_SSTR, SST = TL ? 16u : 1u;"
+        ));
         let mut seed = 0x2545f4914f6cdd1du64;
         let mut rnd = || {
             seed ^= seed << 13;
