@@ -606,11 +606,12 @@ __device__ __forceinline__ void tma3d(void* dst, const uint8_t* map, int x0, int
 #define MK_CBAR 1
 #endif
 __shared__ __align__(8) unsigned long long mk_cbar;
-__device__ __forceinline__ void consumers_sync() {
-  if (MK_SYNCWARP) __syncwarp();
-#if MK_CBAR
+// The mbarrier form: each thread arrives on mk_cbar (MK_CW * 32 arrivals a phase; thread 0 also arrives `extra`
+// times, for warps that do not take part) and waits for the phase of its own arrival.
+__device__ __forceinline__ void cbar_sync(unsigned int extra) {
   unsigned long long st;
   asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];" : "=l"(st) : "r"(smem_u32(&mk_cbar)) : "memory");
+  if (extra > 0 && threadIdx.x == 0) mbar_arrive_n(&mk_cbar, extra);
   asm volatile(
       "{\n .reg .pred P1;\n"
       "CB_%=:\n"
@@ -619,6 +620,11 @@ __device__ __forceinline__ void consumers_sync() {
       "}\n" ::"r"(smem_u32(&mk_cbar)),
       "l"(st)
       : "memory");
+}
+__device__ __forceinline__ void consumers_sync() {
+  if (MK_SYNCWARP) __syncwarp();
+#if MK_CBAR
+  cbar_sync(0);
 #else
   asm volatile("bar.sync 1, %0;" ::"n"(MK_CW * 32) : "memory");
 #endif
@@ -1745,6 +1751,155 @@ __device__ __forceinline__ unsigned int ring_chunks(int kc, int nrows) {
   return (unsigned int)(((nrows + RING_ROWS - 1) / RING_ROWS) * ((kbytes + seg - 1) / seg));
 }
 
+#if MK_V23 || MK_V23F8
+// The pieces both v23 consumers (ring_consume23: MXFP4, ring_consume_kp: FP8) share. Each warp owns one 16-row MMA
+// tile: rows gq and gq + 8 of it in this lane, accumulators acc[NT][4] (NT 8-token column tiles).
+
+// One K step of a tile: its decoded weights pa (row gq) and pb (row gq + 8), scaled by fa / fb, against the
+// activations at xa + xk. PACKED: hi / lo activation halves in the MMA's N columns (up to 4 tokens, see
+// mma_steps_packed), else NT column tiles with hi and lo MMAs.
+template <int NT, bool PACKED>
+__device__ __forceinline__ void mma_step23(const unsigned int (&pa)[4], const unsigned int (&pb)[4],
+                                           const unsigned int (&xa)[NT], unsigned int xk, float fa, float fb,
+                                           float (&acc)[NT][4]) {
+  if (PACKED) {
+    const uint4 b = lds128(xa[0] + xk);
+    float th[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
+    mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
+    acc[0][0] += th[0] * fa;
+    acc[0][1] += th[1] * fa;
+    acc[0][2] += th[2] * fb;
+    acc[0][3] += th[3] * fb;
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const uint4 h = lds128(xa[nt] + xk);
+      const uint4 l = MK_HILO ? lds128((xa[nt] + xk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
+      float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
+      if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
+      mma_f16(th, pa[2], pb[2], pa[3], pb[3], h.z, h.w);
+      if (MK_HILO) mma_f16(tl, pa[2], pb[2], pa[3], pb[3], l.z, l.w);
+      acc[nt][0] += (th[0] + tl[0]) * fa;
+      acc[nt][1] += (th[1] + tl[1]) * fa;
+      acc[nt][2] += (th[2] + tl[2]) * fb;
+      acc[nt][3] += (th[3] + tl[3]) * fb;
+    }
+  }
+}
+
+// A tile's tokens for a row group: tv (warp-uniform) whether any of its rows is valid, r0 its first row. Sets the
+// token count tn (0: nothing to compute), whether the hi / lo halves are packed, and each lane's activation row
+// address; lanes past the tile's tokens read token 0's row (their columns are never written), so the step loops
+// have no predicated loads.
+template <int NT>
+__device__ __forceinline__ void tile_tokens23(const TileRows& d, int r0, bool tv, unsigned int xsb, int& tn,
+                                              bool& packed, unsigned int (&xa)[NT]) {
+  const int gq = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
+  int n = d.n, xl = -1;
+  if (d.mode == 2 && tv) {
+    const int uu = (int)d.rdiv.div((unsigned)r0);
+    n = sld(d.cnt + uu);
+    xl = sld(d.mst + uu);
+  }
+  tn = tv ? n : 0;
+  packed = MK_PACK && NT == 1 && tn <= 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    const int j = packed ? (gq & 3) : nt * 8 + gq;
+    const int xr = tn == 0 ? 0 : xl >= 0 ? d.xrow(xl, j < tn ? j : 0) : (j < tn ? j : 0);
+    xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
+  }
+}
+
+// A consumer's ring-call profile (MK_PHASE builds aside): its waits for full slots, its time in the call and the
+// global timer's span, added by thread 0 to the ring profile counters at the end (v22's ring_consume keeps its own
+// copy: using this there reschedules the default kernel's SASS, which no device could time in session 23).
+struct RingProf23 {
+  unsigned long long* stat;
+  long long tstart, twait;
+  unsigned long long gstart;
+  __device__ __forceinline__ RingProf23()
+      : stat(mk_prof_on ? mk_stat : nullptr), tstart(clock64()), twait(0),
+        gstart(stat && threadIdx.x == 0 ? gtimer() : 0ull) {}
+  __device__ __forceinline__ void wait(unsigned long long* bar, unsigned int parity) {
+    if (stat) {
+      const long long tw0 = clock64();
+      mbar_wait(bar, parity);
+      twait += clock64() - tw0;
+    } else {
+      mbar_wait(bar, parity);
+    }
+  }
+  __device__ __forceinline__ void end() {
+    if (stat && threadIdx.x == 0) {
+      stat[0] += twait;
+      stat[1] += clock64() - tstart;
+#if !MK_PHASE
+      stat[4] += gtimer() - gstart;
+#endif
+    }
+  }
+};
+// The ring slot and phase parity of a call's chunk c = it + c (both sides walk the same running chunk counter).
+struct Slot23 {
+  int slot;
+  unsigned int parity;
+  __device__ __forceinline__ explicit Slot23(unsigned int it) : slot((int)(it % RING_NS)), parity((it / RING_NS) & 1u) {}
+  __device__ __forceinline__ void next() {
+    if (++slot == RING_NS) {
+      slot = 0;
+      parity ^= 1u;
+    }
+  }
+};
+// A consumer's release of a ring slot: every thread arrives; thread `lead` also for the extra warps that skip the
+// call (the empty barriers count MK_CW * 32 arrivals).
+__device__ __forceinline__ void slot_release23(unsigned long long* bar, unsigned int extra, bool lead) {
+  mbar_arrive(bar);
+  if (extra > 0 && lead) mbar_arrive_n(bar, extra);
+}
+
+// The packed layout's lo columns folded into the hi ones at a group's end (lane tq ^ 2 holds the same tokens'
+// other half); the results are then in lanes tq < 2.
+template <int NT>
+__device__ __forceinline__ void fold_packed23(bool packed, float (&acc)[NT][4]) {
+  if (packed) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[0][e] += __shfl_xor_sync(0xffffffffu, acc[0][e], 2);
+  }
+}
+// A tile's results into the stage: for this lane's rows r0 + gq + 8 hr and tokens j = nt * 8 + 2 tq + e, the
+// value v(nt, hr, e, j) (accumulator acc[nt][2 hr + e], with whatever the caller adds); rows past nrows, padding and
+// tokens past the row's count dropped.
+template <int NT, class V>
+__device__ __forceinline__ void tile_store23(const TileRows& d, int r0, int nrows, float* stage, V v) {
+  const int gq = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    int col, n, xl, uu;
+    if (!row_out(d, r0 + gq + 8 * hr, nrows, col, n, xl, uu)) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int j = nt * 8 + 2 * tq + e;
+        if (j >= n) continue;
+        const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
+        stage[orow * d.sstride + col] += v(nt, hr, e, j);
+      }
+  }
+}
+template <int NT>
+__device__ __forceinline__ void zero_acc23(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+}
+#endif  // MK_V23 || MK_V23F8
+
 #if MK_V23
 // ---------------------------------------------------------------------------------------------------------------
 // v23 row-owning MXFP4 ring (s22r3's probe: 84-89 % of the copy rate for this structure, against v22's derived
@@ -1926,31 +2081,7 @@ MK_PRAGMA_UNROLL(MK_V23U)
       fa = fp4_scale(__ldg(sp0 + (k0 + kk) / 32));
       fb = fp4_scale(__ldg(sp1 + (k0 + kk) / 32));
     }
-    if (PACKED) {
-      const uint4 b = lds128(xa[0] + xk);
-      float th[4] = {0.f, 0.f, 0.f, 0.f};
-      mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
-      mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
-      acc[0][0] += th[0] * fa;
-      acc[0][1] += th[1] * fa;
-      acc[0][2] += th[2] * fb;
-      acc[0][3] += th[3] * fb;
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const uint4 h = lds128(xa[nt] + xk);
-        const uint4 l = MK_HILO ? lds128((xa[nt] + xk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
-        float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
-        mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
-        if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
-        mma_f16(th, pa[2], pb[2], pa[3], pb[3], h.z, h.w);
-        if (MK_HILO) mma_f16(tl, pa[2], pb[2], pa[3], pb[3], l.z, l.w);
-        acc[nt][0] += (th[0] + tl[0]) * fa;
-        acc[nt][1] += (th[1] + tl[1]) * fa;
-        acc[nt][2] += (th[2] + tl[2]) * fb;
-        acc[nt][3] += (th[3] + tl[3]) * fb;
-      }
-    }
+    mma_step23<NT, PACKED>(pa, pb, xa, xk, fa, fb, acc);
     xk += 128u;
   }
 }
@@ -1978,7 +2109,6 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
-  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
   const int warp = (threadIdx.x >> 5) & 3, set = (int)(threadIdx.x >> 7), lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int kbytes = kc / 2, seg = min(V23_SEG, kbytes), nseg = (kbytes + seg - 1) / seg, segel = 2 * seg;
@@ -1986,27 +2116,19 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
   const unsigned int ringb = smem_u32(mk_smem), xsb = smem_u32(xs);
   constexpr unsigned int EXTRA = MK_CW * 32 - 128;  // the other warps' arrivals (the set's first thread adds them)
   PH_END(2)
-  const long long tstart = clock64();
-  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
-  long long twait = 0;
+  RingProf23 prof;
   float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+  zero_acc23(acc);
   int tn = 0, r0 = 0;
   bool packed = false;
   unsigned int xa[NT];
   const uint8_t* sp0 = W;
   const uint8_t* sp1 = W;
-  int g = 0, sg = 0, slot = (int)(it % RING_NS);
-  unsigned int parity = (it / RING_NS) & 1u;
+  int g = 0, sg = 0;
+  Slot23 sl(it);
   for (int c = 0; c < nchunks; c++) {
     if (MK_V23S > 1 && g % MK_V23S != set) {  // another set's group: its chunks pass by
-      if (++slot == RING_NS) {
-        slot = 0;
-        parity ^= 1u;
-      }
+      sl.next();
       if (++sg == nseg) {
         sg = 0;
         g++;
@@ -2025,47 +2147,22 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
         oka = row_ok(d, r0 + gq, nrows);
         okb = row_ok(d, r0 + gq + 8, nrows);
       }
-      const bool tv = __any_sync(0xffffffffu, oka || okb);
-      int n = d.n, xl = -1;
-      if (d.mode == 2 && tv) {
-        const int uu = (int)d.rdiv.div((unsigned)r0);
-        n = sld(d.cnt + uu);
-        xl = sld(d.mst + uu);
-      }
-      tn = tv ? n : 0;
-      packed = MK_PACK && NT == 1 && tn <= 4;
-      // Lanes past the tile's tokens read token 0's row (their columns are never written).
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const int j = packed ? (gq & 3) : nt * 8 + gq;
-        const int xr = tn == 0 ? 0 : xl >= 0 ? d.xrow(xl, j < tn ? j : 0) : (j < tn ? j : 0);
-        xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
-      }
+      tile_tokens23(d, r0, __any_sync(0xffffffffu, oka || okb), xsb, tn, packed, xa);
     }
     const bool lastseg = sg == nseg - 1;
     const int nks = min(seg, kbytes - sg * seg) / 16;
-    if (stat) {
-      const long long tw0 = clock64();
-      mbar_wait(full + slot, parity);
-      twait += clock64() - tw0;
-    } else {
-      mbar_wait(full + slot, parity);
-    }
+    prof.wait(full + sl.slot, sl.parity);
     if (tn > 0 && !MK_NOCOMPUTE) {
-      const bool tl = mk_slay23[slot] != 0;
-      const unsigned int base = ringb + slot * RING_SLOT;
+      const bool tl = mk_slay23[sl.slot] != 0;
+      const unsigned int base = ringb + sl.slot * RING_SLOT;
       const int kseg = sg * segel;
       if constexpr (NT == 1) {
         if (packed) steps23_chunk<1, true>(tl, sring, base, warp, seg, sp0, sp1, k0, kseg, nks, xa, acc);
       }
       if (!packed) steps23_chunk<NT, false>(tl, sring, base, warp, seg, sp0, sp1, k0, kseg, nks, xa, acc);
     }
-    mbar_arrive(empty + slot);
-    if (EXTRA > 0 && (threadIdx.x & 127) == 0) mbar_arrive_n(empty + slot, EXTRA);
-    if (++slot == RING_NS) {
-      slot = 0;
-      parity ^= 1u;
-    }
+    slot_release23(empty + sl.slot, EXTRA, (threadIdx.x & 127) == 0);
+    sl.next();
     if (!lastseg) {
       sg++;
       continue;
@@ -2073,39 +2170,12 @@ __device__ __noinline__ void ring_consume23(const uint8_t* W, int k0, int kc, co
     sg = 0;
     g++;
     if (tn > 0) {
-      if (packed) {  // fold the lo columns into the hi ones (lane tq ^ 2 holds the same tokens' other half)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[0][e] += __shfl_xor_sync(0xffffffffu, acc[0][e], 2);
-      }
-#pragma unroll
-      for (int hr = 0; hr < 2; hr++) {
-        int col, n, xl, uu;
-        if (row_out(d, r0 + gq + 8 * hr, nrows, col, n, xl, uu) && (!packed || tq < 2)) {
-#pragma unroll
-          for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-              const int j = nt * 8 + 2 * tq + e;
-              if (j < n) {
-                const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
-                stage[orow * d.sstride + col] += acc[nt][2 * hr + e];
-              }
-            }
-        }
-      }
+      fold_packed23(packed, acc);
+      if (!packed || tq < 2) tile_store23<NT>(d, r0, nrows, stage, [&](int nt, int hr, int e, int) { return acc[nt][2 * hr + e]; });
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+    zero_acc23(acc);
   }
-  if (stat && threadIdx.x == 0) {
-    stat[0] += twait;
-    stat[1] += clock64() - tstart;
-#if !MK_PHASE
-    stat[4] += gtimer() - gstart;
-#endif
-  }
+  prof.end();
   PH_BEGIN(3)
 }
 #endif  // MK_V23
@@ -2117,22 +2187,10 @@ static_assert(MK_V23F8 >= 1 && MK_V23F8 <= 4, "MK_V23F8: 1 to 4 K parts");
 #error "MK_V23F8 reads v22's row layout: MK_DEC / MK_TMAP / MK_LDGSTS / MK_ONECOPY / MK_NOCOPY are v22 knobs"
 #endif
 #define KP_RED (32 * 16)  // floats of one part's partials: 32 rows x 16 tokens
-// The K-part warps' barrier: mk_cbar (MK_CW * 32 arrivals a phase), thread 0 arriving for the warps that skip.
+// The K-part warps' barrier: mk_cbar, thread 0 arriving for the warps that skip the call.
 __device__ __forceinline__ void kp_sync() {
-  constexpr unsigned int EXTRA = MK_CW * 32 - 64 * MK_V23F8;
   __syncwarp();
-  unsigned long long st;
-  asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];" : "=l"(st) : "r"(smem_u32(&mk_cbar)) : "memory");
-  if (EXTRA > 0 && threadIdx.x == 0)
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(&mk_cbar)), "r"(EXTRA) : "memory");
-  asm volatile(
-      "{\n .reg .pred P1;\n"
-      "KB_%=:\n"
-      " mbarrier.try_wait.shared::cta.b64 P1, [%0], %1;\n"
-      " @!P1 bra KB_%=;\n"
-      "}\n" ::"r"(smem_u32(&mk_cbar)),
-      "l"(st)
-      : "memory");
+  cbar_sync(MK_CW * 32 - 64 * MK_V23F8);
 }
 // One tile's FP8 K steps [kk0, kk0 + 32 ns) (elements inside the call's [k0, k0 + kc)): weights at wa (row gq;
 // gq + 8 at wa + wr8), 32 bytes a step; block scales (one per 128 elements) from the rows' scale rows sp0 / sp1,
@@ -2159,31 +2217,7 @@ MK_PRAGMA_UNROLL(MK_V23U)
     fp8_pairs(lds64(wa), pa);
     fp8_pairs(lds64(wa + wr8), pb);
     wa += 32u;
-    if (PACKED) {
-      const uint4 b = lds128(xa[0] + xk);
-      float th[4] = {0.f, 0.f, 0.f, 0.f};
-      mma_f16(th, pa[0], pb[0], pa[1], pb[1], b.x, b.y);
-      mma_f16(th, pa[2], pb[2], pa[3], pb[3], b.z, b.w);
-      acc[0][0] += th[0] * fa;
-      acc[0][1] += th[1] * fa;
-      acc[0][2] += th[2] * fb;
-      acc[0][3] += th[3] * fb;
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const uint4 h = lds128(xa[nt] + xk);
-        const uint4 l = MK_HILO ? lds128((xa[nt] + xk) ^ 16u) : make_uint4(0u, 0u, 0u, 0u);
-        float th[4] = {0.f, 0.f, 0.f, 0.f}, tl[4] = {0.f, 0.f, 0.f, 0.f};
-        mma_f16(th, pa[0], pb[0], pa[1], pb[1], h.x, h.y);
-        if (MK_HILO) mma_f16(tl, pa[0], pb[0], pa[1], pb[1], l.x, l.y);
-        mma_f16(th, pa[2], pb[2], pa[3], pb[3], h.z, h.w);
-        if (MK_HILO) mma_f16(tl, pa[2], pb[2], pa[3], pb[3], l.z, l.w);
-        acc[nt][0] += (th[0] + tl[0]) * fa;
-        acc[nt][1] += (th[1] + tl[1]) * fa;
-        acc[nt][2] += (th[2] + tl[2]) * fb;
-        acc[nt][3] += (th[3] + tl[3]) * fb;
-      }
-    }
+    mma_step23<NT, PACKED>(pa, pb, xa, xk, fa, fb, acc);
     xk += 128u;
     if (++kin == 4u) {  // the next 128-element block: its scales (loaded a block ago), and the one after's
       kin = 0u;
@@ -2207,7 +2241,6 @@ __device__ __noinline__ void ring_consume_kp(const uint8_t* W, int k0, int kc, c
   const TileRows& d = mk_tile;
   unsigned long long* const full = mk_bars;
   unsigned long long* const empty = mk_bars + RING_NS;
-  unsigned long long* const stat = mk_prof_on ? mk_stat : nullptr;
   const int warp = threadIdx.x >> 5, rt = warp & 1, part = warp >> 1, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int kbytes = kc, seg = min(RING_SEG, kbytes), nseg = (kbytes + seg - 1) / seg;
@@ -2215,21 +2248,16 @@ __device__ __noinline__ void ring_consume_kp(const uint8_t* W, int k0, int kc, c
   const unsigned int ringb = smem_u32(mk_smem), xsb = smem_u32(xs);
   constexpr unsigned int EXTRA = MK_CW * 32 - 64 * KP;
   PH_END(2)
-  const long long tstart = clock64();
-  const unsigned long long gstart = stat && threadIdx.x == 0 ? gtimer() : 0;
-  long long twait = 0;
+  RingProf23 prof;
   float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+  zero_acc23(acc);
   int tn = 0, r0 = 0;
   bool packed = false;
   unsigned int xa[NT];
   const uint8_t* sp0 = W;
   const uint8_t* sp1 = W;
-  int g = 0, sg = 0, slot = (int)(it % RING_NS);
-  unsigned int parity = (it / RING_NS) & 1u;
+  int g = 0, sg = 0;
+  Slot23 sl(it);
   for (int c = 0; c < nchunks; c++) {
     if (sg == 0) {
       r0 = g * RING_ROWS + rt * 16;
@@ -2238,47 +2266,22 @@ __device__ __noinline__ void ring_consume_kp(const uint8_t* W, int k0, int kc, c
       const RowInfo rb = ring_row<FMT_F8>(W, d, r0 + gq + 8, nrows);
       sp0 = ra.sp;
       sp1 = rb.sp;
-      const bool tv = __any_sync(0xffffffffu, ra.ok || rb.ok);
-      int n = d.n, xl = -1;
-      if (d.mode == 2 && tv) {
-        const int uu = (int)d.rdiv.div((unsigned)r0);
-        n = sld(d.cnt + uu);
-        xl = sld(d.mst + uu);
-      }
-      tn = tv ? n : 0;
-      packed = MK_PACK && NT == 1 && tn <= 4;
-      // Lanes past the tile's tokens read token 0's row (their columns are never written).
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const int j = packed ? (gq & 3) : nt * 8 + gq;
-        const int xr = tn == 0 ? 0 : xl >= 0 ? d.xrow(xl, j < tn ? j : 0) : (j < tn ? j : 0);
-        xa[nt] = xsb + 4u * (unsigned int)(xr * d.xstride) + 32u * tq + (frag_hi(xr) ^ (packed && gq >= 4 ? 16u : 0u));
-      }
+      tile_tokens23(d, r0, __any_sync(0xffffffffu, ra.ok || rb.ok), xsb, tn, packed, xa);
     }
     const bool lastseg = sg == nseg - 1;
     const int nks = min(seg, kbytes - sg * seg) / 32;
     const int s0 = part * nks / KP, s1 = (part + 1) * nks / KP;
-    if (stat) {
-      const long long tw0 = clock64();
-      mbar_wait(full + slot, parity);
-      twait += clock64() - tw0;
-    } else {
-      mbar_wait(full + slot, parity);
-    }
+    prof.wait(full + sl.slot, sl.parity);
     if (tn > 0 && s1 > s0 && !MK_NOCOMPUTE) {
-      const unsigned int wa = ringb + slot * RING_SLOT + (rt * 16 + gq) * PITCH + tq * 8 + s0 * 32;
+      const unsigned int wa = ringb + sl.slot * RING_SLOT + (rt * 16 + gq) * PITCH + tq * 8 + s0 * 32;
       const int kk0 = sg * seg + s0 * 32;
       if constexpr (NT == 1) {
         if (packed) steps_kp<1, true>(wa, 8u * PITCH, sp0, sp1, k0, kk0, s1 - s0, xa, acc);
       }
       if (!packed) steps_kp<NT, false>(wa, 8u * PITCH, sp0, sp1, k0, kk0, s1 - s0, xa, acc);
     }
-    mbar_arrive(empty + slot);
-    if (EXTRA > 0 && threadIdx.x == 0) mbar_arrive_n(empty + slot, EXTRA);
-    if (++slot == RING_NS) {
-      slot = 0;
-      parity ^= 1u;
-    }
+    slot_release23(empty + sl.slot, EXTRA, threadIdx.x == 0);
+    sl.next();
     if (!lastseg) {
       sg++;
       continue;
@@ -2286,52 +2289,28 @@ __device__ __noinline__ void ring_consume_kp(const uint8_t* W, int k0, int kc, c
     sg = 0;
     float* const red = SM_MMR + (g & 1) * ((KP - 1) * KP_RED);
     g++;
-    if (tn > 0 && packed) {  // fold the lo columns into the hi ones (lane tq ^ 2 holds the same tokens' other half)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[0][e] += __shfl_xor_sync(0xffffffffu, acc[0][e], 2);
-    }
+    if (tn > 0) fold_packed23(packed, acc);
+    // Part q >= 1's partial of this lane's row gq + 8 hr of tile rt, token j.
+    auto part_at = [&](int q, int hr, int j) -> float& { return red[(q - 1) * KP_RED + (rt * 16 + gq + 8 * hr) * 16 + j]; };
     if (KP > 1 && part > 0 && tn > 0 && (!packed || tq < 2)) {
 #pragma unroll
       for (int hr = 0; hr < 2; hr++)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-          for (int e = 0; e < 2; e++) {
-            const int j = nt * 8 + 2 * tq + e;
-            red[(part - 1) * KP_RED + (rt * 16 + gq + 8 * hr) * 16 + j] = acc[nt][2 * hr + e];
-          }
+          for (int e = 0; e < 2; e++) part_at(part, hr, nt * 8 + 2 * tq + e) = acc[nt][2 * hr + e];
     }
     if (KP > 1) kp_sync();
     if (part == 0 && tn > 0 && (!packed || tq < 2)) {
-#pragma unroll
-      for (int hr = 0; hr < 2; hr++) {
-        int col, n, xl, uu;
-        if (!row_out(d, r0 + gq + 8 * hr, nrows, col, n, xl, uu)) continue;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) {
-            const int j = nt * 8 + 2 * tq + e;
-            if (j >= n) continue;
-            float sum = acc[nt][2 * hr + e];
-            for (int q = 1; q < KP; q++) sum += red[(q - 1) * KP_RED + (rt * 16 + gq + 8 * hr) * 16 + j];
-            const int orow = xl >= 0 ? sld(d.ml + xl + j) : j;
-            stage[orow * d.sstride + col] += sum;
-          }
-      }
+      tile_store23<NT>(d, r0, nrows, stage, [&](int nt, int hr, int e, int j) {
+        float sum = acc[nt][2 * hr + e];
+        for (int q = 1; q < KP; q++) sum += part_at(q, hr, j);
+        return sum;
+      });
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+    zero_acc23(acc);
   }
-  if (stat && threadIdx.x == 0) {
-    stat[0] += twait;
-    stat[1] += clock64() - tstart;
-#if !MK_PHASE
-    stat[4] += gtimer() - gstart;
-#endif
-  }
+  prof.end();
   PH_BEGIN(3)
 }
 #endif  // MK_V23F8
