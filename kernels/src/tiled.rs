@@ -217,6 +217,35 @@ mod tests {
     use super::*;
     use crate::device::{cu_define, MEGAKERNEL_CU};
 
+    /// A tiling job of a `rows` x `rb`-byte matrix at offset 0, `seg`-byte segments, layout `pitch`.
+    fn job0(rows: usize, rb: usize, seg: usize, pitch: i32) -> TileJob {
+        TileJob {
+            name: "w".into(),
+            src: 0,
+            dst: 0,
+            rows: rows as u64,
+            rb: rb as u32,
+            seg: seg as u32,
+            pitch,
+            nsg: rb.div_ceil(seg) as u32,
+            nb: rows.div_ceil(16) as u64,
+        }
+    }
+
+    /// A xorshift64 stream of non-zero bytes (so that every zero in a tiled copy is padding).
+    fn nonzero_bytes(mut seed: u64) -> impl FnMut(usize) -> Vec<u8> {
+        move |n| {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed % 251 + 1) as u8
+                })
+                .collect()
+        }
+    }
+
     #[test]
     fn constants_match_the_kernel() {
         assert_eq!(cu_define("RING_SEG"), RING_SEG);
@@ -240,28 +269,12 @@ mod tests {
     /// slot's pitch, exactly the bytes the row copies would put there; padding and rows past the end are zero.
     #[test]
     fn tiled_blocks_hold_what_row_copies_would() {
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut bytes = nonzero_bytes(0x9e3779b97f4a7c15);
         // (rows, row bytes): several segments with a partial last one, a short row, rows not a multiple of 16.
         for &(rows, rb) in &[(40usize, 2560usize), (33, 1024), (16, 48), (7, 2048)] {
-            let src: Vec<u8> = (0..rows * rb).map(|_| (rnd() % 251 + 1) as u8).collect();
+            let src = bytes(rows * rb);
             let seg = rb.min(RING_SEG);
-            let job = TileJob {
-                name: "w".into(),
-                src: 0,
-                dst: 0,
-                rows: rows as u64,
-                rb: rb as u32,
-                seg: seg as u32,
-                pitch: 1056i32,
-                nsg: rb.div_ceil(seg) as u32,
-                nb: rows.div_ceil(16) as u64,
-            };
+            let job = job0(rows, rb, seg, 1056i32);
             let t = tile_host(&src, &job);
             assert_eq!(t.len() as u64, job.bytes());
             for s in 0..job.nsg as usize {
@@ -308,32 +321,16 @@ mod tests {
         assert!(MEGAKERNEL_CU.contains(
             "constexpr unsigned int SR8 = TL ? 8u : 8u * V23_SSTR, SST = TL ? 16u : 1u;"
         ));
-        let mut seed = 0x2545f4914f6cdd1du64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut bytes = nonzero_bytes(0x2545f4914f6cdd1d);
         for &(rows, rb, unit) in &[
             (72usize, 1536usize, 16usize),
             (40, 256, 16),
             (72, 96, 1),
             (16, 32, 1),
         ] {
-            let src: Vec<u8> = (0..rows * rb).map(|_| (rnd() % 251 + 1) as u8).collect();
+            let src = bytes(rows * rb);
             let seg = rb.min(if unit == 16 { V23_SEG } else { V23_SEG / 16 });
-            let job = TileJob {
-                name: "w".into(),
-                src: 0,
-                dst: 0,
-                rows: rows as u64,
-                rb: rb as u32,
-                seg: seg as u32,
-                pitch: -(unit as i32),
-                nsg: rb.div_ceil(seg) as u32,
-                nb: rows.div_ceil(16) as u64,
-            };
+            let job = job0(rows, rb, seg, -(unit as i32));
             let t = tile_host(&src, &job);
             assert_eq!(t.len() as u64, job.bytes());
             let mut seen = 0usize;
@@ -377,35 +374,22 @@ mod tests {
             "bulk_g2s(dst + V23_TSCALE_OFF + t0 * tseg, tsc + blk * tseg, sb, full + slot);"
         ));
         let tscale_off = 4 * 16 * V23_SEG;
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut bytes = nonzero_bytes(0x9e3779b97f4a7c15);
         // (rows, row bytes): 3 segments of 512; 2 full and a 256-byte last one.
         for &(rows, rb) in &[(160usize, 1536usize), (160, 1280)] {
             let k = rb * 2;
-            let w: Vec<u8> = (0..rows * rb).map(|_| (rnd() % 251 + 1) as u8).collect();
-            let sc: Vec<u8> = (0..rows * (k / 32))
-                .map(|_| (rnd() % 251 + 1) as u8)
-                .collect();
+            let w = bytes(rows * rb);
+            let sc = bytes(rows * (k / 32));
             let tseg = rb.min(V23_SEG);
             let nsg = rb.div_ceil(tseg);
-            let job = |rb: usize, seg: usize, unit: i32| TileJob {
-                name: "m".into(),
-                src: 0,
-                dst: 0,
-                rows: rows as u64,
-                rb: rb as u32,
-                seg: seg as u32,
-                pitch: -unit,
-                nsg: nsg as u32,
-                nb: rows.div_ceil(16) as u64,
-            };
-            let tw = tile_host(&w, &job(rb, tseg, 16));
-            let ts = tile_host(&sc, &job(k / 32, tseg / 16, 1));
+            let (jw, js) = (job0(rows, rb, tseg, -16), job0(rows, k / 32, tseg / 16, -1));
+            assert_eq!(
+                (jw.nsg as usize, js.nsg as usize),
+                (nsg, nsg),
+                "weights and scales segment alike"
+            );
+            let tw = tile_host(&w, &jw);
+            let ts = tile_host(&sc, &js);
             // Tile -> block assignments of a chunk (-1: no rows).
             let chunks: [[i64; 4]; 6] = [
                 [0, 1, 2, 3],
