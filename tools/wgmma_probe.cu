@@ -429,30 +429,46 @@ __global__ void __launch_bounds__(Geo<KIND, NWG>::CW * 32 + 32, 1)
   }
 }
 
-// Device-to-device copy kernel bandwidth is measured with cudaMemcpy (read + write bytes / time).
-static double copy_bw(size_t bytes) {
-  void *a, *b;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMemset(a, 1, bytes));
+// The median of n runs of f, each timed between two events, after `warm` untimed runs and a device synchronize;
+// pre() runs before every run, untimed.
+template <class Pre, class F>
+static float median_ms(int warm, int n, Pre pre, F f) {
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; i++) CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+  for (int i = 0; i < warm; i++) {
+    pre();
+    f();
+  }
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
   std::vector<float> ts;
-  for (int i = 0; i < 10; i++) {
+  for (int i = 0; i < n; i++) {
+    pre();
     CK(cudaEventRecord(e0));
-    CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    f();
     CK(cudaEventRecord(e1));
     CK(cudaEventSynchronize(e1));
     float ms;
     CK(cudaEventElapsedTime(&ms, e0, e1));
     ts.push_back(ms);
   }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
   std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+// Device-to-device copy kernel bandwidth is measured with cudaMemcpy (read + write bytes / time).
+static double copy_bw(size_t bytes) {
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  const float ms = median_ms(3, 10, [] {}, [&] { CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice)); });
   CK(cudaFree(a));
   CK(cudaFree(b));
-  return 2.0 * bytes / (ts[ts.size() / 2] * 1e-3) / 1e9;
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
 }
 
 static float e4m3_val(uint8_t b) {
@@ -713,46 +729,21 @@ static Result run(const char* name, double cbw, int nsm, FILE* log) {
   const double bytes = (double)wt.size() + (FP4 ? 0.0 : (double)f8s.size() * 4);
   Result out{};
   out.name = name;
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  auto launch = [&](int mode, int sync) {
+    kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, sync, dcnt);
+  };
   for (int mode = 0; mode < 3; mode++) {
-    for (int i = 0; i < 3; i++) kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
-    std::vector<float> ts;
-    for (int i = 0; i < 20; i++) {
-      CK(cudaEventRecord(e0));
-      kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, mode, 0, dcnt);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      ts.push_back(ms);
-    }
-    std::sort(ts.begin(), ts.end());
-    out.ms[mode] = ts[ts.size() / 2];
+    out.ms[mode] = median_ms(3, 20, [] {}, [&] { launch(mode, 0); });
     out.gbs[mode] = bytes / (out.ms[mode] * 1e-3) / 1e9;
     out.frac[mode] = out.gbs[mode] / cbw;
   }
   for (int sync = 1; sync <= 2; sync++) {
-    std::vector<float> ts;
-    for (int i = 0; i < 23; i++) {
-      CK(cudaMemset(dcnt, 0, 4096));
-      CK(cudaEventRecord(e0));
-      kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, sync, dcnt);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (i >= 3) ts.push_back(ms);
-    }
-    std::sort(ts.begin(), ts.end());
-    out.sync_frac[sync - 1] = bytes / (ts[ts.size() / 2] * 1e-3) / 1e9 / cbw;
+    const float ms = median_ms(3, 20, [&] { CK(cudaMemset(dcnt, 0, 4096)); }, [&] { launch(FULL, sync); });
+    out.sync_frac[sync - 1] = bytes / (ms * 1e-3) / 1e9 / cbw;
   }
   // Check the full mode's result (the last full-mode launch wrote y).
   CK(cudaMemset(dy, 0, R * 4));
-  kern<<<nsm, G::CW * 32 + 32, G::SMEM>>>(dw, df8, dbt, dinv, nrb, dy, FULL, 0, dcnt);
+  launch(FULL, 0);
   CK(cudaDeviceSynchronize());
   std::vector<float> yv(R);
   CK(cudaMemcpy(yv.data(), dy, R * 4, cudaMemcpyDeviceToHost));
